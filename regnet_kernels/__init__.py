@@ -1,0 +1,26 @@
+"""regnet_kernels: RegNet X/Y networks with fused GPU kernels.
+
+Public API:
+  design space:   RegNetParams, sample_params
+  model zoo:      list_models, model_params
+  complexity:     complexity
+  modules:        reference_model
+  checkpoints:    load_checkpoint
+"""
+from .design import RegNetParams, sample_params
+from .zoo import list_models, model_params
+from .complexity import complexity
+from .models.reference import reference_model
+from .checkpoints import load_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RegNetParams",
+    "sample_params",
+    "list_models",
+    "model_params",
+    "complexity",
+    "reference_model",
+    "load_checkpoint",
+]
