@@ -6,12 +6,14 @@ Public API:
   complexity:     complexity
   modules:        reference_model
   checkpoints:    load_checkpoint
+  fused ops:      regnet_kernels.ops (conv_bn_act, se_excite, conv1x1_gate_residual)
 """
 from .design import RegNetParams, sample_params
 from .zoo import list_models, model_params
 from .complexity import complexity
 from .models.reference import reference_model
 from .checkpoints import load_checkpoint
+from . import ops
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,5 @@ __all__ = [
     "complexity",
     "reference_model",
     "load_checkpoint",
+    "ops",
 ]

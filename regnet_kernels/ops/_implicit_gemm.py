@@ -1,0 +1,217 @@
+"""Pieces shared by the fused convolution ops: the implicit-GEMM main loop, the
+output-row decomposition, tile selection and input checks.
+
+A convolution with `groups` groups is, per group, a GEMM
+    out[m, co] = sum_k A[m, k] * B[k, co]
+with m = (n, oh, ow) over output pixels, co over the group's output channels and
+k = (kh, kw, ci) over taps x the group's input channels. A is gathered from the
+NHWC input as it is loaded (padding is a mask); B is read from the weight as
+stored, through its strides, so nn.Conv2d weights are used untouched.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------
+# Triton device functions
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def output_rows(pid_m, M, HWo, Wo, tiles_per_image,
+                PER_IMAGE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Output pixels of row tile `pid_m`: (flat row m, image n, oh, ow, valid).
+
+    PER_IMAGE tiles never straddle two images (tile t of image n is
+    pid_m = n * tiles_per_image + t), so a per-image reduction over the tile
+    (the SE squeeze) is a plain column sum.
+    """
+    if PER_IMAGE:
+        n = pid_m // tiles_per_image
+        p = (pid_m % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = p < HWo
+        m = n * HWo + p
+        n_rows = tl.zeros_like(p) + n
+    else:
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = m < M
+        n_rows = m // HWo
+        p = m % HWo
+    oh = p // Wo
+    ow = p % Wo
+    return m, n_rows, oh, ow, row_ok
+
+
+@triton.jit
+def conv_accumulate(acc, x_ptr, w_ptr, gate_ptr,
+                    n_rows, oh, ow, row_ok, ci0, co, co_ok,
+                    H, W, Cin_g, stride, pad,
+                    sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
+                    KSIZE: tl.constexpr, HAS_GATE: tl.constexpr,
+                    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[m, co] += sum over (kh, kw, ci) of x[n, ih, iw, ci0 + ci] * w[co, ci, kh, kw].
+
+    The reduction runs over the flattened K = KSIZE*KSIZE*Cin_g so that narrow
+    groups (8 channels) still fill a 16-deep tensor-core K step. With HAS_GATE
+    (1x1 only) the input is scaled by gate[n, ci0 + ci] as it is loaded: the SE
+    excitation applied in the consumer's prologue.
+    """
+    K = Cin_g * KSIZE * KSIZE
+    x_row = n_rows.to(tl.int64) * sxn
+    ih0 = oh * stride - pad
+    iw0 = ow * stride - pad
+    w_col = co.to(tl.int64) * swo
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        if KSIZE == 1:
+            ci = kk
+            a_off = (x_row + ih0 * sxh + iw0 * sxw)[:, None] + ((ci0 + ci) * sxc)[None, :]
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_off = (ci * swi)[:, None] + w_col[None, :]
+        else:
+            tap = kk // Cin_g
+            ci = kk - tap * Cin_g
+            kh = tap // KSIZE
+            kw = tap - kh * KSIZE
+            ih = ih0[:, None] + kh[None, :]
+            iw = iw0[:, None] + kw[None, :]
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_off = x_row[:, None] + ih * sxh + iw * sxw + ((ci0 + ci) * sxc)[None, :]
+            a_mask = row_ok[:, None] & k_ok[None, :] & inside
+            b_off = (ci * swi + kh * swh + kw * sww)[:, None] + w_col[None, :]
+        a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+        if HAS_GATE:
+            g_off = n_rows.to(tl.int64)[:, None] * sgn + (ci0 + ci)[None, :]
+            gate = tl.load(gate_ptr + g_off, mask=a_mask, other=0.0)
+            a = (a.to(tl.float32) * gate).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# ---------------------------------------------------------------------------
+# Host-side helpers
+# ---------------------------------------------------------------------------
+
+
+def _pow2_clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+def conv_tiles(rows: int, cout_g: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` output pixels per tiling unit,
+    `cout_g` output channels per group and reduction depth `k`.
+
+    BLOCK_N follows the group width (one group per program: packing groups
+    would make a block-diagonal GEMM). BLOCK_K is the depth in {16, 32, 64} that
+    pads K least, so K = 72 (8 channels x 9 taps) uses 3 x 32 rather than
+    2 x 64. Depends on shapes only: fake implementations call it too.
+    """
+    block_n = _pow2_clamp(cout_g, 8, 128)
+    block_k = min((16, 32, 64), key=lambda bk: (triton.cdiv(k, bk) * bk, -bk))
+    block_m = _pow2_clamp(rows, 16, 64 if block_n >= 128 else 128)
+    return block_m, block_n, block_k
+
+
+def launch_config(block_m: int, block_n: int) -> dict:
+    """num_warps / num_stages for a tile (ignored by the interpreter)."""
+    return {"num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 convs use TF32 tensor cores exactly when cuDNN convs would."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_activation(name: str, x: torch.Tensor, channels: int | None = None) -> None:
+    """A 4-D float activation in a supported dtype, on a device Triton can run on."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} has {x.shape[1]} channels, expected {channels}")
+    check_device(name, x)
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "cuda" or t.device.type == "meta":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    raise RuntimeError(
+        f"{name} is on {t.device}: the Triton backend runs CUDA tensors, or CPU tensors "
+        "under the Triton interpreter (set TRITON_INTERPRET=1 before importing regnet_kernels)"
+    )
+
+
+def check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str,
+               dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def check_channel_vector(name: str, t: torch.Tensor, channels: int, ref: torch.Tensor) -> None:
+    """A per-channel fp32 vector (folded BN scale or shift) of length `channels`."""
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (folded BN parameters), got {t.dtype}")
+    check_same(name, t, ref, "x", dtype=False)
+
+
+def check_conv_weight(name: str, w: torch.Tensor, x: torch.Tensor, groups: int) -> tuple[int, int]:
+    """A square odd-sized conv weight for `groups` groups over x's channels.
+
+    Returns (out_channels, kernel_size).
+    """
+    if w.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (C_out, C_in / groups, k, k), got {tuple(w.shape)}")
+    check_same(name, w, x, "x")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    c_in = x.shape[1]
+    c_out, cin_g, kh, kw = w.shape
+    if c_in % groups:
+        raise ValueError(f"groups={groups} does not divide the {c_in} input channels")
+    if c_out % groups:
+        raise ValueError(f"groups={groups} does not divide the {c_out} output channels of {name}")
+    if cin_g * groups != c_in:
+        raise ValueError(
+            f"{name} expects {cin_g * groups} input channels ({cin_g} per group x {groups} groups), "
+            f"x has {c_in}"
+        )
+    if kh != kw or kh % 2 == 0:
+        raise ValueError(f"{name} must have a square, odd kernel size, got {kh}x{kw}")
+    return c_out, kh
+
+
+def nhwc_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """x's strides in the kernels' (n, h, w, c) argument order."""
+    return x.stride(0), x.stride(2), x.stride(3), x.stride(1)
+
+
+def new_activation(n: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized NHWC (channels_last) activation."""
+    return torch.empty((n, c, h, w), dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)

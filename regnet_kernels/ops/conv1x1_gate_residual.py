@@ -1,0 +1,193 @@
+"""The end of a RegNet block in one kernel: 1x1 conv c with the SE gate applied
+in its prologue, folded BN, the shortcut, and the final ReLU.
+
+    y = relu((x * gate[n, :]) @ w * scale + shift + shortcut)
+    shortcut = identity                                   (proj_weight is None)
+             = (block_input[:, :, ::s, ::s] @ w_p) * scale_p + shift_p   (projection)
+
+The projection is a second GEMM over the block input accumulated into its own
+accumulator in the same program, so its output never touches memory.
+Activations are NHWC (any strides are read; the output is channels_last).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._implicit_gemm import (
+    check_activation,
+    check_channel_vector,
+    check_conv_weight,
+    check_same,
+    conv_accumulate,
+    conv_tiles,
+    dot_precision,
+    launch_config,
+    new_activation,
+    nhwc_strides,
+    output_rows,
+)
+
+
+@triton.jit
+def _conv1x1_gate_residual_kernel(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, gate_ptr, res_ptr, pw_ptr, pscale_ptr, pshift_ptr, y_ptr,
+    Cin, Cout, Ho, Wo, M, Hr, Wr, Cr, proj_stride,
+    sxn, sxh, sxw, sxc, swo, swi, sgn,
+    srn, srh, srw, src, spo, spi,
+    HAS_GATE: tl.constexpr, PROJECT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < Cout
+    m, n_rows, oh, ow, row_ok = output_rows(pid_m, M, Ho * Wo, Wo, 0, False, BLOCK_M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = conv_accumulate(acc, x_ptr, w_ptr, gate_ptr,
+                          n_rows, oh, ow, row_ok, 0, co, co_ok,
+                          Ho, Wo, Cin, 1, 0,
+                          sxn, sxh, sxw, sxc, swo, swi, 0, 0, sgn,
+                          1, HAS_GATE, BLOCK_K, DOT_PRECISION)
+    scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
+    shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
+    y = acc * scale[None, :] + shift[None, :]
+    mask = row_ok[:, None] & co_ok[None, :]
+
+    if PROJECT:
+        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_p = conv_accumulate(acc_p, res_ptr, pw_ptr, res_ptr,
+                                n_rows, oh, ow, row_ok, 0, co, co_ok,
+                                Hr, Wr, Cr, proj_stride, 0,
+                                srn, srh, srw, src, spo, spi, 0, 0, 0,
+                                1, False, BLOCK_K, DOT_PRECISION)
+        pscale = tl.load(pscale_ptr + co, mask=co_ok, other=0.0)
+        pshift = tl.load(pshift_ptr + co, mask=co_ok, other=0.0)
+        y += acc_p * pscale[None, :] + pshift[None, :]
+    else:
+        r_off = (n_rows.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
+        y += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+
+    y = tl.maximum(y, 0.0)
+    y_off = m.to(tl.int64)[:, None] * Cout + co[None, :]
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, proj_shift,
+            proj_stride):
+    n, c_in, ho, wo = x.shape
+    c_out = weight.shape[0]
+    y = new_activation(n, c_out, ho, wo, x)
+    if y.numel() == 0:
+        return y
+    project = proj_weight is not None
+    k_max = max(c_in, shortcut.shape[1]) if project else c_in
+    block_m, block_n, block_k = conv_tiles(n * ho * wo, c_out, k_max)
+    grid = (triton.cdiv(n * ho * wo, block_m), triton.cdiv(c_out, block_n))
+    _, cr, hr, wr = shortcut.shape
+    pw = proj_weight if project else weight
+    _conv1x1_gate_residual_kernel[grid](
+        x, weight, scale, shift,
+        gate if gate is not None else scale, shortcut,
+        pw, proj_scale if project else scale, proj_shift if project else shift, y,
+        c_in, c_out, ho, wo, n * ho * wo, hr, wr, cr, proj_stride,
+        *nhwc_strides(x), weight.stride(0), weight.stride(1),
+        gate.stride(0) if gate is not None else 0,
+        *nhwc_strides(shortcut), pw.stride(0), pw.stride(1),
+        HAS_GATE=gate is not None, PROJECT=project,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION=dot_precision(x.dtype), **launch_config(block_m, block_n),
+    )
+    return y
+
+
+@torch.library.custom_op("regnet_triton::conv1x1_gate_residual", mutates_args=())
+def _conv1x1_gate_residual_op(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    gate: Optional[torch.Tensor], shortcut: torch.Tensor, proj_weight: Optional[torch.Tensor],
+    proj_scale: Optional[torch.Tensor], proj_shift: Optional[torch.Tensor], proj_stride: int,
+) -> torch.Tensor:
+    return _launch(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, proj_shift,
+                   proj_stride)
+
+
+@_conv1x1_gate_residual_op.register_fake
+def _(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, proj_shift, proj_stride):
+    return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
+
+
+def conv1x1_gate_residual(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    shortcut: torch.Tensor, *, gate: Optional[torch.Tensor] = None,
+    proj_weight: Optional[torch.Tensor] = None, proj_scale: Optional[torch.Tensor] = None,
+    proj_shift: Optional[torch.Tensor] = None, proj_stride: int = 1,
+) -> torch.Tensor:
+    """relu(conv1x1(x * gate) * scale + shift + shortcut branch), in one kernel.
+
+    Args:
+        x: (N, C_b, Ho, Wo) input of the 1x1 conv (conv b's output in a block).
+        weight: (C_out, C_b, 1, 1) conv weight; scale, shift: (C_out,) float32 folded BN.
+        shortcut: the block input. Without `proj_weight` it is added as it is and
+            must be (N, C_out, Ho, Wo); with it, it is (N, C_in, H, W) and goes
+            through the projection 1x1 conv of stride `proj_stride`, whose output
+            must be Ho x Wo.
+        gate: optional (N, C_b) float32 SE gate multiplied into x as it is loaded.
+        proj_weight: (C_out, C_in, 1, 1) projection weight; proj_scale, proj_shift:
+            (C_out,) float32 folded BN of the projection.
+
+    Returns:
+        (N, C_out, Ho, Wo) channels_last, in x's dtype.
+    """
+    check_activation("x", x)
+    c_out, k = check_conv_weight("weight", weight, x, 1)
+    if k != 1:
+        raise ValueError(f"weight must be a 1x1 conv weight, got {k}x{k}")
+    check_channel_vector("scale", scale, c_out, x)
+    check_channel_vector("shift", shift, c_out, x)
+    n, c_b, ho, wo = x.shape
+    check_activation("shortcut", shortcut)
+    check_same("shortcut", shortcut, x, "x")
+    if gate is not None:
+        if gate.shape != (n, c_b):
+            raise ValueError(f"gate must have shape ({n}, {c_b}), got {tuple(gate.shape)}")
+        if gate.dtype != torch.float32:
+            raise TypeError(f"gate must be float32, got {gate.dtype}")
+        check_same("gate", gate, x, "x", dtype=False)
+        if gate.stride(1) != 1:
+            raise ValueError("gate must have unit stride along channels")
+    if proj_weight is None:
+        if proj_scale is not None or proj_shift is not None:
+            raise ValueError("proj_scale/proj_shift given without proj_weight")
+        if tuple(shortcut.shape) != (n, c_out, ho, wo):
+            raise ValueError(
+                f"identity shortcut must have the output's shape {(n, c_out, ho, wo)}, "
+                f"got {tuple(shortcut.shape)} (pass proj_weight for a projection shortcut)"
+            )
+        return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
+                                         None, None, None, 1)
+    if proj_scale is None or proj_shift is None:
+        raise ValueError("a projection shortcut needs proj_scale and proj_shift")
+    if proj_stride < 1:
+        raise ValueError(f"proj_stride must be >= 1, got {proj_stride}")
+    p_out, pk = check_conv_weight("proj_weight", proj_weight, shortcut, 1)
+    if pk != 1 or p_out != c_out:
+        raise ValueError(
+            f"proj_weight must have shape ({c_out}, {shortcut.shape[1]}, 1, 1), "
+            f"got {tuple(proj_weight.shape)}"
+        )
+    check_channel_vector("proj_scale", proj_scale, c_out, x)
+    check_channel_vector("proj_shift", proj_shift, c_out, x)
+    if shortcut.shape[0] != n:
+        raise ValueError(f"shortcut has batch {shortcut.shape[0]}, x has {n}")
+    h, w = shortcut.shape[2:]
+    if ((h - 1) // proj_stride + 1, (w - 1) // proj_stride + 1) != (ho, wo):
+        raise ValueError(
+            f"a stride-{proj_stride} projection of a {h}x{w} shortcut is not {ho}x{wo} like x"
+        )
+    return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
+                                     proj_weight, proj_scale, proj_shift, proj_stride)

@@ -1,0 +1,115 @@
+"""SE excitation: from the squeeze sums to the per-(image, channel) gate, one kernel.
+
+    mean = sums.sum(tiles) / hw
+    gate = sigmoid(W2 @ relu(W1 @ mean + b1) + b2)        shape (N, C), float32
+
+One program per image. The hidden vector (w_se <= 4096 values) stays in
+registers between the two layers, so nothing but the gate is written.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._implicit_gemm import check_device, check_same
+
+MAX_SE_WIDTH = 4096
+
+
+@triton.jit
+def _se_excite_kernel(sums_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr,
+                      T, C, S, HW, s1o, s1i, s2o, s2i,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    inv_hw = 1.0 / HW.to(tl.float32)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < S
+
+    hidden = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t in range(0, T):
+            total += tl.load(sums_ptr + (n * T + t) * C + c, mask=c_ok, other=0.0)
+        w1 = tl.load(w1_ptr + s[:, None] * s1o + c[None, :] * s1i,
+                     mask=s_ok[:, None] & c_ok[None, :], other=0.0)
+        hidden += tl.sum(w1.to(tl.float32) * (total * inv_hw)[None, :], axis=1)
+    b1 = tl.load(b1_ptr + s, mask=s_ok, other=0.0).to(tl.float32)
+    hidden = tl.maximum(hidden + b1, 0.0)
+
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        w2 = tl.load(w2_ptr + c[:, None] * s2o + s[None, :] * s2i,
+                     mask=c_ok[:, None] & s_ok[None, :], other=0.0)
+        z = tl.sum(w2.to(tl.float32) * hidden[None, :], axis=1)
+        z += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(gate_ptr + n * C + c, tl.sigmoid(z), mask=c_ok)
+
+
+def _tiles(s: int) -> tuple[int, int]:
+    block_s = triton.next_power_of_2(max(s, 1))
+    return block_s, max(16, min(128, 8192 // block_s))
+
+
+@torch.library.custom_op("regnet_triton::se_excite", mutates_args=())
+def _se_excite_op(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
+                  w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    n, t, c = sums.shape
+    s = w1.shape[0]
+    gate = torch.empty((n, c), dtype=torch.float32, device=sums.device)
+    if gate.numel() == 0:
+        return gate
+    block_s, block_c = _tiles(s)
+    _se_excite_kernel[(n,)](
+        sums, w1, b1, w2, b2, gate, t, c, s, hw,
+        w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
+        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8 if block_s * block_c >= 8192 else 4,
+    )
+    return gate
+
+
+@_se_excite_op.register_fake
+def _(sums, hw, w1, b1, w2, b2):
+    return sums.new_empty((sums.shape[0], sums.shape[2]), dtype=torch.float32)
+
+
+def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
+              w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums.
+
+    Args:
+        sums: float32 per-image channel sums, (N, C) or (N, T, C) partial sums over
+            T row tiles (as returned by `conv_bn_act(..., squeeze=True)`).
+        hw: number of pixels summed per image (Ho * Wo of the squeezed map).
+        w1: (S, C) or (S, C, 1, 1) first SE conv weight; b1: (S,).
+        w2: (C, S) or (C, S, 1, 1) second SE conv weight; b2: (C,).
+
+    Returns:
+        (N, C) float32 gate.
+    """
+    if sums.dim() == 2:
+        sums = sums.unsqueeze(1)
+    if sums.dim() != 3:
+        raise ValueError(f"sums must be (N, C) or (N, T, C), got shape {tuple(sums.shape)}")
+    if sums.dtype != torch.float32:
+        raise TypeError(f"sums must be float32, got {sums.dtype}")
+    check_device("sums", sums)
+    if int(hw) < 1:
+        raise ValueError(f"hw must be >= 1, got {hw}")
+    c = sums.shape[2]
+    s = w1.shape[0]
+    # 1x1 conv weights (S, C, 1, 1) are read through their first two strides.
+    for name, t, shape in (("w1", w1, (s, c)), ("b1", b1, (s,)), ("w2", w2, (c, s)), ("b2", b2, (c,))):
+        allowed = (shape, shape + (1, 1)) if len(shape) == 2 else (shape,)
+        if tuple(t.shape) not in allowed:
+            raise ValueError(f"{name} must have shape {shape} for {c} channels and SE width {s}, "
+                             f"got {tuple(t.shape)}")
+        check_same(name, t, sums, "sums", dtype=False)
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}")
+    if s > MAX_SE_WIDTH:
+        raise ValueError(f"SE width {s} exceeds the supported maximum {MAX_SE_WIDTH}")
+    return _se_excite_op(sums.contiguous(), int(hw), w1, b1, w2, b2)

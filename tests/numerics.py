@@ -1,0 +1,76 @@
+"""Test helpers: float64 references, relative error, NaN-poisoned outputs."""
+from __future__ import annotations
+
+import contextlib
+import math
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+# ||out - ref|| / ||ref|| bounds per dtype, against a float64 reference.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "output has NaN/inf: an element was never written"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def tol(dtype: torch.dtype) -> float:
+    if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cudnn.allow_tf32:
+        return 1e-3  # TF32 tensor cores, as cuDNN
+    return TOL[dtype]
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every float tensor the ops allocate with torch.empty starts as NaN, so an
+    output element the kernel does not write fails the comparison."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    with mock.patch.object(torch, "empty", nan_empty):
+        yield
+
+
+def activation(n, c, h, w, dtype, generator=None, channels_last=True):
+    x = torch.randn(n, c, h, w, generator=generator).to(DEVICE, dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def conv_weight(c_out, cin_g, k, dtype, generator=None):
+    w = torch.randn(c_out, cin_g, k, k, generator=generator) / math.sqrt(cin_g * k * k)
+    return w.to(DEVICE, dtype)
+
+
+def bn_fold(c, generator=None):
+    """A random folded BN: scale in [0.5, 1.5], shift ~ N(0, 0.5)."""
+    scale = torch.rand(c, generator=generator) + 0.5
+    shift = torch.randn(c, generator=generator) * 0.5
+    return scale.to(DEVICE), shift.to(DEVICE)
+
+
+def ref_conv_bn(x, w, scale, shift, stride=1, groups=1):
+    y = F.conv2d(x.double(), w.double(), stride=stride, padding=w.shape[-1] // 2, groups=groups)
+    return y * scale.double()[:, None, None] + shift.double()[:, None, None]
+
+
+def randomize_bn(module: torch.nn.Module, generator=None) -> None:
+    """Random affine parameters and running statistics for every BatchNorm."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                c = bn.num_features
+                bn.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                bn.bias.copy_(torch.randn(c, generator=generator) * 0.2)
+                bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.2)
+                bn.running_var.copy_(torch.rand(c, generator=generator) + 0.5)

@@ -1,0 +1,144 @@
+"""conv_bn_act (Triton) against a float64 F.conv2d + BN + ReLU reference."""
+import math
+
+import pytest
+import torch
+
+from numerics import (DEVICE, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
+                      rel_err, tol)
+from regnet_kernels import list_models, model_params, ops
+from regnet_kernels.ops import _implicit_gemm
+
+# Channels per group over every standard RegNetX/Y model (checked against the zoo below).
+GROUP_WIDTHS = [8, 16, 24, 40, 48, 56, 64, 72, 80, 112, 120, 128, 168, 232, 264]
+SIZES = [7, 13, 16, 1]
+DTYPES = [torch.float32, torch.float16]
+
+
+def test_group_widths_are_the_standard_models():
+    widths = {s.group_width for name in list_models() for s in model_params(name).stages()}
+    assert sorted(widths) == GROUP_WIDTHS
+
+
+def grouped_cases():
+    """Every group width, with 1 to 3 groups, and stride, size, batch, squeeze varied
+    so that each value of each is met with several widths."""
+    for i, cpg in enumerate(GROUP_WIDTHS):
+        for j, dtype in enumerate(DTYPES):
+            groups = (i + j) % 3 + 1
+            stride = 1 + (i + j) % 2
+            size = SIZES[(i + 2 * j) % len(SIZES)]
+            batch = 3 if (i + j) % 2 else 1
+            squeeze = (i + j) % 3 != 1
+            yield pytest.param(cpg, groups, stride, size, batch, squeeze, dtype,
+                               id=f"g{cpg}x{groups}-s{stride}-h{size}-n{batch}-sq{int(squeeze)}-{str(dtype)[6:]}")
+
+
+def check_conv_bn_act(n, c_in, c_out, h, k, stride, groups, dtype, relu=True, squeeze=False,
+                      channels_last=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen, channels_last)
+    w = conv_weight(c_out, c_in // groups, k, dtype, gen)
+    scale, shift = bn_fold(c_out, gen)
+    with poisoned_outputs():
+        out = ops.conv_bn_act(x, w, scale, shift, stride=stride, groups=groups, relu=relu,
+                              squeeze=squeeze)
+    y, sums = out if squeeze else (out, None)
+    ref = ref_conv_bn(x, w, scale, shift, stride, groups)
+    if relu:
+        ref = ref.relu()
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, ref) < tol(dtype)
+    if squeeze:
+        assert sums.dtype == torch.float32 and sums.shape[0] == n and sums.shape[2] == c_out
+        assert rel_err(sums.sum(1), ref.sum((2, 3))) < tol(dtype)
+
+
+@pytest.mark.parametrize("cpg,groups,stride,size,batch,squeeze,dtype", grouped_cases())
+def test_grouped_3x3(cpg, groups, stride, size, batch, squeeze, dtype):
+    c = cpg * groups
+    check_conv_bn_act(batch, c, c, size, 3, stride, groups, dtype, squeeze=squeeze)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c_in,c_out,size,batch", [(24, 56, 13, 3), (232, 152, 7, 1), (48, 8, 16, 2)])
+def test_dense_1x1(c_in, c_out, size, batch, dtype):
+    check_conv_bn_act(batch, c_in, c_out, size, 1, 1, 1, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dense_3x3(stride, dtype):
+    # groups = 1: the dense 3x3 of X-8.0GF stage 1 and Y-32GF stage 1 (narrower here)
+    check_conv_bn_act(2, 40, 48, 13, 3, stride, 1, dtype, squeeze=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stem(dtype):
+    check_conv_bn_act(2, 3, 32, 13, 3, 2, 1, dtype)
+
+
+def test_no_relu_nchw_input_and_squeeze_tiles_straddling_images():
+    # 3 images of 13x14 = 182 pixels: two row tiles per image, and an NCHW input.
+    check_conv_bn_act(3, 16, 24, 13, 3, 1, 2, torch.float32, relu=False, squeeze=True,
+                      channels_last=False)
+
+
+def test_channels_last_weight():
+    gen = torch.Generator().manual_seed(1)
+    x = activation(2, 32, 7, 7, torch.float32, gen)
+    w = conv_weight(32, 16, 3, torch.float32, gen)
+    scale, shift = bn_fold(32, gen)
+    y = ops.conv_bn_act(x, w.to(memory_format=torch.channels_last), scale, shift, groups=2)
+    assert rel_err(y, ref_conv_bn(x, w, scale, shift, 1, 2).relu()) < 1e-5
+
+
+def test_empty_batch():
+    x = torch.empty(0, 8, 5, 5, device=DEVICE)
+    y, sums = ops.conv_bn_act(x, torch.randn(8, 8, 1, 1, device=DEVICE), torch.ones(8, device=DEVICE),
+                              torch.zeros(8, device=DEVICE), squeeze=True)
+    assert y.shape == (0, 8, 5, 5) and sums.shape[0] == 0
+
+
+def _args(**over):
+    x = torch.randn(2, 16, 7, 7, device=DEVICE)
+    args = dict(x=x, weight=torch.randn(16, 8, 3, 3, device=DEVICE),
+                scale=torch.ones(16, device=DEVICE), shift=torch.zeros(16, device=DEVICE),
+                groups=2)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,err,match", [
+    (dict(x=torch.randn(16, 7, 7)), ValueError, "4-D"),
+    (dict(x=torch.randn(2, 24, 7, 7)), ValueError, "input channels"),
+    (dict(groups=3), ValueError, "does not divide"),
+    (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float16)), TypeError, "dtype"),
+    (dict(x=torch.randn(2, 16, 7, 7).long()), TypeError, "dtype"),
+    (dict(weight=torch.randn(16, 8, 2, 2)), ValueError, "odd"),
+    (dict(scale=torch.ones(15)), ValueError, r"scale must have shape \(16,\)"),
+    (dict(shift=torch.zeros(16, dtype=torch.float64)), TypeError, "float32"),
+    (dict(stride=0), ValueError, "stride"),
+])
+def test_bad_input(over, err, match):
+    args = _args(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()})
+    with pytest.raises(err, match=match):
+        ops.conv_bn_act(**args)
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch):
+    monkeypatch.setattr(_implicit_gemm, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ops.conv_bn_act(**_args(x=torch.randn(2, 16, 7, 7), weight=torch.randn(16, 8, 3, 3),
+                                scale=torch.ones(16), shift=torch.zeros(16)))
+
+
+@pytest.mark.parametrize("op,squeeze", [("conv_bn_act", False), ("conv_bn_act_squeeze", True)])
+def test_opcheck(op, squeeze):
+    gen = torch.Generator().manual_seed(2)
+    x = activation(2, 16, 7, 7, torch.float32, gen)
+    w = conv_weight(24, 8, 3, torch.float32, gen)
+    scale, shift = bn_fold(24, gen)
+    torch.library.opcheck(getattr(torch.ops.regnet_triton, op).default,
+                          (x, w, scale, shift, 2, 2, True))

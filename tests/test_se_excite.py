@@ -1,0 +1,67 @@
+"""se_excite (Triton) against a float64 pooled-SE reference."""
+import pytest
+import torch
+
+from numerics import DEVICE, poisoned_outputs, rel_err
+from regnet_kernels import ops
+
+
+def ref_gate(sums, hw, w1, b1, w2, b2):
+    mean = sums.double().sum(1) / hw
+    w1, w2 = w1.double().flatten(1), w2.double().flatten(1)
+    hidden = (mean @ w1.T + b1.double()).relu()
+    return torch.sigmoid(hidden @ w2.T + b2.double())
+
+
+@pytest.mark.parametrize("n,tiles,c,s,hw,conv_weights,wdtype", [
+    (1, 1, 24, 6, 49, True, torch.float32),      # w_se = round(24 * 0.25)
+    (3, 2, 56, 12, 169, True, torch.float32),     # several row tiles per image
+    (2, 1, 232, 58, 16, False, torch.float16),    # w_se not a power of two, fp16 weights
+    (1, 3, 1512, 378, 1, True, torch.float32),    # wide: C and S larger than one chunk
+    (2, 1, 7, 1, 4, False, torch.float32),        # tiny widths
+])
+def test_se_excite(n, tiles, c, s, hw, conv_weights, wdtype):
+    gen = torch.Generator().manual_seed(c)
+    sums = (torch.randn(n, tiles, c, generator=gen) * hw).to(DEVICE)
+    shape1, shape2 = ((s, c, 1, 1), (c, s, 1, 1)) if conv_weights else ((s, c), (c, s))
+    w1 = (torch.randn(shape1, generator=gen) / c ** 0.5).to(DEVICE, wdtype)
+    w2 = (torch.randn(shape2, generator=gen) / s ** 0.5).to(DEVICE, wdtype)
+    b1 = (torch.randn(s, generator=gen) * 0.1).to(DEVICE, wdtype)
+    b2 = (torch.randn(c, generator=gen) * 0.1).to(DEVICE, wdtype)
+    with poisoned_outputs():
+        gate = ops.se_excite(sums, hw, w1, b1, w2, b2)
+    assert gate.shape == (n, c) and gate.dtype == torch.float32
+    assert rel_err(gate, ref_gate(sums, hw, w1, b1, w2, b2)) < 1e-5
+
+
+def test_two_dim_sums_are_one_tile():
+    sums = torch.randn(2, 16, device=DEVICE)
+    w1, b1 = torch.randn(4, 16, device=DEVICE), torch.randn(4, device=DEVICE)
+    w2, b2 = torch.randn(16, 4, device=DEVICE), torch.randn(16, device=DEVICE)
+    gate = ops.se_excite(sums, 9, w1, b1, w2, b2)
+    assert rel_err(gate, ref_gate(sums[:, None], 9, w1, b1, w2, b2)) < 1e-5
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (dict(sums=torch.randn(2, 16).double()), TypeError, "float32"),
+    (dict(sums=torch.randn(16)), ValueError, "sums must be"),
+    (dict(w1=torch.randn(4, 15)), ValueError, "w1 must have shape"),
+    (dict(b2=torch.randn(15)), ValueError, "b2 must have shape"),
+    (dict(hw=0), ValueError, "hw"),
+])
+def test_bad_input(change, err, match):
+    args = dict(sums=torch.randn(2, 16), hw=9, w1=torch.randn(4, 16), b1=torch.randn(4),
+                w2=torch.randn(16, 4), b2=torch.randn(16))
+    args.update(change)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(err, match=match):
+        ops.se_excite(**args)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 3, 40, generator=gen), 25, torch.randn(10, 40, 1, 1, generator=gen),
+            torch.randn(10, generator=gen), torch.randn(40, 10, 1, 1, generator=gen),
+            torch.randn(40, generator=gen)]
+    args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.regnet_triton.se_excite.default, args)
