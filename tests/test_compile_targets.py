@@ -7,6 +7,7 @@ runs in a subprocess without TRITON_INTERPRET: under the interpreter the
 kernels are not compilable objects.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,13 +36,17 @@ def conv_bn_act_variants(conv_tiles):
     for c in DENSE_WIDTHS:
         seen.add((1, False, conv_tiles(BATCH * 56 * 56, c, c)))
     seen.add((3, False, conv_tiles(BATCH * 112 * 112, 32, 27)))  # stem
+    eval_mode = dict(IN_AFFINE=False, IN_RELU=False, HAS_GATE=False, RELU=True, STATS=False,
+                     DOT_PRECISION="tf32")
     variants = []
     for k, squeeze, (bm, bn, bk) in sorted(seen):
-        c = dict(KSIZE=k, RELU=True, SQUEEZE=squeeze, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 DOT_PRECISION="tf32")
+        c = dict(eval_mode, KSIZE=k, SQUEEZE=squeeze, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         variants.append(("bf16", c))
+        if not squeeze:  # training: previous BN + ReLU in the prologue, BN partials out
+            variants.append(("bf16", dict(c, STATS=True, IN_AFFINE=True, IN_RELU=True,
+                                          HAS_GATE=k == 1)))
     for dtype in ("fp16", "fp32"):
-        for c in (variants[0][1], variants[-1][1]):
+        for _, c in (variants[0], variants[1], variants[-1]):
             variants.append((dtype, c))
     return variants
 
@@ -60,7 +65,76 @@ def se_excite_variants(tiles):
             for dtype in ("bf16", "fp32") for s in (6, 58, 378, 726)]
 
 
-FP32_POINTERS = {"scale_ptr", "shift_ptr", "pscale_ptr", "pshift_ptr", "gate_ptr", "sums_ptr"}
+def elementwise_variants(tiles):
+    """(dtype, constexprs) for the memory-bound training kernels."""
+    out = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for hw, c in ((56 * 56, 224), (7 * 7, 2016)):
+            bm, bc = tiles["squeeze"](hw, c)
+            out.append(("_se_squeeze_kernel", dtype, dict(BLOCK_M=bm, BLOCK_C=bc)))
+        for project in (False, True):
+            out.append(("_bn_add_relu_kernel", dtype, dict(PROJECT=project, BLOCK_M=64, BLOCK_C=64)))
+        for hw, c in ((56 * 56, 224), (7 * 7, 2016)):
+            bm, bc = tiles["bn_act_backward"](hw, c)
+            base = dict(G_PER_TILE=False, AFFINE=True, RELU=True, HAS_GATE=True,
+                        EXTERNAL_MASK=False, WRITE_DV=True, REDUCE=False, BLOCK_M=bm, BLOCK_C=bc)
+            for over in ({}, dict(G_PER_TILE=True, HAS_GATE=False),
+                         dict(AFFINE=False, RELU=False, HAS_GATE=False, WRITE_DV=False, REDUCE=True),
+                         dict(AFFINE=False, HAS_GATE=False, EXTERNAL_MASK=True)):
+                out.append(("_bn_act_backward_kernel", dtype, dict(base, **over)))
+    for affine in (False, True):
+        out.append(("_bn_finalize_kernel", "fp32", dict(AFFINE=affine, BLOCK_C=tiles["finalize"])))
+    for cumulative in (False, True):
+        out.append(("_bn_running_update_kernel", "fp32",
+                    dict(CUMULATIVE=cumulative, BLOCK_C=tiles["finalize"])))
+    return out
+
+
+def conv_grad_variants(dgrad_geometry, wgrad_geometry):
+    """dgrad / wgrad variants: bf16 over the tiles the heuristics pick for the standard
+    models' shapes (both strides, prologues on), plus fp16 / fp32 samples."""
+    dgrad, wgrad = set(), set()
+    shapes = [(3, cpg, cpg, hw) for cpg in GROUP_WIDTHS for hw in SPATIAL]   # grouped 3x3
+    shapes += [(1, c, c, 56 * 56) for c in DENSE_WIDTHS]                     # dense 1x1
+    shapes += [(3, 3, 32, 224 * 224)]                                        # stem (stride 2)
+    for k, cin_g, cout_g, hw in shapes:
+        side = math.isqrt(hw)
+        for stride in (1, 2):
+            o = (side - 1) // stride + 1
+            dgrad.add((k, dgrad_geometry(BATCH, side, side, cin_g, cout_g, k, stride)[2]))
+            wgrad.add((k, wgrad_geometry(BATCH, o, o, cout_g, cin_g, k, 1)[0]))
+    # fp32 with a prologue takes half-deep K steps (shared memory): the largest tiles
+    fp32_prologue = {
+        "_conv_dgrad_kernel": dgrad_geometry(BATCH, 56, 56, 64, 64, 3, 1, True)[2],
+        "_conv_wgrad_kernel": wgrad_geometry(BATCH, 56, 56, 264, 264, 3, 1, True)[0]}
+    dy_prologue = dict(PROLOGUE=True, HAS_MASK=True)
+    out = {"_conv_dgrad_kernel": [], "_conv_wgrad_kernel": []}
+    for name, seen, extra in (
+            ("_conv_dgrad_kernel", dgrad, {}),
+            ("_conv_wgrad_kernel", wgrad, dict(IN_AFFINE=True, IN_RELU=True, HAS_GATE=True))):
+        for k, (bm, bn, bk) in sorted(seen):
+            c = dict(KSIZE=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32",
+                     **dy_prologue, **extra)
+            out[name].append(("bf16", c))
+        plain = {key: False for key in (*dy_prologue, *extra)}
+        samples = [out[name][0][1], out[name][-1][1]]
+        out[name] += [(dtype, dict(c, **off)) for dtype in ("fp16", "fp32") for c in samples
+                      for off in ({}, plain) if dtype == "fp16" or off]
+        bm, bn, bk = fp32_prologue[name]
+        out[name] += [("fp32", dict(c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)) for c in samples[-1:]]
+    return out
+
+
+# Pointer arguments that are fp32 whatever the activations' dtype; other
+# non-pointer arguments are i32 except these.
+FP32_POINTERS = {"scale_ptr", "shift_ptr", "pscale_ptr", "pshift_ptr", "gate_ptr", "sums_ptr",
+                 "in_scale_ptr", "in_shift_ptr", "m2_ptr", "sum_ptr", "gamma_ptr", "beta_ptr",
+                 "rmean_ptr", "rvar_ptr", "mean_ptr", "inv_std_ptr", "rscale_ptr", "rshift_ptr",
+                 "dy_a_ptr", "dy_b_ptr", "dy_c_ptr", "mask_scale_ptr", "mask_shift_ptr", "dw_ptr",
+                 "stats_ptr", "part_ptr", "dgate_ptr"}
+SPECIAL_ARGS = {"nbt_ptr": "*i64", "eps": "fp32", "momentum": "fp32"}
+DOT_KERNELS = {"_conv_bn_act_kernel", "_conv1x1_gate_residual_kernel",
+               "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
 
 
 def signature(fn, dtype, constexprs):
@@ -68,6 +142,8 @@ def signature(fn, dtype, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in SPECIAL_ARGS:
+            sig[name] = SPECIAL_ARGS[name]
         elif name.endswith("_ptr"):
             sig[name] = "*" + ("fp32" if name in FP32_POINTERS else dtype)
         else:
@@ -86,13 +162,22 @@ def compile_all():
 
     import regnet_kernels.ops as ops_pkg
     from regnet_kernels.ops._implicit_gemm import conv_tiles, launch_config
+    from regnet_kernels.ops.bn_act_backward import _tiles as bn_act_tiles
+    from regnet_kernels.ops.bn_finalize import BLOCK_C as finalize_block
+    from regnet_kernels.ops.conv_grad import dgrad_geometry, wgrad_geometry
+    from regnet_kernels.ops.se_excite import _squeeze_tiles
     from regnet_kernels.ops.se_excite import _tiles as se_tiles
 
     variants = {
         "_conv_bn_act_kernel": conv_bn_act_variants(conv_tiles),
         "_conv1x1_gate_residual_kernel": gate_residual_variants(),
         "_se_excite_kernel": se_excite_variants(se_tiles),
+        **conv_grad_variants(dgrad_geometry, wgrad_geometry),
     }
+    for name, dtype, constexprs in elementwise_variants(
+            {"squeeze": _squeeze_tiles, "finalize": finalize_block,
+             "bn_act_backward": bn_act_tiles}):
+        variants.setdefault(name, []).append((dtype, constexprs))
     kernels = {}
     for mod in pkgutil.iter_modules(ops_pkg.__path__):
         m = importlib.import_module(f"regnet_kernels.ops.{mod.name}")
@@ -104,7 +189,7 @@ def compile_all():
     for name, fn in sorted(kernels.items()):
         for dtype, constexprs in variants.get(name, []):
             opts = launch_config(constexprs["BLOCK_M"], constexprs["BLOCK_N"]) \
-                if "BLOCK_M" in constexprs else {"num_warps": 8}
+                if "BLOCK_N" in constexprs else {"num_warps": 4}
             rec = {"kernel": name, "dtype": dtype, "constexprs": constexprs}
             try:
                 k = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs),
@@ -130,8 +215,9 @@ def records():
 
 def test_every_kernel_has_compile_variants(records):
     assert records[0]["missing_variants"] == []
-    assert {r["kernel"] for r in records[1:]} == {
-        "_conv_bn_act_kernel", "_conv1x1_gate_residual_kernel", "_se_excite_kernel"}
+    assert DOT_KERNELS | {"_se_excite_kernel", "_se_squeeze_kernel", "_bn_finalize_kernel",
+                          "_bn_running_update_kernel", "_bn_add_relu_kernel",
+                          "_bn_act_backward_kernel"} <= {r["kernel"] for r in records[1:]}
 
 
 def test_kernels_compile_for_sm90(records):
@@ -141,7 +227,7 @@ def test_kernels_compile_for_sm90(records):
 
 def test_dots_use_tensor_cores(records):
     for r in records[1:]:
-        if r["kernel"] != "_se_excite_kernel":
+        if r["kernel"] in DOT_KERNELS:
             assert r["mma"], r
             if r["dtype"] != "fp32" and r["constexprs"]["BLOCK_M"] >= 64:
                 assert r["wgmma"], r

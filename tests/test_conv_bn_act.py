@@ -1,5 +1,4 @@
 """conv_bn_act (Triton) against a float64 F.conv2d + BN + ReLU reference."""
-import math
 
 import pytest
 import torch
@@ -142,3 +141,83 @@ def test_opcheck(op, squeeze):
     scale, shift = bn_fold(24, gen)
     torch.library.opcheck(getattr(torch.ops.regnet_triton, op).default,
                           (x, w, scale, shift, 2, 2, True))
+
+
+# ---------------------------------------------------------------------------
+# Training forward: conv_bn_stats (raw output + per-tile BN partials, with the
+# previous layer's BN + ReLU and the SE gate applied as the input is loaded)
+# ---------------------------------------------------------------------------
+
+
+def check_conv_bn_stats(n, c_in, c_out, h, k, stride, groups, dtype, prologue=True, gated=False,
+                        seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen)
+    w = conv_weight(c_out, c_in // groups, k, dtype, gen)
+    u = x.double()
+    kwargs = {}
+    if prologue:
+        # shift > 0 so relu(0 * s + t) != 0: padding must be zeroed after the transform
+        s, t = torch.rand(c_in, generator=gen) + 0.5, torch.rand(c_in, generator=gen) + 0.1
+        kwargs.update(in_scale=s.to(DEVICE), in_shift=t.to(DEVICE), in_relu=True)
+        u = (u * s.double()[:, None, None].to(DEVICE) + t.double()[:, None, None].to(DEVICE)).relu()
+    if gated:
+        gate = torch.rand(n, c_in, generator=gen).to(DEVICE)
+        kwargs["gate"] = gate
+        u = u * gate.double()[:, :, None, None]
+    with poisoned_outputs():
+        out = ops.conv_bn_stats(x, w, stride=stride, groups=groups, **kwargs)
+    ref = torch.nn.functional.conv2d(u, w.double(), stride=stride, padding=k // 2, groups=groups)
+    assert out.y.dtype == dtype and out.y.is_contiguous(memory_format=torch.channels_last)
+    # a 16-bit input prologue rounds u to x's dtype before the dot
+    assert rel_err(out.y, ref) < tol(dtype) * (2 if prologue and dtype != torch.float32 else 1)
+    rows = ref.permute(0, 2, 3, 1).reshape(-1, c_out).split(out.rows_per_tile)
+    assert out.tile_sum.shape == (len(rows), c_out) == out.tile_m2.shape
+    assert rel_err(out.tile_sum, torch.stack([r.sum(0) for r in rows])) < tol(dtype)
+    ref_m2 = torch.stack([((r - r.mean(0)) ** 2).sum(0) for r in rows])
+    assert rel_err(out.tile_m2, ref_m2) < 2 * tol(dtype)
+    assert out.count == ref.shape[0] * ref.shape[2] * ref.shape[3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cpg,groups,stride,size,batch", [
+    (8, 3, 2, 13, 3), (24, 2, 1, 7, 1), (56, 1, 2, 16, 3), (120, 2, 1, 7, 1), (264, 1, 2, 13, 1),
+])
+def test_stats_grouped_3x3(cpg, groups, stride, size, batch, dtype):
+    check_conv_bn_stats(batch, cpg * groups, cpg * groups, size, 3, stride, groups, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c_in,c_out,stride,gated,prologue", [
+    (56, 152, 1, True, True),    # conv c: previous BN + ReLU, then the SE gate
+    (24, 56, 2, False, False),   # projection shortcut: strided 1x1 of the block input
+    (48, 8, 1, False, True),     # conv a of a narrow block
+])
+def test_stats_1x1(c_in, c_out, stride, gated, prologue, dtype):
+    check_conv_bn_stats(3, c_in, c_out, 13, 1, stride, 1, dtype, prologue=prologue, gated=gated)
+
+
+def test_stats_stem_and_gate_on_3x3():
+    check_conv_bn_stats(2, 3, 32, 13, 3, 2, 1, torch.float32, prologue=False)
+    check_conv_bn_stats(1, 16, 16, 7, 3, 1, 2, torch.float32, gated=True)
+
+
+def test_stats_bad_input():
+    x, w = torch.randn(2, 16, 7, 7, device=DEVICE), torch.randn(16, 8, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="both in_scale and in_shift"):
+        ops.conv_bn_stats(x, w, groups=2, in_scale=torch.ones(16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"in_scale must have shape \(16,\)"):
+        ops.conv_bn_stats(x, w, groups=2, in_scale=torch.ones(8, device=DEVICE),
+                          in_shift=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="gate must have shape"):
+        ops.conv_bn_stats(x, w, groups=2, gate=torch.ones(2, 8, device=DEVICE))
+
+
+def test_stats_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    x = activation(2, 16, 7, 7, torch.float32, gen)
+    w = conv_weight(24, 8, 3, torch.float32, gen)
+    s, t = bn_fold(16, gen)
+    gate = torch.rand(2, 16, generator=gen).to(DEVICE)
+    torch.library.opcheck(torch.ops.regnet_triton.conv_bn_stats.default,
+                          (x, w, 2, 2, s, t, True, gate))

@@ -4,6 +4,7 @@ import torch
 
 from numerics import DEVICE, poisoned_outputs, rel_err
 from regnet_kernels import ops
+from regnet_kernels.ops.se_excite import _squeeze_tiles
 
 
 def ref_gate(sums, hw, w1, b1, w2, b2):
@@ -65,3 +66,56 @@ def test_opcheck():
             torch.randn(40, generator=gen)]
     args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(torch.ops.regnet_triton.se_excite.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,c,h,w", [(1, 24, 7, 7), (3, 56, 13, 14), (2, 232, 1, 1), (1, 8, 16, 16)])
+def test_se_squeeze(n, c, h, w, dtype):
+    from numerics import activation, bn_fold
+    gen = torch.Generator().manual_seed(c)
+    y = activation(n, c, h, w, dtype, gen)
+    scale, shift = bn_fold(c, gen)
+    with poisoned_outputs():
+        sums = ops.se_squeeze(y, scale, shift)
+    act = (y.double() * scale.double()[:, None, None] + shift.double()[:, None, None]).relu()
+    assert sums.dtype == torch.float32 and sums.shape[0] == n and sums.shape[2] == c
+    assert rel_err(sums.sum(1), act.sum((2, 3))) < 1e-5
+
+
+def test_se_squeeze_opcheck():
+    y = torch.randn(2, 40, 13, 13, device=DEVICE).to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.regnet_triton.se_squeeze.default,
+                          (y, torch.rand(40, device=DEVICE), torch.randn(40, device=DEVICE)))
+
+
+def test_se_excite_backward():
+    gen = torch.Generator().manual_seed(9)
+    n, t, c, s, hw = 3, 2, 40, 10, 49
+    sums = (torch.randn(n, t, c, generator=gen) * hw).to(DEVICE).requires_grad_()
+    params = [(torch.randn(shape, generator=gen) * 0.3).to(DEVICE).requires_grad_()
+              for shape in ((s, c, 1, 1), (s,), (c, s, 1, 1), (c,))]
+    gate = ops.se_excite(sums, hw, *params)
+    g = torch.randn(n, c, generator=gen).to(DEVICE)
+    gate.backward(g)
+    ref_in = [sums.detach().double().requires_grad_()] + [p.detach().double().requires_grad_() for p in params]
+    ref_gate(ref_in[0], hw, *ref_in[1:]).backward(g.double())
+    for ours, ref in zip([sums] + params, ref_in):
+        assert rel_err(ours.grad, ref.grad) < 1e-5
+
+
+def test_se_squeeze_backward_is_dv():
+    """y is a lazy BN output: its gradient is dL/dv, v = y * scale + shift."""
+    from numerics import activation, bn_fold
+    gen = torch.Generator().manual_seed(10)
+    y = activation(2, 24, 13, 13, torch.float32, gen).requires_grad_()
+    scale, shift = bn_fold(24, gen)
+    sums = ops.se_squeeze(y, scale, shift)
+    g = torch.randn(sums.shape, generator=gen).to(DEVICE)
+    sums.backward(g)
+    v = (y.detach().double() * scale.double()[:, None, None] + shift.double()[:, None, None]).requires_grad_()
+    rows = _squeeze_tiles(169, 24)[0]  # the squeeze's row tile
+    assert sums.shape[1] == -(-169 // rows)
+    pooled = torch.stack([v.relu().flatten(2)[:, :, i * rows:(i + 1) * rows].sum(2)
+                          for i in range(sums.shape[1])], 1)
+    pooled.backward(g.double())
+    assert rel_err(y.grad, v.grad) < 1e-5

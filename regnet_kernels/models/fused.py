@@ -71,3 +71,29 @@ def block_forward_eval(x: torch.Tensor, fb: FoldedBlock) -> torch.Tensor:
         b, fb.c.weight, fb.c.scale, fb.c.shift, x, gate=gate,
         proj_weight=fb.proj.weight, proj_scale=fb.proj.scale, proj_shift=fb.proj.shift,
         proj_stride=fb.proj.stride)
+
+
+def block_forward_train(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+    """One training-mode X/Y block through the fused ops, differentiable.
+
+    BN uses batch statistics and updates the running statistics of `block`'s BN
+    modules as nn.BatchNorm2d does. Each conv writes its raw output; its BN's
+    scale/shift are applied by the next kernel as it loads (no normalized tensor
+    is written). Gradients reach x and every parameter of the block.
+    """
+    f = block.f
+    a = ops.conv_bn_train(x, f.a[0].weight, f.a[1])
+    b = ops.conv_bn_train(a.y, f.b[0].weight, f.b[1], stride=f.b[0].stride[0],
+                          groups=f.b[0].groups, in_scale=a.scale, in_shift=a.shift, in_relu=True)
+    gate = None
+    se = getattr(f, "se", None)
+    if se is not None:
+        sums = ops.se_squeeze(b.y, b.scale, b.shift)
+        gate = ops.se_excite(sums, b.y.shape[2] * b.y.shape[3], se.fc1.weight, se.fc1.bias,
+                             se.fc2.weight, se.fc2.bias)
+    c = ops.conv_bn_train(b.y, f.c[0].weight, f.c[1], in_scale=b.scale, in_shift=b.shift,
+                          in_relu=True, gate=gate)
+    if block.proj is None:
+        return ops.bn_add_relu(c.y, c.scale, c.shift, x)
+    p = ops.conv_bn_train(x, block.proj[0].weight, block.proj[1], stride=block.proj[0].stride[0])
+    return ops.bn_add_relu(c.y, c.scale, c.shift, p.y, p.scale, p.shift)

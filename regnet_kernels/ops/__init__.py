@@ -1,21 +1,33 @@
 """Fused RegNet block ops (Triton backend), as plain functions.
 
 Each op is a torch custom op in the `regnet_triton` namespace (so it traces
-under torch.compile) with a fake implementation:
+under torch.compile) with a fake implementation.
 
+Eval (BN folded from running statistics):
   conv_bn_act            k x k grouped conv + folded BN + ReLU (+ SE squeeze sums)
   se_excite              SE squeeze sums -> sigmoid gate
   conv1x1_gate_residual  gate * x -> 1x1 conv + folded BN + identity/projection shortcut + ReLU
+An eval-mode Y block is 4 launches, an X block 3.
 
-With these, an eval-mode Y block is 4 launches and an X block 3.
+Training (BN from batch statistics; differentiable, deterministic):
+  conv_bn_train          conv of relu(x * s + t) * gate -> raw y, batch stats, running-stat
+                         update (built from conv_bn_stats + bn_finalize)
+  se_squeeze             SE squeeze of relu(y * s + t) from the raw conv output
+  bn_add_relu            relu(BN(y) + shortcut or BN(projection))
+  conv_dgrad, conv_wgrad, bn_act_backward: the gradient kernels behind them
 """
 from __future__ import annotations
 
 import torch
 
+from .bn_act_backward import bn_act_backward
+from .bn_add_relu import bn_add_relu
+from .bn_finalize import BatchNormArgs, BatchStats, bn_finalize
 from .conv1x1_gate_residual import conv1x1_gate_residual
-from .conv_bn_act import conv_bn_act
-from .se_excite import se_excite
+from .conv_bn_act import ConvStats, conv_bn_act, conv_bn_stats
+from .conv_bn_train import TrainOutput, conv_bn_train
+from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
+from .se_excite import se_excite, se_squeeze
 
 
 def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,4 +46,7 @@ def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach().contiguous(), shift.detach().contiguous()
 
 
-__all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "fold_bn"]
+__all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "fold_bn", "conv_bn_stats",
+           "ConvStats", "bn_finalize", "BatchStats", "BatchNormArgs", "se_squeeze", "bn_add_relu",
+           "conv_bn_train", "TrainOutput", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
+           "bn_act_backward"]

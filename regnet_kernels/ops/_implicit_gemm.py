@@ -53,48 +53,93 @@ def output_rows(pid_m, M, HWo, Wo, tiles_per_image,
 
 
 @triton.jit
-def conv_accumulate(acc, x_ptr, w_ptr, gate_ptr,
+def group_channels(group, tile, C_g, BLOCK: tl.constexpr):
+    """Channel tile `tile` of group `group` (C_g channels per group): the channels'
+    index within the group, which of them exist, and their absolute index."""
+    c_g = tile * BLOCK + tl.arange(0, BLOCK)
+    return c_g, c_g < C_g, group * C_g + c_g
+
+
+@triton.jit
+def load_conv_input(x_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
+                    n_rows, ih0, iw0, row_ok, kk, K, ci0, H, W, Cin_g,
+                    sxn, sxh, sxw, sxc, sgn,
+                    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+                    HAS_GATE: tl.constexpr):
+    """The im2col tile A[m, k] = u[n, ih0 + kh, iw0 + kw, ci0 + ci] of a conv input, for
+    rows m (image n_rows, ih0 = oh * stride - pad, iw0 likewise) and reduction indices
+    kk = (kh, kw, ci) flattened, ci fastest (K = KSIZE * KSIZE * Cin_g in all).
+
+    u is x as stored, or x transformed as it is loaded (the prologue):
+        u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]
+    and is zero outside the image and on masked rows/columns AFTER the transform
+    (relu(0 * s + t) is not 0). Returns (A in x's dtype, ci, kh, kw, k_ok).
+    """
+    x_row = n_rows.to(tl.int64) * sxn
+    k_ok = kk < K
+    if KSIZE == 1:
+        ci = kk
+        kh = tl.zeros_like(kk)
+        kw = kh
+        a_off = (x_row + ih0 * sxh + iw0 * sxw)[:, None] + ((ci0 + ci) * sxc)[None, :]
+        a_mask = row_ok[:, None] & k_ok[None, :]
+    else:
+        tap = kk // Cin_g
+        ci = kk - tap * Cin_g
+        kh = tap // KSIZE
+        kw = tap - kh * KSIZE
+        ih = ih0[:, None] + kh[None, :]
+        iw = iw0[:, None] + kw[None, :]
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_off = x_row[:, None] + ih * sxh + iw * sxw + ((ci0 + ci) * sxc)[None, :]
+        a_mask = row_ok[:, None] & k_ok[None, :] & inside
+    a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+    if IN_AFFINE or IN_RELU or HAS_GATE:
+        u = a.to(tl.float32)
+        if IN_AFFINE:
+            s = tl.load(in_scale_ptr + ci0 + ci, mask=k_ok, other=0.0)
+            t = tl.load(in_shift_ptr + ci0 + ci, mask=k_ok, other=0.0)
+            u = u * s[None, :] + t[None, :]
+        if IN_RELU:
+            u = tl.maximum(u, 0.0)
+        if HAS_GATE:
+            g_off = n_rows.to(tl.int64)[:, None] * sgn + (ci0 + ci)[None, :]
+            u = u * tl.load(gate_ptr + g_off, mask=a_mask, other=0.0)
+        a = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
+    return a, ci, kh, kw, k_ok
+
+
+@triton.jit
+def conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
                     n_rows, oh, ow, row_ok, ci0, co, co_ok,
                     H, W, Cin_g, stride, pad,
                     sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
-                    KSIZE: tl.constexpr, HAS_GATE: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc[m, co] += sum over (kh, kw, ci) of x[n, ih, iw, ci0 + ci] * w[co, ci, kh, kw].
+                    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+                    HAS_GATE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[m, co] += sum over (kh, kw, ci) of u[n, ih, iw, ci0 + ci] * w[co, ci, kh, kw].
 
     The reduction runs over the flattened K = KSIZE*KSIZE*Cin_g so that narrow
-    groups (8 channels) still fill a 16-deep tensor-core K step. With HAS_GATE
-    (1x1 only) the input is scaled by gate[n, ci0 + ci] as it is loaded: the SE
-    excitation applied in the consumer's prologue.
+    groups (8 channels) still fill a 16-deep tensor-core K step.
+    u is x as stored, or x transformed as it is loaded (the prologue):
+        u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]
+    IN_AFFINE/IN_RELU apply the previous layer's training-mode BN and ReLU, so its
+    normalized output is never written; HAS_GATE applies the SE excitation.
+    Padding is zero after the transform (relu(0 * s + t) is not 0).
     """
     K = Cin_g * KSIZE * KSIZE
-    x_row = n_rows.to(tl.int64) * sxn
     ih0 = oh * stride - pad
     iw0 = ow * stride - pad
     w_col = co.to(tl.int64) * swo
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < K
+        a, ci, kh, kw, k_ok = load_conv_input(x_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
+                                              n_rows, ih0, iw0, row_ok,
+                                              k0 + tl.arange(0, BLOCK_K), K, ci0, H, W, Cin_g,
+                                              sxn, sxh, sxw, sxc, sgn,
+                                              KSIZE, IN_AFFINE, IN_RELU, HAS_GATE)
         if KSIZE == 1:
-            ci = kk
-            a_off = (x_row + ih0 * sxh + iw0 * sxw)[:, None] + ((ci0 + ci) * sxc)[None, :]
-            a_mask = row_ok[:, None] & k_ok[None, :]
             b_off = (ci * swi)[:, None] + w_col[None, :]
         else:
-            tap = kk // Cin_g
-            ci = kk - tap * Cin_g
-            kh = tap // KSIZE
-            kw = tap - kh * KSIZE
-            ih = ih0[:, None] + kh[None, :]
-            iw = iw0[:, None] + kw[None, :]
-            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_off = x_row[:, None] + ih * sxh + iw * sxw + ((ci0 + ci) * sxc)[None, :]
-            a_mask = row_ok[:, None] & k_ok[None, :] & inside
             b_off = (ci * swi + kh * swh + kw * sww)[:, None] + w_col[None, :]
-        a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
-        if HAS_GATE:
-            g_off = n_rows.to(tl.int64)[:, None] * sgn + (ci0 + ci)[None, :]
-            gate = tl.load(gate_ptr + g_off, mask=a_mask, other=0.0)
-            a = (a.to(tl.float32) * gate).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
@@ -180,30 +225,76 @@ def check_channel_vector(name: str, t: torch.Tensor, channels: int, ref: torch.T
     check_same(name, t, ref, "x", dtype=False)
 
 
+def check_optional_affine(names: tuple[str, str], scale, shift, channels: int,
+                          ref: torch.Tensor) -> None:
+    """An optional per-channel float32 (scale, shift) pair: both or neither."""
+    if (scale is None) != (shift is None):
+        raise ValueError(f"pass both {names[0]} and {names[1]}, or neither")
+    if scale is not None:
+        check_channel_vector(names[0], scale, channels, ref)
+        check_channel_vector(names[1], shift, channels, ref)
+
+
+def check_prologue_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int,
+                        in_scale, in_shift, gate) -> int:
+    """The arguments of a conv whose input goes through the prologue
+    relu?(x * in_scale + in_shift) * gate. Returns the output channels."""
+    check_activation("x", x)
+    c_out, _ = check_conv_weight("weight", weight, x, groups)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    check_optional_affine(("in_scale", "in_shift"), in_scale, in_shift, x.shape[1], x)
+    if gate is not None:
+        check_gate(gate, x.shape[0], x.shape[1], x)
+    return c_out
+
+
+def check_gate(gate: torch.Tensor, n: int, channels: int, x: torch.Tensor) -> None:
+    """An (N, C) float32 SE gate, unit stride along channels."""
+    if tuple(gate.shape) != (n, channels):
+        raise ValueError(f"gate must have shape ({n}, {channels}), got {tuple(gate.shape)}")
+    if gate.dtype != torch.float32:
+        raise TypeError(f"gate must be float32, got {gate.dtype}")
+    check_same("gate", gate, x, "x", dtype=False)
+    if gate.stride(1) != 1:
+        raise ValueError("gate must have unit stride along channels")
+
+
+def check_weight(name: str, w: torch.Tensor, groups: int) -> tuple[int, int, int]:
+    """A 4-D square odd-sized conv weight whose output channels `groups` divides.
+
+    Returns (out_channels, in_channels_per_group, kernel_size).
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (C_out, C_in / groups, k, k), got {tuple(w.shape)}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    c_out, cin_g, kh, kw = w.shape
+    if c_out % groups:
+        raise ValueError(f"groups={groups} does not divide the {c_out} output channels of {name}")
+    if kh != kw or kh % 2 == 0:
+        raise ValueError(f"{name} must have a square, odd kernel size, got {kh}x{kw}")
+    return c_out, cin_g, kh
+
+
 def check_conv_weight(name: str, w: torch.Tensor, x: torch.Tensor, groups: int) -> tuple[int, int]:
     """A square odd-sized conv weight for `groups` groups over x's channels.
 
     Returns (out_channels, kernel_size).
     """
-    if w.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (C_out, C_in / groups, k, k), got {tuple(w.shape)}")
+    c_out, cin_g, k = check_weight(name, w, groups)
     check_same(name, w, x, "x")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
     c_in = x.shape[1]
-    c_out, cin_g, kh, kw = w.shape
     if c_in % groups:
         raise ValueError(f"groups={groups} does not divide the {c_in} input channels")
-    if c_out % groups:
-        raise ValueError(f"groups={groups} does not divide the {c_out} output channels of {name}")
     if cin_g * groups != c_in:
         raise ValueError(
             f"{name} expects {cin_g * groups} input channels ({cin_g} per group x {groups} groups), "
             f"x has {c_in}"
         )
-    if kh != kw or kh % 2 == 0:
-        raise ValueError(f"{name} must have a square, odd kernel size, got {kh}x{kw}")
-    return c_out, kh
+    return c_out, k
 
 
 def nhwc_strides(x: torch.Tensor) -> tuple[int, int, int, int]:

@@ -21,6 +21,7 @@ from ._implicit_gemm import (
     check_activation,
     check_channel_vector,
     check_conv_weight,
+    check_gate,
     check_same,
     conv_accumulate,
     conv_tiles,
@@ -49,11 +50,11 @@ def _conv1x1_gate_residual_kernel(
     m, n_rows, oh, ow, row_ok = output_rows(pid_m, M, Ho * Wo, Wo, 0, False, BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = conv_accumulate(acc, x_ptr, w_ptr, gate_ptr,
+    acc = conv_accumulate(acc, x_ptr, w_ptr, x_ptr, x_ptr, gate_ptr,
                           n_rows, oh, ow, row_ok, 0, co, co_ok,
                           Ho, Wo, Cin, 1, 0,
                           sxn, sxh, sxw, sxc, swo, swi, 0, 0, sgn,
-                          1, HAS_GATE, BLOCK_K, DOT_PRECISION)
+                          1, False, False, HAS_GATE, BLOCK_K, DOT_PRECISION)
     scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
     shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
     y = acc * scale[None, :] + shift[None, :]
@@ -61,11 +62,11 @@ def _conv1x1_gate_residual_kernel(
 
     if PROJECT:
         acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_p = conv_accumulate(acc_p, res_ptr, pw_ptr, res_ptr,
+        acc_p = conv_accumulate(acc_p, res_ptr, pw_ptr, res_ptr, res_ptr, res_ptr,
                                 n_rows, oh, ow, row_ok, 0, co, co_ok,
                                 Hr, Wr, Cr, proj_stride, 0,
                                 srn, srh, srw, src, spo, spi, 0, 0, 0,
-                                1, False, BLOCK_K, DOT_PRECISION)
+                                1, False, False, False, BLOCK_K, DOT_PRECISION)
         pscale = tl.load(pscale_ptr + co, mask=co_ok, other=0.0)
         pshift = tl.load(pshift_ptr + co, mask=co_ok, other=0.0)
         y += acc_p * pscale[None, :] + pshift[None, :]
@@ -153,13 +154,7 @@ def conv1x1_gate_residual(
     check_activation("shortcut", shortcut)
     check_same("shortcut", shortcut, x, "x")
     if gate is not None:
-        if gate.shape != (n, c_b):
-            raise ValueError(f"gate must have shape ({n}, {c_b}), got {tuple(gate.shape)}")
-        if gate.dtype != torch.float32:
-            raise TypeError(f"gate must be float32, got {gate.dtype}")
-        check_same("gate", gate, x, "x", dtype=False)
-        if gate.stride(1) != 1:
-            raise ValueError("gate must have unit stride along channels")
+        check_gate(gate, n, c_b, x)
     if proj_weight is None:
         if proj_scale is not None or proj_shift is not None:
             raise ValueError("proj_scale/proj_shift given without proj_weight")

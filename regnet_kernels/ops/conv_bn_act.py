@@ -14,6 +14,8 @@ the fast layout, and the output is always channels_last.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -22,9 +24,11 @@ from ._implicit_gemm import (
     check_activation,
     check_channel_vector,
     check_conv_weight,
+    check_prologue_conv,
     conv_accumulate,
     conv_tiles,
     dot_precision,
+    group_channels,
     launch_config,
     new_activation,
     nhwc_strides,
@@ -34,45 +38,56 @@ from ._implicit_gemm import (
 
 @triton.jit
 def _conv_bn_act_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, sums_ptr,
+    x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr, scale_ptr, shift_ptr,
+    y_ptr, sums_ptr, m2_ptr,
     H, W, Cin_g, Ho, Wo, Cout, Cout_g, M, tiles_per_image, tiles_n, stride, pad,
-    sxn, sxh, sxw, sxc, swo, swi, swh, sww,
-    KSIZE: tl.constexpr, RELU: tl.constexpr, SQUEEZE: tl.constexpr,
+    sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
+    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+    HAS_GATE: tl.constexpr, RELU: tl.constexpr, SQUEEZE: tl.constexpr, STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = pid_n // tiles_n
-    co_g = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co_g < Cout_g
-    co = group * Cout_g + co_g
+    _, co_ok, co = group_channels(group, pid_n % tiles_n, Cout_g, BLOCK_N)
     HWo = Ho * Wo
     m, n_rows, oh, ow, row_ok = output_rows(pid_m, M, HWo, Wo, tiles_per_image,
                                             SQUEEZE, BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = conv_accumulate(acc, x_ptr, w_ptr, x_ptr,
+    acc = conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
                           n_rows, oh, ow, row_ok, group * Cin_g, co, co_ok,
                           H, W, Cin_g, stride, pad,
-                          sxn, sxh, sxw, sxc, swo, swi, swh, sww, 0,
-                          KSIZE, False, BLOCK_K, DOT_PRECISION)
+                          sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
+                          KSIZE, IN_AFFINE, IN_RELU, HAS_GATE, BLOCK_K, DOT_PRECISION)
 
-    scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
-    shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
-    y = acc * scale[None, :] + shift[None, :]
-    if RELU:
-        y = tl.maximum(y, 0.0)
     mask = row_ok[:, None] & co_ok[None, :]
     y_off = m.to(tl.int64)[:, None] * Cout + co[None, :]
-    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if SQUEEZE:
-        # pid_m = image * tiles_per_image + tile: partial sums land at [image, tile, :]
-        part = tl.sum(tl.where(mask, y, 0.0), axis=0)
-        tl.store(sums_ptr + pid_m.to(tl.int64) * Cout + co, part, mask=co_ok)
+    stat_off = pid_m.to(tl.int64) * Cout + co
+    if STATS:
+        # Training: BN needs the whole batch's statistics, so write the raw
+        # output and this tile's per-channel sum and centered sum of squares.
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        total = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+        tile_mean = total / tl.sum(row_ok.to(tl.float32), axis=0)
+        centered = tl.where(mask, acc - tile_mean[None, :], 0.0)
+        tl.store(sums_ptr + stat_off, total, mask=co_ok)
+        tl.store(m2_ptr + stat_off, tl.sum(centered * centered, axis=0), mask=co_ok)
+    else:
+        scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
+        shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
+        y = acc * scale[None, :] + shift[None, :]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if SQUEEZE:
+            # pid_m = image * tiles_per_image + tile: partial sums land at [image, tile, :]
+            tl.store(sums_ptr + stat_off, tl.sum(tl.where(mask, y, 0.0), axis=0), mask=co_ok)
 
 
 def _geometry(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int, squeeze: bool):
+    """Output size, tiles and row tiles per image; from shapes only (the fake impls use it)."""
     n, c_in, h, w = x.shape
     c_out, cin_g, k, _ = weight.shape
     ho = (h + 2 * (k // 2) - k) // stride + 1
@@ -83,55 +98,89 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int, s
     return ho, wo, (block_m, block_n, block_k), tiles_per_image
 
 
-def _launch(x, weight, scale, shift, stride, groups, relu, squeeze):
+def _aux_shape(x, weight, stride, groups, squeeze, stats):
+    """Shape of the fp32 side output: SE squeeze partials (N, T, C), BN partials
+    (2, T, C) (sum, centered M2 per row tile), or nothing."""
+    n, c_out = x.shape[0], weight.shape[0]
+    ho, wo, (block_m, _, _), tiles_per_image = _geometry(x, weight, stride, groups, squeeze)
+    if squeeze:
+        return (n, tiles_per_image, c_out)
+    if stats:
+        return (2, triton.cdiv(n * ho * wo, block_m), c_out)
+    return (0,)
+
+
+def _launch(x, weight, stride, groups, *, scale=None, shift=None, relu=False, squeeze=False,
+            stats=False, in_scale=None, in_shift=None, in_relu=False, gate=None):
     n, c_in, h, w = x.shape
     c_out, cin_g, k, _ = weight.shape
     ho, wo, (block_m, block_n, block_k), tiles_per_image = _geometry(x, weight, stride, groups, squeeze)
     y = new_activation(n, c_out, ho, wo, x)
-    sums = torch.empty((n, tiles_per_image, c_out) if squeeze else (0,),
-                       dtype=torch.float32, device=x.device)
+    aux = torch.empty(_aux_shape(x, weight, stride, groups, squeeze, stats),
+                      dtype=torch.float32, device=x.device)
     if y.numel() == 0:
-        return y, sums.zero_()
+        return y, aux.zero_()
     cout_g = c_out // groups
     tiles_n = triton.cdiv(cout_g, block_n)
     m_tiles = n * tiles_per_image if squeeze else triton.cdiv(n * ho * wo, block_m)
-    grid = (m_tiles, groups * tiles_n)
-    _conv_bn_act_kernel[grid](
-        x, weight, scale, shift, y, sums,
+    unused = aux  # placeholder for pointers a variant does not read
+    _conv_bn_act_kernel[(m_tiles, groups * tiles_n)](
+        x, weight,
+        in_scale if in_scale is not None else unused, in_shift if in_shift is not None else unused,
+        gate if gate is not None else unused,
+        scale if scale is not None else unused, shift if shift is not None else unused,
+        y, aux, aux[1] if stats else unused,
         h, w, cin_g, ho, wo, c_out, cout_g, n * ho * wo, tiles_per_image, tiles_n, stride, k // 2,
-        *nhwc_strides(x), *weight.stride(),
-        KSIZE=k, RELU=relu, SQUEEZE=squeeze,
+        *nhwc_strides(x), *weight.stride(), gate.stride(0) if gate is not None else 0,
+        KSIZE=k, IN_AFFINE=in_scale is not None, IN_RELU=in_relu, HAS_GATE=gate is not None,
+        RELU=relu, SQUEEZE=squeeze, STATS=stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=dot_precision(x.dtype), **launch_config(block_m, block_n),
     )
-    return y, sums
+    return y, aux
+
+
+def _fake(x, weight, stride, groups, squeeze=False, stats=False):
+    ho, wo, _, _ = _geometry(x, weight, stride, groups, squeeze)
+    y = new_activation(x.shape[0], weight.shape[0], ho, wo, x)
+    return y, x.new_empty(_aux_shape(x, weight, stride, groups, squeeze, stats),
+                          dtype=torch.float32)
 
 
 @torch.library.custom_op("regnet_triton::conv_bn_act", mutates_args=())
 def _conv_bn_act_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     shift: torch.Tensor, stride: int, groups: int, relu: bool) -> torch.Tensor:
-    return _launch(x, weight, scale, shift, stride, groups, relu, squeeze=False)[0]
+    return _launch(x, weight, stride, groups, scale=scale, shift=shift, relu=relu)[0]
 
 
 @_conv_bn_act_op.register_fake
 def _(x, weight, scale, shift, stride, groups, relu):
-    ho, wo, _, _ = _geometry(x, weight, stride, groups, squeeze=False)
-    return new_activation(x.shape[0], weight.shape[0], ho, wo, x)
+    return _fake(x, weight, stride, groups)[0]
 
 
 @torch.library.custom_op("regnet_triton::conv_bn_act_squeeze", mutates_args=())
 def _conv_bn_act_squeeze_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                             shift: torch.Tensor, stride: int, groups: int,
                             relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, weight, scale, shift, stride, groups, relu, squeeze=True)
+    return _launch(x, weight, stride, groups, scale=scale, shift=shift, relu=relu, squeeze=True)
 
 
 @_conv_bn_act_squeeze_op.register_fake
 def _(x, weight, scale, shift, stride, groups, relu):
-    ho, wo, _, tiles_per_image = _geometry(x, weight, stride, groups, squeeze=True)
-    y = new_activation(x.shape[0], weight.shape[0], ho, wo, x)
-    sums = x.new_empty((x.shape[0], tiles_per_image, weight.shape[0]), dtype=torch.float32)
-    return y, sums
+    return _fake(x, weight, stride, groups, squeeze=True)
+
+
+@torch.library.custom_op("regnet_triton::conv_bn_stats", mutates_args=())
+def _conv_bn_stats_op(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int,
+                      in_scale: Optional[torch.Tensor], in_shift: Optional[torch.Tensor],
+                      in_relu: bool, gate: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, weight, stride, groups, stats=True, in_scale=in_scale, in_shift=in_shift,
+                   in_relu=in_relu, gate=gate)
+
+
+@_conv_bn_stats_op.register_fake
+def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate):
+    return _fake(x, weight, stride, groups, stats=True)
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -161,3 +210,43 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     if squeeze:
         return _conv_bn_act_squeeze_op(x, weight, scale, shift, stride, groups, relu)
     return _conv_bn_act_op(x, weight, scale, shift, stride, groups, relu)
+
+
+class ConvStats(NamedTuple):
+    """Training-mode conv output: raw (pre-BN) y and its BN partial statistics.
+    Row tile t covers output rows (n, oh, ow flattened) [t * rows_per_tile, ...)."""
+    y: torch.Tensor
+    tile_sum: torch.Tensor
+    tile_m2: torch.Tensor
+    rows_per_tile: int
+
+    @property
+    def count(self) -> int:
+        """Rows (N * Ho * Wo) the statistics run over."""
+        return self.y.shape[0] * self.y.shape[2] * self.y.shape[3]
+
+
+def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, groups: int = 1,
+                  in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None,
+                  in_relu: bool = False, gate: Optional[torch.Tensor] = None) -> ConvStats:
+    """Training-mode conv: the raw output and per-row-tile BN partials in one kernel.
+
+    The conv input is x, or x transformed as it is loaded (the previous layer's
+    BN and ReLU, and the SE gate): u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c].
+    Feed the partials to `bn_finalize` for the batch statistics.
+
+    Args:
+        x: (N, C_in, H, W) activation (raw output of the previous conv when a
+            prologue is given); weight: (C_out, C_in / groups, k, k), x's dtype.
+        in_scale, in_shift: optional (C_in,) float32 per-channel affine of the input.
+        in_relu: ReLU after the affine.
+        gate: optional (N, C_in) float32 SE gate.
+
+    Returns:
+        ConvStats(y (channels_last, x's dtype), tile_sum, tile_m2 ((T, C_out) float32),
+        rows_per_tile).
+    """
+    check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
+    y, stats = _conv_bn_stats_op(x, weight, stride, groups, in_scale, in_shift, in_relu, gate)
+    _, _, (block_m, _, _), _ = _geometry(x, weight, stride, groups, squeeze=False)
+    return ConvStats(y, stats[0], stats[1], block_m)

@@ -5,6 +5,10 @@
 
 One program per image. The hidden vector (w_se <= 4096 values) stays in
 registers between the two layers, so nothing but the gate is written.
+
+In eval the squeeze sums come from conv b's epilogue. In training conv b's BN
+statistics are known only after conv b, so `se_squeeze` makes one read-only
+pass over its raw output y: per-(image, row tile) sums of relu(y * scale + shift).
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import check_device, check_same
+from .bn_act_backward import bn_act_backward
+from ._implicit_gemm import (check_activation, check_channel_vector, check_device, check_same,
+                             nhwc_strides, output_rows)
 
 MAX_SE_WIDTH = 4096
 
@@ -76,6 +82,31 @@ def _(sums, hw, w1, b1, w2, b2):
     return sums.new_empty((sums.shape[0], sums.shape[2]), dtype=torch.float32)
 
 
+def _se_excite_setup(ctx, inputs, output):
+    sums, hw, w1, b1, w2, b2 = inputs
+    ctx.save_for_backward(sums, w1, b1, w2, b2, output)
+    ctx.hw = hw
+
+
+def _se_excite_backward(ctx, grad_gate):
+    """The SE MLP's backward on (N, C) vectors: a few small matmuls in torch."""
+    sums, w1, b1, w2, b2, gate = ctx.saved_tensors
+    mean = sums.sum(1) / ctx.hw
+    w1m, w2m = w1.float().flatten(1), w2.float().flatten(1)
+    hidden_pre = mean @ w1m.T + b1.float()
+    hidden = hidden_pre.clamp_min(0.0)
+    dz = grad_gate * gate * (1.0 - gate)
+    dhidden = (dz @ w2m) * (hidden_pre > 0)
+    dmean = dhidden @ w1m
+    dsums = (dmean / ctx.hw).unsqueeze(1).expand_as(sums).contiguous()
+    return (dsums, None, (dhidden.T @ mean).reshape(w1.shape).to(w1.dtype),
+            dhidden.sum(0).to(b1.dtype), (dz.T @ hidden).reshape(w2.shape).to(w2.dtype),
+            dz.sum(0).to(b2.dtype))
+
+
+_se_excite_op.register_autograd(_se_excite_backward, setup_context=_se_excite_setup)
+
+
 def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
               w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums.
@@ -113,3 +144,69 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
     if s > MAX_SE_WIDTH:
         raise ValueError(f"SE width {s} exceeds the supported maximum {MAX_SE_WIDTH}")
     return _se_excite_op(sums.contiguous(), int(hw), w1, b1, w2, b2)
+
+
+@triton.jit
+def _se_squeeze_kernel(y_ptr, scale_ptr, shift_ptr, sums_ptr, C, HW, W, tiles_per_image,
+                       syn, syh, syw, syc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    _, n_rows, h, w, row_ok = output_rows(pid_m, 0, HW, W, tiles_per_image, True, BLOCK_M)
+    mask = row_ok[:, None] & c_ok[None, :]
+    off = (n_rows.to(tl.int64) * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :]
+    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    act = tl.where(mask, tl.maximum(y * scale[None, :] + shift[None, :], 0.0), 0.0)
+    tl.store(sums_ptr + pid_m.to(tl.int64) * C + c, tl.sum(act, axis=0), mask=c_ok)
+
+
+def _squeeze_tiles(hw: int, c: int) -> tuple[int, int]:
+    return min(128, triton.next_power_of_2(hw)), min(64, triton.next_power_of_2(c))
+
+
+@torch.library.custom_op("regnet_triton::se_squeeze", mutates_args=())
+def _se_squeeze_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = y.shape
+    block_m, block_c = _squeeze_tiles(h * w, c)
+    tiles = triton.cdiv(h * w, block_m)
+    sums = torch.empty((n, tiles, c), dtype=torch.float32, device=y.device)
+    if sums.numel():
+        _se_squeeze_kernel[(n * tiles, triton.cdiv(c, block_c))](
+            y, scale, shift, sums, c, h * w, w, tiles, *nhwc_strides(y),
+            BLOCK_M=block_m, BLOCK_C=block_c)
+    return sums
+
+
+@_se_squeeze_op.register_fake
+def _(y, scale, shift):
+    n, c, h, w = y.shape
+    return y.new_empty((n, triton.cdiv(h * w, _squeeze_tiles(h * w, c)[0]), c),
+                       dtype=torch.float32)
+
+
+def _se_squeeze_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _se_squeeze_backward(ctx, grad_sums):
+    """y is a lazy BN output (see conv_bn_train): its gradient is dL/dv."""
+    y, scale, shift = ctx.saved_tensors
+    rows = _squeeze_tiles(y.shape[2] * y.shape[3], y.shape[1])[0]
+    g = bn_act_backward(grad_sums.contiguous(), y, scale, shift, relu=True, grad_rows_per_tile=rows)
+    return g.dv, None, None
+
+
+_se_squeeze_op.register_autograd(_se_squeeze_backward, setup_context=_se_squeeze_setup)
+
+
+def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per-(image, row tile, channel) fp32 sums of relu(y * scale + shift): the SE
+    squeeze of a training-mode BN + ReLU output, from the raw conv output y.
+    y is a lazy BN output (`conv_bn_train`): its gradient is dL/dv, v = y * scale + shift.
+    Returns (N, T, C) partial sums for `se_excite`."""
+    check_activation("y", y)
+    check_channel_vector("scale", scale, y.shape[1], y)
+    check_channel_vector("shift", shift, y.shape[1], y)
+    return _se_squeeze_op(y, scale, shift)

@@ -1,0 +1,110 @@
+"""The end of a training-mode block: both branches' BN, the residual add and
+the ReLU in one elementwise pass, reading the raw conv outputs.
+
+    out = relu(y * scale + shift + shortcut')
+    shortcut' = shortcut                                  (identity)
+              = shortcut * sc_scale + sc_shift            (raw projection output + its BN)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .bn_act_backward import bn_act_backward
+from ._implicit_gemm import (check_activation, check_channel_vector, check_optional_affine,
+                             check_same, new_activation, nhwc_strides)
+
+
+@triton.jit
+def _bn_add_relu_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, rscale_ptr, rshift_ptr, out_ptr,
+                        M, C, HW, W, syn, syh, syw, syc, srn, srh, srw, src,
+                        PROJECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = m < M
+    c_ok = c < C
+    mask = row_ok[:, None] & c_ok[None, :]
+    n = (m // HW).to(tl.int64)
+    h = (m % HW) // W
+    w = m % W
+    y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    out = y * scale[None, :] + shift[None, :]
+    if PROJECT:
+        rscale = tl.load(rscale_ptr + c, mask=c_ok, other=0.0)
+        rshift = tl.load(rshift_ptr + c, mask=c_ok, other=0.0)
+        r = r * rscale[None, :] + rshift[None, :]
+    out = tl.maximum(out + r, 0.0)
+    tl.store(out_ptr + m.to(tl.int64)[:, None] * C + c[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("regnet_triton::bn_add_relu", mutates_args=())
+def _bn_add_relu_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                    shortcut: torch.Tensor, sc_scale: Optional[torch.Tensor],
+                    sc_shift: Optional[torch.Tensor]) -> torch.Tensor:
+    n, c, h, w = y.shape
+    out = new_activation(n, c, h, w, y)
+    if out.numel() == 0:
+        return out
+    block_m, block_c = 64, min(64, triton.next_power_of_2(c))
+    project = sc_scale is not None
+    _bn_add_relu_kernel[(triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))](
+        y, scale, shift, shortcut, sc_scale if project else scale, sc_shift if project else shift,
+        out, n * h * w, c, h * w, w, *nhwc_strides(y), *nhwc_strides(shortcut),
+        PROJECT=project, BLOCK_M=block_m, BLOCK_C=block_c)
+    return out
+
+
+@_bn_add_relu_op.register_fake
+def _(y, scale, shift, shortcut, sc_scale, sc_shift):
+    return new_activation(*y.shape, y)
+
+
+def _setup(ctx, inputs, output):
+    y, scale, shift, shortcut, sc_scale, sc_shift = inputs
+    ctx.save_for_backward(y, shortcut, output)
+
+
+def _backward(ctx, grad):
+    """y (and a projection shortcut) are lazy BN outputs (see conv_bn_train), so
+    every input's gradient is the same: dL/d(sum) = grad * (out > 0)."""
+    y, shortcut, out = ctx.saved_tensors
+    dz = bn_act_backward(grad, out, relu=True).dv
+    return dz, None, None, dz, None, None
+
+
+_bn_add_relu_op.register_autograd(_backward, setup_context=_setup)
+
+
+def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, shortcut: torch.Tensor,
+                sc_scale: Optional[torch.Tensor] = None,
+                sc_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu(y * scale + shift + shortcut'), shortcut' = shortcut or its own BN affine.
+
+    y and a projection shortcut are lazy BN outputs (`conv_bn_train`): in autograd
+    they stand for v = y * scale + shift, and (scale, shift) are not differentiable.
+
+    Args:
+        y: (N, C, H, W) raw conv output; scale, shift: (C,) float32 (its BN).
+        shortcut: (N, C, H, W), y's dtype: the block input (identity) or the raw
+            projection conv output, then with sc_scale, sc_shift: (C,) float32.
+    Returns: (N, C, H, W) channels_last, y's dtype.
+    """
+    check_activation("y", y)
+    c = y.shape[1]
+    check_channel_vector("scale", scale, c, y)
+    check_channel_vector("shift", shift, c, y)
+    check_activation("shortcut", shortcut)
+    check_same("shortcut", shortcut, y, "y")
+    if shortcut.shape != y.shape:
+        raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ in shape")
+    check_optional_affine(("sc_scale", "sc_shift"), sc_scale, sc_shift, c, y)
+    return _bn_add_relu_op(y, scale, shift, shortcut, sc_scale, sc_shift)

@@ -1,0 +1,140 @@
+"""Training-mode conv + BatchNorm as one differentiable op.
+
+Forward (3 launches): the conv kernel reads its input through the previous
+layer's BN + ReLU and the SE gate (the prologue) and writes the raw output y
+with per-tile BN partials; the finalize kernel turns them into the batch mean,
+inv_std and the folded scale/shift; a third updates the running statistics (its
+own op: autograd formulas need functional ops). No normalized tensor is written.
+
+Lazy BN outputs. The BN output v = y * scale + shift exists only as (y, scale,
+shift): the ops that read it apply the affine as they load. In autograd the
+tensor y stands for v: its gradient is dL/dv, and (scale, shift) are
+non-differentiable decoding parameters. So a consumer's backward hands over dv
+exactly as it computed it, and this op's backward applies BN's backward in one
+step (rounding once, as cuDNN does), with M = N*Ho*Wo and xh = (y - mean) * inv_std:
+    dbeta = sum dv,  dgamma = sum dv * xh                  (one reduction pass)
+    dy = scale * dv - scale / M * dbeta - scale * inv_std / M * dgamma * (y - mean)
+       = A[c] * dv + B[c] * y + C[c]          applied as the gradient kernels load dv
+Only y and the per-channel statistics are saved; the conv input is recomputed
+from the previous layer's raw output in the weight-gradient kernel's prologue.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .conv_bn_act import _fake as _conv_fake, _geometry as _conv_geometry, _launch as _conv_launch
+from .bn_act_backward import bn_act_backward
+from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count, finalize_launch
+from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
+from ._implicit_gemm import check_prologue_conv
+
+
+class TrainOutput(NamedTuple):
+    """The lazy BN output: raw conv output y and the per-channel float32 batch
+    statistics (var biased); the BN output is v = y * scale + shift. y stands for
+    v in autograd (see the module docstring): pass it only to ops that take
+    (y, scale, shift). The statistics are not differentiable."""
+    y: torch.Tensor
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    var: torch.Tensor
+
+
+@torch.library.custom_op("regnet_triton::conv_bn_train", mutates_args=())
+def _conv_bn_train_op(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int,
+    in_scale: Optional[torch.Tensor], in_shift: Optional[torch.Tensor], in_relu: bool,
+    gate: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor], eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, partials = _conv_launch(x, weight, stride, groups, stats=True, in_scale=in_scale,
+                                in_shift=in_shift, in_relu=in_relu, gate=gate)
+    rows_per_tile = _conv_geometry(x, weight, stride, groups, False)[2][0]
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    stats = finalize_launch(partials[0], partials[1], count, rows_per_tile, bn_weight, bn_bias,
+                            eps)
+    return y, stats
+
+
+@_conv_bn_train_op.register_fake
+def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps):
+    y, _ = _conv_fake(x, weight, stride, groups)
+    return y, x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, *_ = inputs
+    y, stats = output
+    ctx.mark_non_differentiable(stats)  # decoding parameters of the lazy BN output y
+    ctx.save_for_backward(x, weight, in_scale, in_shift, gate, bn_weight, y, stats)
+    ctx.conv = (stride, groups, in_relu)
+
+
+def _backward(ctx, grad_v, _grad_stats):
+    x, weight, in_scale, in_shift, gate, bn_weight, y, stats = ctx.saved_tensors
+    stride, groups, in_relu = ctx.conv
+    mean, inv_std, scale, _, _ = stats.unbind(0)
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    sums = bn_act_backward(grad_v, y, relu=False, write_dv=False, reduce=True)
+    d_beta = sums.sum_dv
+    d_gamma = inv_std * (sums.sum_dv_y - mean * sums.sum_dv)
+    b = -scale * inv_std / count * d_gamma
+    dy = DyPrologue(y, scale, b, -scale / count * d_beta - b * mean)
+
+    grad_x = grad_w = grad_gate = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[7]:
+        du = conv_dgrad(grad_v, weight, x.shape[2:], stride, groups, dy_prologue=dy)
+        if in_scale is None and gate is None:
+            grad_x = du
+        else:  # x is the previous lazy BN output: hand back dL/dv_prev
+            pro = bn_act_backward(du, x, in_scale, in_shift, relu=in_relu, gate=gate)
+            grad_x, grad_gate = pro.dv, pro.dgate
+    if ctx.needs_input_grad[1]:
+        u_prologue = None if in_scale is None and gate is None else UPrologue(
+            in_scale if in_scale is not None else torch.ones(x.shape[1], device=x.device),
+            in_shift if in_shift is not None else torch.zeros(x.shape[1], device=x.device),
+            in_relu, gate)
+        dw = conv_wgrad(x, grad_v, weight.shape[-1], stride, groups, u_prologue=u_prologue,
+                        dy_prologue=dy)
+        grad_w = dw.to(weight.dtype)
+    grad_gamma = grad_beta = None
+    if bn_weight is not None:
+        grad_gamma, grad_beta = d_gamma.to(bn_weight.dtype), d_beta.to(bn_weight.dtype)
+    return (grad_x, grad_w, None, None, None, None, None, grad_gate, grad_gamma, grad_beta, None)
+
+
+_conv_bn_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
+                  *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
+                  in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
+                  gate: Optional[torch.Tensor] = None) -> TrainOutput:
+    """Training-mode conv + BN with batch statistics, differentiable.
+
+    Args:
+        x: (N, C_in, H, W): the conv input, or the previous layer's lazy BN output
+            (its y, with in_scale/in_shift = its scale/shift); then the gradient
+            returned for x is dL/dv of that BN output.
+        weight: (C_out, C_in / groups, k, k), x's dtype.
+        bn: the BatchNorm2d (or its BatchNormArgs): gamma, beta, running statistics
+            (updated in place, as nn.BatchNorm2d in train mode), eps, momentum.
+        in_relu: ReLU after the input affine. gate: (N, C_in) float32 SE gate.
+
+    Returns:
+        TrainOutput(y raw channels_last, mean, inv_std, scale, shift, var); gradients
+        flow to x, weight, gate and the BN's weight and bias.
+    """
+    args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
+    c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
+    n, _, h, w = x.shape
+    check_count(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1))
+    args.check(c_out, x)
+    y, stats = _conv_bn_train_op(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,
+                                 args.weight, args.bias, args.eps)
+    args.update_running(stats, y.shape[0] * y.shape[2] * y.shape[3])
+    return TrainOutput(y, *stats.unbind(0))

@@ -1,0 +1,516 @@
+"""Backward of a k x k conv (padding k // 2, any stride, any groups): the input
+gradient (dgrad) and the weight gradient (wgrad), each one Triton implicit GEMM.
+
+    y = conv(u, w, stride, padding=k // 2, groups)
+    dx = conv_dgrad(dy, w, (H, W), stride, groups)        # dL/du, NHWC
+    dw = conv_wgrad(u, dy, k, stride, groups)             # dL/dw, float32
+
+Both read activations through their strides (channels_last is the fast layout)
+and accumulate in fp32 on the tensor cores.
+
+Prologues transform tiles as they are loaded, so no normalized tensor is ever
+written:
+- `DyPrologue` folds a training BatchNorm + ReLU backward into dy:
+      dy_eff = A[c] * g * [mask_src * mask_scale[c] + mask_shift[c] > 0] + B[c] * y + C[c]
+  with g the tensor passed as dy, y the raw (pre-BN) conv output.
+- `UPrologue` (wgrad) recomputes the conv input from the previous layer's raw
+  output r: u = relu?(r * scale[c] + shift[c]) * gate[n, c], zero in the padding.
+
+dgrad is the transposed conv: for an input pixel ih the taps that read it are
+those with (ih + pad - kh) divisible by the stride. Input pixels are split into
+stride x stride parity classes (ih % stride, iw % stride); each program handles
+one class, in which exactly the taps kh = (ih + pad) % stride + stride * j
+contribute, so a stride-2 dgrad runs no masked-out taps.
+
+wgrad reduces over M = N * Ho * Wo. M is cut into a number of chunks fixed by
+the call (shapes, and for fp32 whether a prologue is on), each chunk's programs
+write fp32 partials and the chunks are summed in a fixed order: bit-identical
+results run to run, no atomics.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._implicit_gemm import (
+    check_activation,
+    check_channel_vector,
+    check_gate,
+    check_same,
+    check_weight,
+    conv_tiles,
+    dot_precision,
+    group_channels,
+    launch_config,
+    load_conv_input,
+    new_activation,
+    nhwc_strides,
+    output_rows,
+    _pow2_clamp,
+)
+
+
+class DyPrologue(NamedTuple):
+    """BN (training) + ReLU backward folded into an affine map of dy, applied as dy is loaded:
+        dy_eff = A[c] * dy * mask + B[c] * y + C[c],
+        mask = (mask_src * mask_scale[c] + mask_shift[c] > 0)   (1 without mask_src). y (and mask_src) have dy's shape and dtype; the vectors are
+    float32 (C_out,). mask_src is y itself for a BN + ReLU layer (mask_scale/shift = the
+    BN's scale/shift) or e.g. the block output (scale 1, shift 0)."""
+    y: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    mask_src: Optional[torch.Tensor] = None
+    mask_scale: Optional[torch.Tensor] = None
+    mask_shift: Optional[torch.Tensor] = None
+
+
+class UPrologue(NamedTuple):
+    """The conv input recomputed from the raw tensor r passed as u:
+    u = relu?(r * scale[c] + shift[c]) * gate[n, c]; scale/shift float32 (C_in,),
+    gate float32 (N, C_in) or None. Padding is zero after the transform."""
+    scale: torch.Tensor
+    shift: torch.Tensor
+    relu: bool = True
+    gate: Optional[torch.Tensor] = None
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr, mask_ptr, mask_scale_ptr,
+             mask_shift_ptr, n, oh, ow, co, co_ok, valid,
+             sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
+             PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr):
+    """dy[n, oh, ow, co] (n, oh, ow broadcast to the tile, co over its columns) in
+    dy's dtype, the DyPrologue applied in fp32; 0 wherever `valid` is false."""
+    n64 = n.to(tl.int64)
+    g = tl.load(dy_ptr + (n64 * sdn + oh * sdh + ow * sdw + (co * sdc)[None, :]),
+                mask=valid, other=0.0)
+    if PROLOGUE:
+        g = g.to(tl.float32)
+        if HAS_MASK:
+            src = tl.load(mask_ptr + (n64 * smn + oh * smh + ow * smw + (co * smc)[None, :]),
+                          mask=valid, other=0.0).to(tl.float32)
+            ms = tl.load(mask_scale_ptr + co, mask=co_ok, other=0.0)
+            mt = tl.load(mask_shift_ptr + co, mask=co_ok, other=0.0)
+            g = tl.where(src * ms[None, :] + mt[None, :] > 0.0, g, 0.0)
+        y = tl.load(y_ptr + (n64 * syn + oh * syh + ow * syw + (co * syc)[None, :]),
+                    mask=valid, other=0.0).to(tl.float32)
+        a = tl.load(dy_a_ptr + co, mask=co_ok, other=0.0)
+        b = tl.load(dy_b_ptr + co, mask=co_ok, other=0.0)
+        c = tl.load(dy_c_ptr + co, mask=co_ok, other=0.0)
+        g = tl.where(valid, g * a[None, :] + y * b[None, :] + c[None, :], 0.0)
+    return g.to(dy_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
+    mask_ptr, mask_scale_ptr, mask_shift_ptr,
+    H, W, Ho, Wo, Cin, Cin_g, Cout_g, Hq, Wq, Mq, tiles_m, tiles_n, stride, pad,
+    sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc, swo, swi, swh, sww,
+    KSIZE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dx[n, ih, iw, ci] = sum over (kh, kw, co) of dy[n, oh, ow, co] * w[co, ci, kh, kw],
+    oh = (ih + pad - kh) / stride (only exact quotients in range)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = pid_n // tiles_n
+    ci_g, ci_ok, ci = group_channels(group, pid_n % tiles_n, Cin_g, BLOCK_N)
+    # Parity class (ph, pw) of this row tile: input pixels (ph + stride * i, pw + stride * j).
+    phase = pid_m // tiles_m
+    ph = phase // stride
+    pw = phase - ph * stride
+    _, n_rows, i, j, row_ok = output_rows(pid_m - phase * tiles_m, Mq, Hq * Wq, Wq, 0,
+                                          False, BLOCK_M)
+    ih = ph + i * stride
+    iw = pw + j * stride
+    row_ok = row_ok & (ih < H) & (iw < W)
+    # The class's taps: kh = kh0 + stride * th for th < nth, reading oh = i + qh - th.
+    kh0 = (ph + pad) % stride
+    kw0 = (pw + pad) % stride
+    qh = (ph + pad) // stride
+    qw = (pw + pad) // stride
+    nth = (KSIZE - kh0 + stride - 1) // stride
+    ntw = (KSIZE - kw0 + stride - 1) // stride
+    K = nth * ntw * Cout_g
+    co0 = group * Cout_g
+    w_col = ci_g.to(tl.int64) * swi
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        tap = kk // Cout_g
+        co = co0 + kk - tap * Cout_g
+        th = tap // ntw
+        tw = tap - th * ntw
+        oh = i[:, None] + (qh - th)[None, :]
+        ow = j[:, None] + (qw - tw)[None, :]
+        valid = (row_ok[:, None] & k_ok[None, :]
+                 & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo))
+        a = _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
+                     mask_ptr, mask_scale_ptr, mask_shift_ptr,
+                     n_rows[:, None], oh, ow, co, k_ok, valid,
+                     sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
+                     PROLOGUE, HAS_MASK)
+        b_off = (co * swo + (kh0 + th * stride) * swh + (kw0 + tw * stride) * sww)[:, None] \
+            + w_col[None, :]
+        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & ci_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    dx_off = (((n_rows.to(tl.int64) * H + ih) * W + iw) * Cin)[:, None] + ci[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    u_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
+    y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr,
+    H, W, Ho, Wo, Cin_g, Cout, Cout_g, M, rows_per_split, tiles_kc, tiles_co, stride, pad,
+    sun, suh, suw, suc, sgn, sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
+    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+    HAS_GATE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Partial dw[split, co, ci, kh, kw] = sum over the split's rows m = (n, oh, ow) of
+    u[n, oh * stride - pad + kh, ow * stride - pad + kw, ci] * dy[n, oh, ow, co].
+
+    A GEMM over the group: acc[kc, co] with kc = (kh, kw, ci) flattened as the dot's M
+    (BLOCK_M), the group's output channels as its N (BLOCK_N; 8 is fine) and the
+    split's pixel rows as its K (BLOCK_K).
+    """
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    tiles = tiles_co * tiles_kc
+    group = pid // tiles
+    t_co = (pid - group * tiles) // tiles_kc
+    t_kc = pid - group * tiles - t_co * tiles_kc
+    co_g, co_ok, co = group_channels(group, t_co, Cout_g, BLOCK_N)
+    kk = t_kc * BLOCK_M + tl.arange(0, BLOCK_M)
+    Kc = Cin_g * KSIZE * KSIZE
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_K):
+        m, n_rows, oh, ow, row_ok = output_rows(m0 // BLOCK_K, m_hi, Ho * Wo, Wo, 0,
+                                                False, BLOCK_K)
+        u = load_conv_input(
+            u_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
+            n_rows, oh * stride - pad, ow * stride - pad, row_ok, kk, Kc, group * Cin_g,
+            H, W, Cin_g, sun, suh, suw, suc, sgn, KSIZE, IN_AFFINE, IN_RELU, HAS_GATE)[0]
+        d = _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
+                     mask_ptr, mask_scale_ptr, mask_shift_ptr,
+                     n_rows[:, None], oh[:, None], ow[:, None], co, co_ok,
+                     row_ok[:, None] & co_ok[None, :],
+                     sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
+                     PROLOGUE, HAS_MASK)
+        acc = tl.dot(tl.trans(u), d, acc, input_precision=DOT_PRECISION)
+
+    # dw is (C_out, C_in / groups, k, k) contiguous: kc = (tap, ci) lands at ci * k * k + tap
+    tap = kk // Cin_g
+    col = ((kk - tap * Cin_g) * (KSIZE * KSIZE) + tap).to(tl.int64)
+    dw_off = split.to(tl.int64) * Cout * Kc + (co.to(tl.int64) * Kc)[None, :] + col[:, None]
+    tl.store(dw_ptr + dw_off, acc, mask=(kk < Kc)[:, None] & co_ok[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Geometry: from shapes (and whether an fp32 kernel has a prologue) only
+# ---------------------------------------------------------------------------
+
+# wgrad split of M: enough programs for ~2 waves on a 132-SM GPU, at least this many
+# row blocks per chunk, and at most this many fp32 partial values in all.
+_WGRAD_PROGRAMS = 264
+_MIN_BLOCKS_PER_SPLIT = 4
+_MAX_PARTIALS = 1 << 24
+
+
+def dgrad_geometry(n: int, h: int, w: int, cin_g: int, cout_g: int, k: int, stride: int,
+                   fp32_prologue: bool = False):
+    """(Hq, Wq, (BLOCK_M, BLOCK_N, BLOCK_K)): rows of one parity class are N x Hq x Wq;
+    a class has at most ceil(k / stride)^2 taps. `fp32_prologue` halves the K step: the
+    pipeliner buffers the prologue's fp32 tiles too, which would overflow shared memory."""
+    hq, wq = triton.cdiv(h, stride), triton.cdiv(w, stride)
+    depth = triton.cdiv(k, stride) ** 2 * cout_g
+    block_m, block_n, _ = conv_tiles(n * hq * wq, cin_g, depth)
+    # The widest K step that pads the reduction by at most 1/8: wide groups get 64-deep
+    # steps (K = 9 x 264 in 38 steps, not 149), narrow ones still pack the taps tightly.
+    block_k = next(bk for bk in (64, 32, 16) if triton.cdiv(depth, bk) * bk * 8 <= depth * 9
+                   or bk == 16)
+    return hq, wq, (block_m, block_n, max(16, block_k // 2) if fp32_prologue else block_k)
+
+
+def wgrad_tiles(rows: int, cout_g: int, kc: int, fp32_prologue: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the wgrad GEMM: M over kc = k x k x input channels
+    per group, N over the `cout_g` output channels per group, K over `rows` = N x Ho x Wo.
+    Wide M / N tiles read each u and dy element fewer times (the wgrad of a grouped
+    conv is memory-bound); an fp32 prologue halves the K step (shared memory)."""
+    return (_pow2_clamp(kc, 16, 128), _pow2_clamp(cout_g, 8, 128),
+            _pow2_clamp(rows, 16, 32 if fp32_prologue else 64))
+
+
+def wgrad_geometry(n: int, ho: int, wo: int, c_out: int, cin_g: int, k: int, groups: int,
+                   fp32_prologue: bool = False):
+    """((BLOCK_M, BLOCK_N, BLOCK_K), splits, rows_per_split) for the wgrad of a conv
+    with output (n, c_out, ho, wo). Fixed by the call's shapes, so bit-reproducible."""
+    m = n * ho * wo
+    cout_g, kc = c_out // groups, k * k * cin_g
+    block_m, block_n, block_k = wgrad_tiles(m, cout_g, kc, fp32_prologue)
+    out_tiles = groups * triton.cdiv(kc, block_m) * triton.cdiv(cout_g, block_n)
+    blocks = max(triton.cdiv(m, block_k), 1)
+    splits = max(1, min(triton.cdiv(_WGRAD_PROGRAMS, max(out_tiles, 1)),
+                        triton.cdiv(blocks, _MIN_BLOCKS_PER_SPLIT),
+                        _MAX_PARTIALS // max(c_out * kc, 1)))
+    rows_per_split = triton.cdiv(blocks, splits) * block_k
+    # recount: rounding the chunk up to whole blocks can leave fewer chunks
+    return (block_m, block_n, block_k), triton.cdiv(max(m, 1), rows_per_split), rows_per_split
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+
+def _dy_args(dy, y, dy_a, dy_b, dy_c, mask_src, mask_scale, mask_shift):
+    """Pointer and stride arguments of the dy prologue (dy stands in for absent tensors)."""
+    prologue, has_mask = y is not None, mask_src is not None
+    ptrs = (y if prologue else dy, dy_a if prologue else dy, dy_b if prologue else dy,
+            dy_c if prologue else dy, mask_src if has_mask else dy,
+            mask_scale if has_mask else dy, mask_shift if has_mask else dy)
+    strides = (*nhwc_strides(dy), *nhwc_strides(y if prologue else dy),
+               *nhwc_strides(mask_src if has_mask else dy))
+    return ptrs, strides, dict(PROLOGUE=prologue, HAS_MASK=has_mask)
+
+
+def _dgrad_launch(dy, weight, h, w, stride, groups, *prologue):
+    n, c_out, ho, wo = dy.shape
+    _, cin_g, k, _ = weight.shape
+    c_in = cin_g * groups
+    dx = new_activation(n, c_in, h, w, dy)
+    if dx.numel() == 0:
+        return dx
+    cout_g = c_out // groups
+    fp32_prologue = dy.dtype == torch.float32 and prologue[0] is not None
+    hq, wq, (block_m, block_n, block_k) = dgrad_geometry(n, h, w, cin_g, cout_g, k, stride,
+                                                         fp32_prologue)
+    tiles_m = triton.cdiv(n * hq * wq, block_m)
+    tiles_n = triton.cdiv(cin_g, block_n)
+    ptrs, strides, flags = _dy_args(dy, *prologue)
+    _conv_dgrad_kernel[(stride * stride * tiles_m, groups * tiles_n)](
+        dy, weight, dx, *ptrs,
+        h, w, ho, wo, c_in, cin_g, cout_g, hq, wq, n * hq * wq, tiles_m, tiles_n, stride, k // 2,
+        *strides, *weight.stride(),
+        KSIZE=k, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION=dot_precision(dy.dtype), **launch_config(block_m, block_n),
+    )
+    return dx
+
+
+def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, *prologue):
+    n, c_in, h, w = u.shape
+    _, c_out, ho, wo = dy.shape
+    cin_g, cout_g = c_in // groups, c_out // groups
+    fp32_prologue = u.dtype == torch.float32 and (in_scale is not None or gate is not None
+                                                  or prologue[0] is not None)
+    (block_m, block_n, block_k), splits, rows_per_split = wgrad_geometry(
+        n, ho, wo, c_out, cin_g, k, groups, fp32_prologue)
+    m = n * ho * wo
+    shape = (c_out, cin_g, k, k)
+    dw = torch.empty((splits, *shape) if splits > 1 else shape, dtype=torch.float32,
+                     device=u.device)
+    if m == 0 or dw.numel() == 0:
+        return dw.zero_() if splits == 1 else dw.zero_().sum(0)
+    tiles_kc = triton.cdiv(k * k * cin_g, block_m)
+    tiles_co = triton.cdiv(cout_g, block_n)
+    ptrs, strides, flags = _dy_args(dy, *prologue)
+    affine = in_scale is not None
+    _conv_wgrad_kernel[(splits, groups * tiles_co * tiles_kc)](
+        u, dy, dw, in_scale if affine else dw, in_shift if affine else dw,
+        gate if gate is not None else dw, *ptrs,
+        h, w, ho, wo, cin_g, c_out, cout_g, m, rows_per_split, tiles_kc, tiles_co, stride, k // 2,
+        *nhwc_strides(u), gate.stride(0) if gate is not None else 0, *strides,
+        KSIZE=k, IN_AFFINE=affine, IN_RELU=in_relu, HAS_GATE=gate is not None, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION=dot_precision(u.dtype), **launch_config(block_m, block_n),
+    )
+    # The chunks' partials, summed in a fixed order.
+    return dw if splits == 1 else dw.sum(0)
+
+
+# ---------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("regnet_triton::conv_dgrad", mutates_args=())
+def _conv_dgrad_op(dy: torch.Tensor, weight: torch.Tensor, input_h: int, input_w: int,
+                   stride: int, groups: int, y: Optional[torch.Tensor],
+                   dy_a: Optional[torch.Tensor], dy_b: Optional[torch.Tensor],
+                   dy_c: Optional[torch.Tensor], mask_src: Optional[torch.Tensor],
+                   mask_scale: Optional[torch.Tensor],
+                   mask_shift: Optional[torch.Tensor]) -> torch.Tensor:
+    return _dgrad_launch(dy, weight, input_h, input_w, stride, groups,
+                         y, dy_a, dy_b, dy_c, mask_src, mask_scale, mask_shift)
+
+
+@_conv_dgrad_op.register_fake
+def _(dy, weight, input_h, input_w, stride, groups, y, dy_a, dy_b, dy_c, mask_src, mask_scale,
+      mask_shift):
+    return new_activation(dy.shape[0], weight.shape[1] * groups, input_h, input_w, dy)
+
+
+@torch.library.custom_op("regnet_triton::conv_wgrad", mutates_args=())
+def _conv_wgrad_op(u: torch.Tensor, dy: torch.Tensor, kernel_size: int, stride: int,
+                   groups: int, in_scale: Optional[torch.Tensor],
+                   in_shift: Optional[torch.Tensor], in_relu: bool,
+                   gate: Optional[torch.Tensor], y: Optional[torch.Tensor],
+                   dy_a: Optional[torch.Tensor], dy_b: Optional[torch.Tensor],
+                   dy_c: Optional[torch.Tensor], mask_src: Optional[torch.Tensor],
+                   mask_scale: Optional[torch.Tensor],
+                   mask_shift: Optional[torch.Tensor]) -> torch.Tensor:
+    return _wgrad_launch(u, dy, kernel_size, stride, groups, in_scale, in_shift, in_relu, gate,
+                         y, dy_a, dy_b, dy_c, mask_src, mask_scale, mask_shift)
+
+
+@_conv_wgrad_op.register_fake
+def _(u, dy, kernel_size, stride, groups, in_scale, in_shift, in_relu, gate, y, dy_a, dy_b,
+      dy_c, mask_src, mask_scale, mask_shift):
+    return u.new_empty((dy.shape[1], u.shape[1] // groups, kernel_size, kernel_size),
+                       dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+
+def _output_size(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+def _check_stride(stride: int) -> None:
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+
+
+def _check_dy_prologue(p: Optional[DyPrologue], dy: torch.Tensor) -> tuple:
+    """The prologue's seven tensors for the custom ops (all None without a prologue)."""
+    if p is None:
+        return (None,) * 7
+    if not isinstance(p, DyPrologue):
+        raise TypeError(f"dy_prologue must be a DyPrologue, got {type(p).__name__}")
+    c_out = dy.shape[1]
+    for name, t in (("dy_prologue.y", p.y), ("dy_prologue.mask_src", p.mask_src)):
+        if t is None:
+            continue
+        check_activation(name, t)
+        check_same(name, t, dy, "dy")
+        if t.shape != dy.shape:
+            raise ValueError(f"{name} must have dy's shape {tuple(dy.shape)}, "
+                             f"got {tuple(t.shape)}")
+    for name in ("A", "B", "C"):
+        check_channel_vector(f"dy_prologue.{name}", getattr(p, name), c_out, dy)
+    if p.mask_src is None:
+        if p.mask_scale is not None or p.mask_shift is not None:
+            raise ValueError("dy_prologue.mask_scale/mask_shift given without mask_src")
+    else:
+        if p.mask_scale is None or p.mask_shift is None:
+            raise ValueError("dy_prologue.mask_src needs mask_scale and mask_shift")
+        check_channel_vector("dy_prologue.mask_scale", p.mask_scale, c_out, dy)
+        check_channel_vector("dy_prologue.mask_shift", p.mask_shift, c_out, dy)
+    return tuple(p)
+
+
+def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_hw: Sequence[int], stride: int = 1,
+               groups: int = 1, *, dy_prologue: Optional[DyPrologue] = None) -> torch.Tensor:
+    """Gradient of a conv (k x k, padding k // 2) with respect to its input.
+
+    Args:
+        dy: (N, C_out, Ho, Wo) gradient of the conv output (float32/float16/bfloat16;
+            channels_last is fastest). With `dy_prologue` it is the upstream gradient g
+            of the BN + ReLU that follows the conv.
+        weight: (C_out, C_in / groups, k, k) conv weight, dy's dtype and device.
+        input_hw: (H, W) of the conv input (a stride-2 conv maps two sizes to one Ho).
+        stride, groups: the conv's.
+        dy_prologue: optional `DyPrologue` applied to dy as it is loaded.
+
+    Returns:
+        dx: (N, C_in, H, W) channels_last, in dy's dtype (fp32 accumulation).
+    """
+    check_activation("dy", dy)
+    _check_stride(stride)
+    c_out, cin_g, k = check_weight("weight", weight, groups)
+    check_same("weight", weight, dy, "dy")
+    if dy.shape[1] != c_out:
+        raise ValueError(f"dy has {dy.shape[1]} channels but weight has {c_out} output channels")
+    if len(input_hw) != 2:
+        raise ValueError(f"input_hw must be (H, W), got {tuple(input_hw)}")
+    h, w = (int(s) for s in input_hw)
+    expect = (_output_size(h, k, stride), _output_size(w, k, stride))
+    if h < 1 or w < 1 or tuple(dy.shape[2:]) != expect:
+        raise ValueError(f"a {k}x{k} stride-{stride} conv of a {h}x{w} input gives "
+                         f"{expect[0]}x{expect[1]}, dy is {dy.shape[2]}x{dy.shape[3]}")
+    return _conv_dgrad_op(dy, weight, h, w, stride, groups, *_check_dy_prologue(dy_prologue, dy))
+
+
+def conv_wgrad(u: torch.Tensor, dy: torch.Tensor, kernel_size: int, stride: int = 1,
+               groups: int = 1, *, u_prologue: Optional[UPrologue] = None,
+               dy_prologue: Optional[DyPrologue] = None) -> torch.Tensor:
+    """Gradient of a conv (k x k, padding k // 2) with respect to its weight.
+
+    Deterministic: the reduction over N x Ho x Wo is split into chunks fixed by the
+    shapes and summed in a fixed order (no atomics), so runs are bit-identical.
+
+    Args:
+        u: (N, C_in, H, W) conv input (float32/float16/bfloat16). With `u_prologue`
+            it is the previous layer's raw output r, and the input is recomputed.
+        dy: (N, C_out, Ho, Wo) gradient of the conv output, u's dtype and device.
+        kernel_size: k (odd); stride, groups: the conv's.
+        u_prologue: optional `UPrologue` applied to u as it is loaded.
+        dy_prologue: optional `DyPrologue` applied to dy as it is loaded.
+
+    Returns:
+        dw: (C_out, C_in / groups, k, k) float32, contiguous.
+    """
+    check_activation("u", u)
+    check_activation("dy", dy)
+    check_same("dy", dy, u, "u")
+    _check_stride(stride)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    n, c_in, h, w = u.shape
+    for name, c in (("input", c_in), ("output", dy.shape[1])):
+        if c % groups:
+            raise ValueError(f"groups={groups} does not divide the {c} {name} channels")
+    expect = (n, _output_size(h, kernel_size, stride), _output_size(w, kernel_size, stride))
+    if (dy.shape[0], *dy.shape[2:]) != expect:
+        raise ValueError(
+            f"a {kernel_size}x{kernel_size} stride-{stride} conv of u {tuple(u.shape)} gives "
+            f"batch {n} and {expect[1]}x{expect[2]} outputs, dy has shape {tuple(dy.shape)}")
+    in_scale = in_shift = gate = None
+    in_relu = False
+    if u_prologue is not None:
+        if not isinstance(u_prologue, UPrologue):
+            raise TypeError(f"u_prologue must be a UPrologue, got {type(u_prologue).__name__}")
+        in_scale, in_shift, in_relu, gate = u_prologue
+        check_channel_vector("u_prologue.scale", in_scale, c_in, u)
+        check_channel_vector("u_prologue.shift", in_shift, c_in, u)
+        if gate is not None:
+            check_gate(gate, n, c_in, u)
+        in_relu = bool(in_relu)
+    return _conv_wgrad_op(u, dy, kernel_size, stride, groups, in_scale, in_shift, in_relu, gate,
+                          *_check_dy_prologue(dy_prologue, dy))

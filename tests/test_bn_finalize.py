@@ -1,0 +1,92 @@
+"""bn_finalize (Triton) against nn.BatchNorm2d in training mode (float64)."""
+import copy
+
+import pytest
+import torch
+
+from numerics import DEVICE, rel_err
+from regnet_kernels import ops
+
+
+def tile_partials(y2d: torch.Tensor, rows: int):
+    """Per-tile sums and centered sums of squares of a (M, C) tensor, in float64."""
+    tiles = y2d.double().split(rows)
+    return (torch.stack([t.sum(0) for t in tiles]).float(),
+            torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles]).float())
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+@pytest.mark.parametrize("n,c,h,w,rows", [(1, 24, 7, 7, 16), (3, 56, 13, 14, 128), (2, 130, 1, 1, 1)])
+def test_matches_batchnorm2d(n, c, h, w, rows, momentum):
+    gen = torch.Generator().manual_seed(c)
+    bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(DEVICE)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=gen))
+        bn.running_mean.copy_(torch.randn(c, generator=gen))
+        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    ref = copy.deepcopy(bn).double().train()
+    for step in range(3):  # three steps: exercises the cumulative average
+        # a large mean: the centered partials must not lose the variance to cancellation
+        y = (torch.randn(n, c, h, w, generator=gen) * 0.5 + 20.0).to(DEVICE)
+        y2d = y.permute(0, 2, 3, 1).reshape(-1, c)
+        s, m2 = tile_partials(y2d, rows)
+        stats = ops.bn_finalize(s.to(DEVICE), m2.to(DEVICE), n * h * w, rows, bn)
+        out = ref(y.double())
+        mean = y2d.double().mean(0)
+        var = y2d.double().var(0, unbiased=False)
+        assert rel_err(stats.mean, mean) < 1e-6
+        assert rel_err(stats.inv_std, (var + bn.eps).rsqrt()) < 1e-5
+        assert rel_err(stats.var, var) < 1e-5
+        normalized = y.double() * stats.scale.double()[:, None, None] + stats.shift.double()[:, None, None]
+        # y * scale + shift cancels ~|mean| / std = 40x: fp32 rounding of scale/shift shows
+        assert rel_err(normalized, out) < 40 * 2e-6
+        assert rel_err(bn.running_mean, ref.running_mean) < 1e-6
+        assert rel_err(bn.running_var, ref.running_var) < 1e-6
+        assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
+
+
+def test_no_affine_no_running_stats():
+    bn = torch.nn.BatchNorm2d(16, affine=False, track_running_stats=False).to(DEVICE)
+    y = torch.randn(40, 16, device=DEVICE)
+    s, m2 = tile_partials(y, 16)
+    stats = ops.bn_finalize(s.to(DEVICE), m2.to(DEVICE), 40, 16, bn)
+    assert rel_err(stats.scale, (y.double().var(0, unbiased=False) + 1e-5).rsqrt()) < 1e-5
+    assert rel_err(stats.shift, -y.double().mean(0) * stats.scale.double()) < 1e-5
+
+
+def test_deterministic():
+    y = torch.randn(3000, 64, device=DEVICE)
+    s, m2 = tile_partials(y, 64)
+    a = ops.bn_finalize(s, m2, 3000, 64)
+    b = ops.bn_finalize(s, m2, 3000, 64)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(count=1, rows=1, t=1), "more than 1 value"),
+    (dict(count=100, rows=16, t=3), "do not cover"),
+    (dict(count=40, rows=16, t=3, weight=torch.ones(7), bias=torch.zeros(7)), "weight must have shape"),
+    (dict(count=40, rows=16, t=3, running_mean=torch.zeros(8), running_var=torch.ones(8),
+          momentum=None), "num_batches_tracked"),
+])
+def test_bad_input(kwargs, match):
+    t = kwargs.pop("t")
+    s = torch.randn(t, 8, device=DEVICE)
+    count, rows = kwargs.pop("count"), kwargs.pop("rows")
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        ops.bn_finalize(s, s.abs(), count, rows, **kwargs)
+
+
+def test_opcheck():
+    c = 12
+    s, m2 = tile_partials(torch.randn(50, c), 16)
+    s, m2 = s.to(DEVICE), m2.to(DEVICE)
+    torch.library.opcheck(torch.ops.regnet_triton.bn_finalize.default,
+                          (s, m2, 50, 16, torch.rand(c, device=DEVICE), torch.randn(c, device=DEVICE), 1e-5))
+    stats = torch.rand(5, c, device=DEVICE)
+    for momentum, nbt in ((0.1, None), (None, torch.zeros((), dtype=torch.long, device=DEVICE))):
+        torch.library.opcheck(torch.ops.regnet_triton.bn_update_running.default,
+                              (stats, 50, torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE),
+                               nbt, momentum))

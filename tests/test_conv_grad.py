@@ -1,0 +1,284 @@
+"""conv_dgrad / conv_wgrad (Triton) against float64 autograd of F.conv2d.
+
+The reference differentiates a float64 conv of the same input and weight with
+the same effective output gradient (the dy prologue computed in float64), and
+builds the u prologue's input in float64 before F.conv2d pads it with zeros.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from numerics import DEVICE, activation, conv_weight, poisoned_outputs, rel_err, tol
+from regnet_kernels.ops import _implicit_gemm
+from regnet_kernels.ops.conv_grad import (DyPrologue, UPrologue, conv_dgrad, conv_wgrad,
+                                          wgrad_geometry)
+from test_conv_bn_act import GROUP_WIDTHS
+
+SIZES = [7, 13, 16, 1]
+DTYPES = [torch.float32, torch.float16]
+
+
+def col(v):
+    """A per-channel vector as float64 (C, 1, 1), to broadcast over (N, C, H, W)."""
+    return v.double()[:, None, None]
+
+
+def make_dy_prologue(dy, gen, mask):
+    """A random DyPrologue for dy (the upstream gradient g), and dy_eff in float64."""
+    n, c, ho, wo = dy.shape
+    y = activation(n, c, ho, wo, dy.dtype, gen)
+    a, b, cc = (torch.randn(c, generator=gen).to(DEVICE) for _ in range(3))
+    dy_eff = col(a) * dy.double()
+    kwargs = {}
+    if mask == "y":  # BN + ReLU layer: mask from y through the BN's scale/shift
+        kwargs = dict(mask_src=y, mask_scale=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
+                      mask_shift=torch.randn(c, generator=gen).to(DEVICE) * 0.5)
+    elif mask == "other":  # e.g. the block output after the final ReLU
+        kwargs = dict(mask_src=activation(n, c, ho, wo, dy.dtype, gen),
+                      mask_scale=torch.ones(c, device=DEVICE),
+                      mask_shift=torch.zeros(c, device=DEVICE))
+    if kwargs:
+        src, scale, shift = kwargs["mask_src"], kwargs["mask_scale"], kwargs["mask_shift"]
+        dy_eff = torch.where(src.double() * col(scale) + col(shift) > 0, dy_eff, 0.0)
+    dy_eff = dy_eff + col(b) * y.double() + col(cc)
+    return DyPrologue(y, a, b, cc, **kwargs), dy_eff
+
+
+def make_u_prologue(r, gen, relu=True, gated=True):
+    """A random UPrologue for the raw tensor r, and u in float64. shift > 0 everywhere,
+    so relu(0 * s + t) != 0: the padding must be zeroed after the transform."""
+    n, c = r.shape[:2]
+    s = torch.randn(c, generator=gen).to(DEVICE)
+    t = (torch.rand(c, generator=gen) + 0.1).to(DEVICE)
+    u = r.double() * col(s) + col(t)
+    if relu:
+        u = u.relu()
+    gate = torch.rand(n, c, generator=gen).to(DEVICE) if gated else None
+    if gated:
+        u = u * gate.double()[:, :, None, None]
+    return UPrologue(s, t, relu, gate), u
+
+
+def reference(u, w, dy, stride, groups):
+    """(dx, dw) of a float64 conv by autograd."""
+    u = u.double().requires_grad_()
+    w = w.double().requires_grad_()
+    y = F.conv2d(u, w, stride=stride, padding=w.shape[-1] // 2, groups=groups)
+    return torch.autograd.grad(y, (u, w), dy.double())
+
+
+def check_grads(n, c_in, c_out, h, w, k, stride, groups, dtype, *, dy_prologue=None,
+                u_prologue=None, channels_last=True, ops=("dgrad", "wgrad"), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = activation(n, c_in, h, w, dtype, gen, channels_last)
+    wt = conv_weight(c_out, c_in // groups, k, dtype, gen)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    dy = activation(n, c_out, ho, wo, dtype, gen, channels_last)
+    dy_eff, u_ref, kw_dy, kw_u = dy, u, {}, {}
+    if dy_prologue is not None:
+        kw_dy["dy_prologue"], dy_eff = make_dy_prologue(dy, gen, dy_prologue)
+    if u_prologue is not None:
+        kw_u["u_prologue"], u_ref = make_u_prologue(u, gen, **u_prologue)
+    ref_dx, ref_dw = reference(u_ref, wt, dy_eff, stride, groups)
+    # A 16-bit prologue rounds its fp32 result to the dot's dtype: one more rounding.
+    limit = tol(dtype) * (2 if (dy_prologue or u_prologue) and dtype != torch.float32 else 1)
+    if "dgrad" in ops:
+        with poisoned_outputs():
+            dx = conv_dgrad(dy, wt, (h, w), stride, groups, **kw_dy)
+        assert dx.dtype == dtype and dx.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(dx, ref_dx) < limit, "dgrad"
+    if "wgrad" in ops:
+        with poisoned_outputs():
+            dw = conv_wgrad(u, dy, k, stride, groups, **kw_dy, **kw_u)
+        assert dw.dtype == torch.float32 and dw.is_contiguous() and dw.shape == wt.shape
+        assert rel_err(dw, ref_dw) < limit, "wgrad"
+
+
+def grouped_cases():
+    """Every group width with 1 to 3 groups; stride, size and batch varied so that each
+    value of each is met with several widths."""
+    for i, cpg in enumerate(GROUP_WIDTHS):
+        for j, dtype in enumerate(DTYPES):
+            groups = (i + j) % 3 + 1
+            stride = 1 + (i + j) % 2
+            size = SIZES[(i + 2 * j) % len(SIZES)]
+            batch = 3 if (i // 2 + j) % 2 and cpg * groups * size < 2000 else 1  # interpreter time
+            yield pytest.param(cpg, groups, stride, size, batch, dtype,
+                               id=f"g{cpg}x{groups}-s{stride}-h{size}-n{batch}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("cpg,groups,stride,size,batch,dtype", grouped_cases())
+def test_grouped_3x3(cpg, groups, stride, size, batch, dtype):
+    c = cpg * groups
+    check_grads(batch, c, c, size, size + 1 if size > 1 else size, 3, stride, groups, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dense_3x3(stride, dtype):
+    check_grads(2, 40, 48, 13, 14, 3, stride, 1, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c_in,c_out,size,stride,batch", [
+    (37, 13, 13, 1, 3),   # odd channel counts
+    (232, 152, 7, 1, 1),
+    (24, 56, 13, 2, 3),   # projection shortcut: dgrad is zero on odd pixels
+    (8, 21, 16, 1, 1),
+])
+def test_dense_1x1(c_in, c_out, size, stride, batch, dtype):
+    check_grads(batch, c_in, c_out, size, size + 1, 1, stride, 1, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stem(dtype):
+    check_grads(2, 3, 32, 13, 14, 3, 2, 1, dtype)
+
+
+def test_nchw_inputs():
+    check_grads(3, 16, 24, 13, 14, 3, 1, 2, torch.float32, channels_last=False,
+                dy_prologue="y", u_prologue=dict(relu=True, gated=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", [None, "y", "other"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dy_prologue(mask, stride, dtype):
+    check_grads(2, 24, 24, 13, 14, 3, stride, 3, dtype, dy_prologue=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,stride,relu,gated", [(3, 1, True, True), (3, 2, True, False),
+                                                 (3, 1, False, True), (1, 2, True, True)])
+def test_u_prologue(k, stride, relu, gated, dtype):
+    check_grads(2, 16, 32, 13, 14, k, stride, 2 if k == 3 else 1, dtype,
+                u_prologue=dict(relu=relu, gated=gated), dy_prologue="y", ops=("wgrad",))
+
+
+def test_channels_last_weight():
+    gen = torch.Generator().manual_seed(1)
+    dy = activation(2, 32, 7, 7, torch.float32, gen)
+    w = conv_weight(32, 16, 3, torch.float32, gen)
+    dx = conv_dgrad(dy, w.to(memory_format=torch.channels_last), (13, 13), 2, 2)
+    ref_dx, _ = reference(torch.zeros(2, 32, 13, 13, device=DEVICE), w, dy, 2, 2)
+    assert rel_err(dx, ref_dx) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wgrad_deterministic(dtype):
+    gen = torch.Generator().manual_seed(3)
+    n, c, h, groups = 2, 16, 16, 2
+    assert wgrad_geometry(n, h, h, c, c // groups, 3, groups)[1] > 1  # several chunks
+    u = activation(n, c, h, h, dtype, gen)
+    dy = activation(n, c, h, h, dtype, gen)
+    prologue, dy_eff = make_dy_prologue(dy, gen, "y")
+    runs = [conv_wgrad(u, dy, 3, 1, groups, dy_prologue=prologue) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    _, ref_dw = reference(u, torch.zeros(c, c // groups, 3, 3, device=DEVICE), dy_eff, 1, groups)
+    assert rel_err(runs[0], ref_dw) < 2 * tol(dtype)
+
+
+def test_empty_batch():
+    dy = torch.empty(0, 8, 3, 3, device=DEVICE)
+    w = torch.randn(8, 4, 3, 3, device=DEVICE)
+    assert conv_dgrad(dy, w, (5, 5), 2, 2).shape == (0, 8, 5, 5)
+    dw = conv_wgrad(torch.empty(0, 8, 5, 5, device=DEVICE), dy, 3, 2, 2)
+    assert dw.shape == (8, 4, 3, 3) and (dw == 0).all()
+
+
+# ---------------------------------------------------------------------------
+# Custom ops and bad input
+# ---------------------------------------------------------------------------
+
+
+def _opcheck_inputs(prologue):
+    gen = torch.Generator().manual_seed(2)
+    u = activation(2, 16, 7, 8, torch.float32, gen)
+    w = conv_weight(24, 8, 3, torch.float32, gen)
+    dy = activation(2, 24, 4, 4, torch.float32, gen)
+    dy_args = tuple(make_dy_prologue(dy, gen, "y")[0]) if prologue else (None,) * 7
+    u_args = tuple(make_u_prologue(u, gen)[0]) if prologue else (None, None, False, None)
+    return u, w, dy, dy_args, u_args
+
+
+@pytest.mark.parametrize("prologue", [False, True])
+def test_opcheck(prologue):
+    u, w, dy, dy_args, u_args = _opcheck_inputs(prologue)
+    torch.library.opcheck(torch.ops.regnet_triton.conv_dgrad.default,
+                          (dy, w, 7, 8, 2, 2, *dy_args))
+    torch.library.opcheck(torch.ops.regnet_triton.conv_wgrad.default,
+                          (u, dy, 3, 2, 2, *u_args, *dy_args))
+
+
+def _dgrad_args(**over):
+    args = dict(dy=torch.randn(2, 16, 4, 4), weight=torch.randn(16, 8, 3, 3), input_hw=(7, 8),
+                stride=2, groups=2)
+    return _on_device({**args, **over})
+
+
+def _wgrad_args(**over):
+    args = dict(u=torch.randn(2, 16, 7, 8), dy=torch.randn(2, 24, 4, 4), kernel_size=3,
+                stride=2, groups=2)
+    return _on_device({**args, **over})
+
+
+def _on_device(fields):
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+
+
+def _dyp(c=16, **over):
+    fields = dict(y=torch.randn(2, c, 4, 4), A=torch.ones(c), B=torch.zeros(c), C=torch.zeros(c))
+    return DyPrologue(**_on_device({**fields, **over}))
+
+
+def _up(**over):
+    return UPrologue(**_on_device({"scale": torch.ones(16), "shift": torch.zeros(16), **over}))
+
+
+@pytest.mark.parametrize("over,err,match", [
+    (dict(dy=torch.randn(16, 4, 4)), ValueError, "dy must be 4-D"),
+    (dict(dy=torch.randn(2, 24, 4, 4)), ValueError, "24 channels but weight has 16"),
+    (dict(groups=3), ValueError, "does not divide"),
+    (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float16)), TypeError, "dtype"),
+    (dict(dy=torch.randn(2, 16, 4, 4).long()), TypeError, "dtype"),
+    (dict(weight=torch.randn(16, 8, 2, 2)), ValueError, "odd"),
+    (dict(input_hw=(9, 8)), ValueError, "gives 5x4"),
+    (dict(input_hw=(7,)), ValueError, r"\(H, W\)"),
+    (dict(stride=0), ValueError, "stride"),
+    (dict(dy_prologue=(1, 2, 3)), TypeError, "DyPrologue"),
+    (dict(dy_prologue=_dyp(y=torch.randn(2, 16, 4, 5))), ValueError, "dy's shape"),
+    (dict(dy_prologue=_dyp(y=torch.randn(2, 16, 4, 4).half())), TypeError, "dtype"),
+    (dict(dy_prologue=_dyp(A=torch.ones(15))), ValueError, r"A must have shape \(16,\)"),
+    (dict(dy_prologue=_dyp(C=torch.ones(16).double())), TypeError, "float32"),
+    (dict(dy_prologue=_dyp(mask_src=torch.randn(2, 16, 4, 4))), ValueError, "needs mask_scale"),
+    (dict(dy_prologue=_dyp(mask_scale=torch.ones(16))), ValueError, "without mask_src"),
+])
+def test_dgrad_bad_input(over, err, match):
+    with pytest.raises(err, match=match):
+        conv_dgrad(**_dgrad_args(**over))
+
+
+@pytest.mark.parametrize("over,err,match", [
+    (dict(u=torch.randn(2, 16, 7)), ValueError, "u must be 4-D"),
+    (dict(dy=torch.randn(2, 24, 4, 4).half()), TypeError, "dtype"),
+    (dict(kernel_size=2), ValueError, "odd"),
+    (dict(groups=5), ValueError, "does not divide the 16 input"),
+    (dict(groups=0), ValueError, "groups must be >= 1"),
+    (dict(dy=torch.randn(2, 24, 7, 8)), ValueError, "4x4 outputs"),
+    (dict(dy=torch.randn(3, 24, 4, 4)), ValueError, "batch 2"),
+    (dict(u_prologue=_up(scale=torch.ones(8))), ValueError, r"scale must have shape \(16,\)"),
+    (dict(u_prologue=_up(gate=torch.ones(2, 8))), ValueError, r"gate must have shape \(2, 16\)"),
+    (dict(u_prologue=_up(gate=torch.ones(2, 16).half())), TypeError, "gate must be float32"),
+    (dict(dy_prologue=_dyp(c=24, B=torch.ones(16))), ValueError, r"B must have shape \(24,\)"),
+])
+def test_wgrad_bad_input(over, err, match):
+    with pytest.raises(err, match=match):
+        conv_wgrad(**_wgrad_args(**over))
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch):
+    monkeypatch.setattr(_implicit_gemm, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        conv_dgrad(torch.randn(2, 16, 4, 4), torch.randn(16, 8, 3, 3), (7, 8), 2, 2)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        conv_wgrad(torch.randn(2, 16, 7, 8), torch.randn(2, 24, 4, 4), 3, 2, 2)
