@@ -11,6 +11,8 @@ import torch.nn.functional as F
 # ||out - ref|| / ||ref|| bounds per dtype, against a float64 reference.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 and fp16 everywhere; bf16 on GPUs only (the interpreter computes bf16 dots wrongly)
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

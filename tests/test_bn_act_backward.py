@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from numerics import DEVICE, activation, bn_fold, poisoned_outputs, rel_err, tol
+from numerics import DEVICE, DTYPES, activation, bn_fold, poisoned_outputs, rel_err, tol
 from regnet_kernels import ops
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,h,w,relu,gated", [(3, 24, 13, 14, True, True), (1, 56, 7, 7, True, False),
                                                 (2, 8, 1, 1, False, True), (1, 130, 16, 16, True, True)])
 def test_dv_and_dgate(n, c, h, w, relu, gated, dtype):

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from numerics import DEVICE, activation, bn_fold, poisoned_outputs, rel_err, tol
+from numerics import DEVICE, DTYPES, activation, bn_fold, poisoned_outputs, rel_err, tol
 from regnet_kernels import ops
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,h,w,project", [(1, 56, 7, 7, True), (3, 24, 13, 14, False),
                                              (2, 232, 1, 1, True), (1, 8, 16, 16, False)])
 def test_bn_add_relu(n, c, h, w, project, dtype):

@@ -3,11 +3,10 @@ relu(BN(conv1x1(x * gate)) + shortcut), shortcut identity or BN(conv1x1 stride s
 import pytest
 import torch
 
-from numerics import (DEVICE, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
+from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
                       rel_err, tol)
 from regnet_kernels import ops
 
-DTYPES = [torch.float32, torch.float16]
 
 
 def run_case(n, c_b, c_out, ho, dtype, gated, proj_in=None, stride=1, seed=0):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from numerics import (DEVICE, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
+from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
                       rel_err, tol)
 from regnet_kernels import list_models, model_params, ops
 from regnet_kernels.ops import _implicit_gemm
@@ -11,7 +11,6 @@ from regnet_kernels.ops import _implicit_gemm
 # Channels per group over every standard RegNetX/Y model (checked against the zoo below).
 GROUP_WIDTHS = [8, 16, 24, 40, 48, 56, 64, 72, 80, 112, 120, 128, 168, 232, 264]
 SIZES = [7, 13, 16, 1]
-DTYPES = [torch.float32, torch.float16]
 
 
 def test_group_widths_are_the_standard_models():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from numerics import DEVICE, activation, bn_fold, conv_weight, poisoned_outputs, rel_err, tol
+from numerics import DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, rel_err, tol
 from regnet_kernels import ops
 
 CASES = {  # c_in, c_out, k, stride, groups, H, prologue, gate
@@ -20,7 +20,7 @@ CASES = {  # c_in, c_out, k, stride, groups, H, prologue, gate
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_backward(case, batch, dtype):
@@ -66,7 +66,7 @@ def test_forward_backward(case, batch, dtype):
     assert rel_err(bn.running_var, ref_bn["running_var"]) < tol(dtype)
     assert bn.num_batches_tracked.item() == 1
     assert not out.scale.requires_grad  # statistics are decoding parameters, not differentiable
-    grad_tol = 4 * tol(dtype) if dtype == torch.float32 else 2e-2
+    grad_tol = 4 * tol(dtype) if dtype == torch.float32 else 10 * tol(dtype)
     assert xg.grad.dtype == dtype and rel_err(xg.grad, v_prev.grad) < grad_tol
     assert wg.grad.dtype == dtype and rel_err(wg.grad, w64.grad) < grad_tol
     assert rel_err(bn.weight.grad, gamma.grad) < grad_tol

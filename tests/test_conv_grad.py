@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from numerics import DEVICE, activation, conv_weight, poisoned_outputs, rel_err, tol
+from numerics import DEVICE, DTYPES, activation, conv_weight, poisoned_outputs, rel_err, tol
 from regnet_kernels.ops import _implicit_gemm
 from regnet_kernels.ops.conv_grad import (DyPrologue, UPrologue, conv_dgrad, conv_wgrad,
                                           wgrad_geometry)
 from test_conv_bn_act import GROUP_WIDTHS
 
 SIZES = [7, 13, 16, 1]
-DTYPES = [torch.float32, torch.float16]
 
 
 def col(v):

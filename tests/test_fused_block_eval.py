@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from blocks import BLOCKS, OpRecorder, make_block
-from numerics import activation, poisoned_outputs, rel_err, tol
+from numerics import DTYPES, activation, poisoned_outputs, rel_err, tol
 from regnet_kernels.models.fused import block_forward_eval, fold_block
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_block_matches_reference(name, batch, dtype):

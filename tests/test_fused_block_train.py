@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from blocks import BLOCKS, OpRecorder, make_block
-from numerics import DEVICE, activation, poisoned_outputs, rel_err, tol
+from numerics import DEVICE, DTYPES, activation, poisoned_outputs, rel_err, tol
 from regnet_kernels.models.fused import block_forward_train
 
 BN_BUFFERS = ("running_mean", "running_var")
@@ -23,7 +23,7 @@ def run_block(block, x, grad):
     return out, x.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_block_train_matches_reference(name, batch, dtype):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from numerics import DEVICE, poisoned_outputs, rel_err
+from numerics import DEVICE, DTYPES, poisoned_outputs, rel_err
 from regnet_kernels import ops
 from regnet_kernels.ops.se_excite import _squeeze_tiles
 
@@ -68,7 +68,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.regnet_triton.se_excite.default, args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,h,w", [(1, 24, 7, 7), (3, 56, 13, 14), (2, 232, 1, 1), (1, 8, 16, 16)])
 def test_se_squeeze(n, c, h, w, dtype):
     from numerics import activation, bn_fold
