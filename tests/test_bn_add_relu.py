@@ -27,6 +27,19 @@ def test_bn_add_relu(n, c, h, w, project, dtype):
     assert rel_err(out, ref.relu()) < tol(dtype)
 
 
+def test_no_shortcut_is_bn_relu():
+    gen = torch.Generator().manual_seed(3)
+    y = activation(2, 40, 7, 8, torch.float32, gen).requires_grad_()
+    scale, shift = bn_fold(40, gen)
+    with poisoned_outputs():
+        out = ops.bn_add_relu(y, scale, shift)
+    ref = (y.double() * scale.double()[:, None, None] + shift.double()[:, None, None]).relu()
+    assert rel_err(out, ref) < 1e-6
+    g = torch.randn(out.shape, generator=gen).to(DEVICE)
+    out.backward(g)
+    assert rel_err(y.grad, g.double() * (ref > 0)) < 1e-6  # lazy input: dL/dv
+
+
 def test_bad_input():
     y = torch.randn(2, 8, 5, 5, device=DEVICE)
     s = torch.ones(8, device=DEVICE)

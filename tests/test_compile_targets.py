@@ -72,8 +72,9 @@ def elementwise_variants(tiles):
         for hw, c in ((56 * 56, 224), (7 * 7, 2016)):
             bm, bc = tiles["squeeze"](hw, c)
             out.append(("_se_squeeze_kernel", dtype, dict(BLOCK_M=bm, BLOCK_C=bc)))
-        for project in (False, True):
-            out.append(("_bn_add_relu_kernel", dtype, dict(PROJECT=project, BLOCK_M=64, BLOCK_C=64)))
+        for shortcut, project in ((False, False), (True, False), (True, True)):
+            out.append(("_bn_add_relu_kernel", dtype, dict(HAS_SHORTCUT=shortcut, PROJECT=project,
+                                                           BLOCK_M=64, BLOCK_C=64)))
         for hw, c in ((56 * 56, 224), (7 * 7, 2016)):
             bm, bc = tiles["bn_act_backward"](hw, c)
             base = dict(G_PER_TILE=False, AFFINE=True, RELU=True, HAS_GATE=True,

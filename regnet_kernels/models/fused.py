@@ -1,10 +1,14 @@
-"""Fused execution of RegNet blocks built by the reference builder.
+"""Fused RegNets: the reference builder given fused stem and blocks.
 
-Eval mode: BN folded to per-channel scale/shift once (`fold_block`), then a Y
-block is 4 kernel launches and an X block 3 (`block_forward_eval`).
+Eval mode: BN folded to per-channel scale/shift (`fold_block`, cached until a
+parameter or buffer changes), then a Y block is 4 kernel launches and an X
+block 3 (`block_forward_eval`). Training mode: BN batch statistics computed in
+the conv epilogues, differentiable (`block_forward_train`).
 """
 from __future__ import annotations
 
+import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,6 +16,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..design import RegNetParams
+from ..zoo import resolve_params
+from .reference import RegNet, ResBottleneckBlock, Stem
 
 
 @dataclass(frozen=True)
@@ -97,3 +104,106 @@ def block_forward_train(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
         return ops.bn_add_relu(c.y, c.scale, c.shift, x)
     p = ops.conv_bn_train(x, block.proj[0].weight, block.proj[1], stride=block.proj[0].stride[0])
     return ops.bn_add_relu(c.y, c.scale, c.shift, p.y, p.scale, p.shift)
+
+
+# ---------------------------------------------------------------------------
+# Fused modules: the reference modules' parameters, buffers and state_dict keys,
+# with forwards through the fused ops (so the reference builder builds fused models)
+# ---------------------------------------------------------------------------
+
+BACKENDS = ("triton",)
+
+
+def _state_key(module: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                 for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+class _EvalFolding:
+    """Eval-mode BN folding cached until a parameter or buffer changes, so an
+    eval forward launches only the fused kernels (4 per Y block, 3 per X)."""
+
+    def _folded(self, fold):
+        if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
+            return fold(self)
+        key = _state_key(self)
+        if getattr(self, "_fold_cache", (None,))[0] != key:
+            self._fold_cache = (key, fold(self))
+        return self._fold_cache[1]
+
+    def _warn_if_grad(self, x: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and not getattr(self, "_warned", False) and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: the eval-mode fused forward does not "
+                          "backpropagate (no gradients reach its input or parameters); use "
+                          "torch.no_grad() for inference, or .train() to train", stacklevel=3)
+
+
+class FusedBlock(_EvalFolding, ResBottleneckBlock):
+    """ResBottleneckBlock through the fused ops: eval = BN folded from running
+    statistics (3 or 4 launches), train = batch statistics with autograd."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return block_forward_train(x, self)
+        self._warn_if_grad(x)
+        return block_forward_eval(x, self._folded(fold_block))
+
+
+class FusedStem(_EvalFolding, Stem):
+    """The stem (3x3 stride-2 conv, BN, ReLU) as one conv_bn_act in eval; in training
+    conv_bn_train plus one pass that writes relu(BN(y)) (the blocks read a real input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        if self.training:
+            out = ops.conv_bn_train(x, conv.weight, bn, stride=conv.stride[0])
+            return ops.bn_add_relu(out.y, out.scale, out.shift)
+        self._warn_if_grad(x)
+        folded = self._folded(lambda stem: FoldedConv.of(stem[0], stem[1]))
+        return ops.conv_bn_act(x, folded.weight, folded.scale, folded.shift, stride=folded.stride)
+
+
+_FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}
+
+
+def _check_backend(backend: str) -> str:
+    if backend == "auto":
+        return "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: 'auto', "
+                         + ", ".join(repr(b) for b in BACKENDS))
+    return backend
+
+
+def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
+                num_classes: int = 1000) -> RegNet:
+    """A RegNet built by the reference builder with fused stem and blocks: the same
+    state_dict keys and shapes as `reference_model`, so checkpoints load into it.
+
+    backend: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "auto".
+    """
+    _check_backend(backend)
+    return RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
+
+
+def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Make a reference RegNet (or any model built from the reference stem and
+    blocks) run through the fused ops, in place: parameters and buffers are kept."""
+    _check_backend(backend)
+    for module in model.modules():
+        if type(module) in _FUSED:
+            module.__class__ = _FUSED[type(module)]
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo `fuse` in place (for debugging: the plain PyTorch forward again)."""
+    reference = {fused: ref for ref, fused in _FUSED.items()}
+    for module in model.modules():
+        if type(module) in reference:
+            module.__dict__.pop("_fold_cache", None)
+            module.__class__ = reference[type(module)]
+    return model

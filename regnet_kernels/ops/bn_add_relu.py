@@ -4,6 +4,7 @@ the ReLU in one elementwise pass, reading the raw conv outputs.
     out = relu(y * scale + shift + shortcut')
     shortcut' = shortcut                                  (identity)
               = shortcut * sc_scale + sc_shift            (raw projection output + its BN)
+              = 0                                         (no shortcut: the stem)
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from ._implicit_gemm import (check_activation, check_channel_vector, check_optio
 @triton.jit
 def _bn_add_relu_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, rscale_ptr, rshift_ptr, out_ptr,
                         M, C, HW, W, syn, syh, syw, syc, srn, srh, srw, src,
-                        PROJECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                        HAS_SHORTCUT: tl.constexpr, PROJECT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = m < M
@@ -32,23 +34,25 @@ def _bn_add_relu_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, rscale_ptr, rshift_p
     w = m % W
     y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :],
                 mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :],
-                mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
     out = y * scale[None, :] + shift[None, :]
-    if PROJECT:
-        rscale = tl.load(rscale_ptr + c, mask=c_ok, other=0.0)
-        rshift = tl.load(rshift_ptr + c, mask=c_ok, other=0.0)
-        r = r * rscale[None, :] + rshift[None, :]
-    out = tl.maximum(out + r, 0.0)
+    if HAS_SHORTCUT:
+        r = tl.load(r_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        if PROJECT:
+            rscale = tl.load(rscale_ptr + c, mask=c_ok, other=0.0)
+            rshift = tl.load(rshift_ptr + c, mask=c_ok, other=0.0)
+            r = r * rscale[None, :] + rshift[None, :]
+        out += r
+    out = tl.maximum(out, 0.0)
     tl.store(out_ptr + m.to(tl.int64)[:, None] * C + c[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("regnet_triton::bn_add_relu", mutates_args=())
 def _bn_add_relu_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                    shortcut: torch.Tensor, sc_scale: Optional[torch.Tensor],
+                    shortcut: Optional[torch.Tensor], sc_scale: Optional[torch.Tensor],
                     sc_shift: Optional[torch.Tensor]) -> torch.Tensor:
     n, c, h, w = y.shape
     out = new_activation(n, c, h, w, y)
@@ -56,10 +60,12 @@ def _bn_add_relu_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
         return out
     block_m, block_c = 64, min(64, triton.next_power_of_2(c))
     project = sc_scale is not None
+    has_shortcut = shortcut is not None
     _bn_add_relu_kernel[(triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))](
-        y, scale, shift, shortcut, sc_scale if project else scale, sc_shift if project else shift,
-        out, n * h * w, c, h * w, w, *nhwc_strides(y), *nhwc_strides(shortcut),
-        PROJECT=project, BLOCK_M=block_m, BLOCK_C=block_c)
+        y, scale, shift, shortcut if has_shortcut else y, sc_scale if project else scale,
+        sc_shift if project else shift, out, n * h * w, c, h * w, w, *nhwc_strides(y),
+        *(nhwc_strides(shortcut) if has_shortcut else (0, 0, 0, 0)),
+        HAS_SHORTCUT=has_shortcut, PROJECT=project, BLOCK_M=block_m, BLOCK_C=block_c)
     return out
 
 
@@ -78,14 +84,14 @@ def _backward(ctx, grad):
     every input's gradient is the same: dL/d(sum) = grad * (out > 0)."""
     y, shortcut, out = ctx.saved_tensors
     dz = bn_act_backward(grad, out, relu=True).dv
-    return dz, None, None, dz, None, None
+    return dz, None, None, dz if shortcut is not None else None, None, None
 
 
 _bn_add_relu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, shortcut: torch.Tensor,
-                sc_scale: Optional[torch.Tensor] = None,
+def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                shortcut: Optional[torch.Tensor] = None, sc_scale: Optional[torch.Tensor] = None,
                 sc_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """relu(y * scale + shift + shortcut'), shortcut' = shortcut or its own BN affine.
 
@@ -95,16 +101,21 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, short
     Args:
         y: (N, C, H, W) raw conv output; scale, shift: (C,) float32 (its BN).
         shortcut: (N, C, H, W), y's dtype: the block input (identity) or the raw
-            projection conv output, then with sc_scale, sc_shift: (C,) float32.
+            projection conv output, then with sc_scale, sc_shift: (C,) float32; or
+            None for relu(BN(y)) alone (a training stem's materialized output).
     Returns: (N, C, H, W) channels_last, y's dtype.
     """
     check_activation("y", y)
     c = y.shape[1]
     check_channel_vector("scale", scale, c, y)
     check_channel_vector("shift", shift, c, y)
-    check_activation("shortcut", shortcut)
-    check_same("shortcut", shortcut, y, "y")
-    if shortcut.shape != y.shape:
-        raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ in shape")
+    if shortcut is not None:
+        check_activation("shortcut", shortcut)
+        check_same("shortcut", shortcut, y, "y")
+        if shortcut.shape != y.shape:
+            raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ "
+                             "in shape")
+    elif sc_scale is not None:
+        raise ValueError("sc_scale/sc_shift given without a shortcut")
     check_optional_affine(("sc_scale", "sc_shift"), sc_scale, sc_shift, c, y)
     return _bn_add_relu_op(y, scale, shift, shortcut, sc_scale, sc_shift)
