@@ -5,6 +5,7 @@ import contextlib
 import math
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +77,23 @@ def randomize_bn(module: torch.nn.Module, generator=None) -> None:
                 bn.bias.copy_(torch.randn(c, generator=generator) * 0.2)
                 bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.2)
                 bn.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+
+
+# Channels per group over every standard RegNetX/Y model (test_conv_bn_act checks the list).
+GROUP_WIDTHS = [8, 16, 24, 40, 48, 56, 64, 72, 80, 112, 120, 128, 168, 232, 264]
+SIZES = [7, 13, 16, 1]
+
+
+def grouped_conv_cases(dtypes):
+    """Every group width, with 1 to 3 groups, and stride, size, batch, squeeze varied
+    so that each value of each is met with several widths, in each dtype."""
+    for i, cpg in enumerate(GROUP_WIDTHS):
+        for j, dtype in enumerate(dtypes):
+            groups = (i + j) % 3 + 1
+            stride = 1 + (i + j) % 2
+            size = SIZES[(i + 2 * j) % len(SIZES)]
+            batch = 3 if (i + j) % 2 else 1
+            squeeze = (i + j) % 3 != 1
+            yield pytest.param(cpg, groups, stride, size, batch, squeeze, dtype,
+                               id=f"g{cpg}x{groups}-s{stride}-h{size}-n{batch}-sq{int(squeeze)}-"
+                                  f"{str(dtype)[6:]}")

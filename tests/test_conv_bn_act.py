@@ -1,35 +1,17 @@
 """conv_bn_act (Triton) against a float64 F.conv2d + BN + ReLU reference."""
-
 import pytest
 import torch
 
-from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
-                      rel_err, tol)
+from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, activation, bn_fold, conv_weight,
+                      grouped_conv_cases, poisoned_outputs, ref_conv_bn, rel_err, tol)
 from regnet_kernels import list_models, model_params, ops
 from regnet_kernels.ops import _implicit_gemm
 
-# Channels per group over every standard RegNetX/Y model (checked against the zoo below).
-GROUP_WIDTHS = [8, 16, 24, 40, 48, 56, 64, 72, 80, 112, 120, 128, 168, 232, 264]
-SIZES = [7, 13, 16, 1]
 
 
 def test_group_widths_are_the_standard_models():
     widths = {s.group_width for name in list_models() for s in model_params(name).stages()}
     assert sorted(widths) == GROUP_WIDTHS
-
-
-def grouped_cases():
-    """Every group width, with 1 to 3 groups, and stride, size, batch, squeeze varied
-    so that each value of each is met with several widths."""
-    for i, cpg in enumerate(GROUP_WIDTHS):
-        for j, dtype in enumerate(DTYPES):
-            groups = (i + j) % 3 + 1
-            stride = 1 + (i + j) % 2
-            size = SIZES[(i + 2 * j) % len(SIZES)]
-            batch = 3 if (i + j) % 2 else 1
-            squeeze = (i + j) % 3 != 1
-            yield pytest.param(cpg, groups, stride, size, batch, squeeze, dtype,
-                               id=f"g{cpg}x{groups}-s{stride}-h{size}-n{batch}-sq{int(squeeze)}-{str(dtype)[6:]}")
 
 
 def check_conv_bn_act(n, c_in, c_out, h, k, stride, groups, dtype, relu=True, squeeze=False,
@@ -53,7 +35,7 @@ def check_conv_bn_act(n, c_in, c_out, h, k, stride, groups, dtype, relu=True, sq
         assert rel_err(sums.sum(1), ref.sum((2, 3))) < tol(dtype)
 
 
-@pytest.mark.parametrize("cpg,groups,stride,size,batch,squeeze,dtype", grouped_cases())
+@pytest.mark.parametrize("cpg,groups,stride,size,batch,squeeze,dtype", grouped_conv_cases(DTYPES))
 def test_grouped_3x3(cpg, groups, stride, size, batch, squeeze, dtype):
     c = cpg * groups
     check_conv_bn_act(batch, c, c, size, 3, stride, groups, dtype, squeeze=squeeze)

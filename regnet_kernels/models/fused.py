@@ -61,23 +61,25 @@ def fold_block(block: nn.Module) -> FoldedBlock:
     )
 
 
-def block_forward_eval(x: torch.Tensor, fb: FoldedBlock) -> torch.Tensor:
-    """One eval-mode X/Y block through the fused ops: 3 launches (X) or 4 (Y)."""
-    a = ops.conv_bn_act(x, fb.a.weight, fb.a.scale, fb.a.shift)
+def block_forward_eval(x: torch.Tensor, fb: FoldedBlock, block_ops=ops) -> torch.Tensor:
+    """One eval-mode X/Y block through the fused ops: 3 launches (X) or 4 (Y).
+
+    block_ops: the module providing conv_bn_act, se_excite and conv1x1_gate_residual
+    (`regnet_kernels.ops` for Triton, `regnet_kernels.ops.cpp` for the C++ CPU ops).
+    """
+    a = block_ops.conv_bn_act(x, fb.a.weight, fb.a.scale, fb.a.shift)
     gate = None
     if fb.se is None:
-        b = ops.conv_bn_act(a, fb.b.weight, fb.b.scale, fb.b.shift,
-                            stride=fb.b.stride, groups=fb.b.groups)
+        b = block_ops.conv_bn_act(a, fb.b.weight, fb.b.scale, fb.b.shift,
+                                  stride=fb.b.stride, groups=fb.b.groups)
     else:
-        b, sums = ops.conv_bn_act(a, fb.b.weight, fb.b.scale, fb.b.shift,
-                                  stride=fb.b.stride, groups=fb.b.groups, squeeze=True)
-        gate = ops.se_excite(sums, b.shape[2] * b.shape[3], *fb.se)
-    if fb.proj is None:
-        return ops.conv1x1_gate_residual(b, fb.c.weight, fb.c.scale, fb.c.shift, x, gate=gate)
-    return ops.conv1x1_gate_residual(
-        b, fb.c.weight, fb.c.scale, fb.c.shift, x, gate=gate,
-        proj_weight=fb.proj.weight, proj_scale=fb.proj.scale, proj_shift=fb.proj.shift,
-        proj_stride=fb.proj.stride)
+        b, sums = block_ops.conv_bn_act(a, fb.b.weight, fb.b.scale, fb.b.shift,
+                                        stride=fb.b.stride, groups=fb.b.groups, squeeze=True)
+        gate = block_ops.se_excite(sums, b.shape[2] * b.shape[3], *fb.se)
+    proj = {} if fb.proj is None else dict(proj_weight=fb.proj.weight, proj_scale=fb.proj.scale,
+                                           proj_shift=fb.proj.shift, proj_stride=fb.proj.stride)
+    return block_ops.conv1x1_gate_residual(b, fb.c.weight, fb.c.scale, fb.c.shift, x, gate=gate,
+                                           **proj)
 
 
 def block_forward_train(x: torch.Tensor, block: nn.Module) -> torch.Tensor:

@@ -184,8 +184,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_activation(name: str, x: torch.Tensor, channels: int | None = None) -> None:
-    """A 4-D float activation in a supported dtype, on a device Triton can run on."""
+def check_activation(name: str, x: torch.Tensor, channels: int | None = None, *,
+                     device_check=None) -> None:
+    """A 4-D float activation in a supported dtype, on a device Triton can run on
+    (or that `device_check(name, x)` accepts: the C++ backend passes its own)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -194,7 +196,7 @@ def check_activation(name: str, x: torch.Tensor, channels: int | None = None) ->
         raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, float16, bfloat16")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} has {x.shape[1]} channels, expected {channels}")
-    check_device(name, x)
+    (device_check or check_device)(name, x)
 
 
 def check_device(name: str, t: torch.Tensor) -> None:

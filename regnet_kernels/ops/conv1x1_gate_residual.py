@@ -144,14 +144,27 @@ def conv1x1_gate_residual(
     Returns:
         (N, C_out, Ho, Wo) channels_last, in x's dtype.
     """
-    check_activation("x", x)
+    check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
+                             proj_shift, proj_stride)
+    if proj_weight is None:
+        return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
+                                         None, None, None, 1)
+    return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
+                                     proj_weight, proj_scale, proj_shift, proj_stride)
+
+
+def check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
+                             proj_shift, proj_stride, device_check=None) -> None:
+    """conv1x1_gate_residual's argument checks (shared with the C++ backend, which
+    passes its own device check)."""
+    check_activation("x", x, device_check=device_check)
     c_out, k = check_conv_weight("weight", weight, x, 1)
     if k != 1:
         raise ValueError(f"weight must be a 1x1 conv weight, got {k}x{k}")
     check_channel_vector("scale", scale, c_out, x)
     check_channel_vector("shift", shift, c_out, x)
     n, c_b, ho, wo = x.shape
-    check_activation("shortcut", shortcut)
+    check_activation("shortcut", shortcut, device_check=device_check)
     check_same("shortcut", shortcut, x, "x")
     if gate is not None:
         check_gate(gate, n, c_b, x)
@@ -163,8 +176,7 @@ def conv1x1_gate_residual(
                 f"identity shortcut must have the output's shape {(n, c_out, ho, wo)}, "
                 f"got {tuple(shortcut.shape)} (pass proj_weight for a projection shortcut)"
             )
-        return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
-                                         None, None, None, 1)
+        return
     if proj_scale is None or proj_shift is None:
         raise ValueError("a projection shortcut needs proj_scale and proj_shift")
     if proj_stride < 1:
@@ -184,5 +196,3 @@ def conv1x1_gate_residual(
         raise ValueError(
             f"a stride-{proj_stride} projection of a {h}x{w} shortcut is not {ho}x{wo} like x"
         )
-    return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
-                                     proj_weight, proj_scale, proj_shift, proj_stride)

@@ -201,15 +201,21 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     Returns:
         y (channels_last, x's dtype), or (y, sums) when squeeze=True.
     """
-    check_activation("x", x)
+    check_conv_bn_act_args(x, weight, scale, shift, stride, groups)
+    if squeeze:
+        return _conv_bn_act_squeeze_op(x, weight, scale, shift, stride, groups, relu)
+    return _conv_bn_act_op(x, weight, scale, shift, stride, groups, relu)
+
+
+def check_conv_bn_act_args(x, weight, scale, shift, stride, groups, device_check=None) -> None:
+    """conv_bn_act's argument checks (shared with the C++ backend, which passes
+    its own device check)."""
+    check_activation("x", x, device_check=device_check)
     c_out, _ = check_conv_weight("weight", weight, x, groups)
     check_channel_vector("scale", scale, c_out, x)
     check_channel_vector("shift", shift, c_out, x)
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    if squeeze:
-        return _conv_bn_act_squeeze_op(x, weight, scale, shift, stride, groups, relu)
-    return _conv_bn_act_op(x, weight, scale, shift, stride, groups, relu)
 
 
 class ConvStats(NamedTuple):

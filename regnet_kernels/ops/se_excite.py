@@ -107,27 +107,16 @@ def _se_excite_backward(ctx, grad_gate):
 _se_excite_op.register_autograd(_se_excite_backward, setup_context=_se_excite_setup)
 
 
-def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
-              w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums.
-
-    Args:
-        sums: float32 per-image channel sums, (N, C) or (N, T, C) partial sums over
-            T row tiles (as returned by `conv_bn_act(..., squeeze=True)`).
-        hw: number of pixels summed per image (Ho * Wo of the squeezed map).
-        w1: (S, C) or (S, C, 1, 1) first SE conv weight; b1: (S,).
-        w2: (C, S) or (C, S, 1, 1) second SE conv weight; b2: (C,).
-
-    Returns:
-        (N, C) float32 gate.
-    """
+def check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=None) -> torch.Tensor:
+    """se_excite's argument checks (shared with the C++ backend, which passes its
+    own device check). Returns sums as (N, T, C)."""
     if sums.dim() == 2:
         sums = sums.unsqueeze(1)
     if sums.dim() != 3:
         raise ValueError(f"sums must be (N, C) or (N, T, C), got shape {tuple(sums.shape)}")
     if sums.dtype != torch.float32:
         raise TypeError(f"sums must be float32, got {sums.dtype}")
-    check_device("sums", sums)
+    (device_check or check_device)("sums", sums)
     if int(hw) < 1:
         raise ValueError(f"hw must be >= 1, got {hw}")
     c = sums.shape[2]
@@ -143,6 +132,24 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
             raise TypeError(f"{name} has unsupported dtype {t.dtype}")
     if s > MAX_SE_WIDTH:
         raise ValueError(f"SE width {s} exceeds the supported maximum {MAX_SE_WIDTH}")
+    return sums
+
+
+def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
+              w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums.
+
+    Args:
+        sums: float32 per-image channel sums, (N, C) or (N, T, C) partial sums over
+            T row tiles (as returned by `conv_bn_act(..., squeeze=True)`).
+        hw: number of pixels summed per image (Ho * Wo of the squeezed map).
+        w1: (S, C) or (S, C, 1, 1) first SE conv weight; b1: (S,).
+        w2: (C, S) or (C, S, 1, 1) second SE conv weight; b2: (C,).
+
+    Returns:
+        (N, C) float32 gate.
+    """
+    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2)
     return _se_excite_op(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 

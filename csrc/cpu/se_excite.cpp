@@ -1,0 +1,62 @@
+// se_excite on the CPU: one work item per image; the squeeze mean and the
+// hidden vector stay in a thread-local buffer, only the gate is written.
+#include "common.h"
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace regnet_kernels::cpu {
+namespace {
+
+at::Tensor se_excite(const at::Tensor& sums, int64_t hw, const at::Tensor& w1, const at::Tensor& b1,
+                     const at::Tensor& w2, const at::Tensor& b2) {
+  for (const auto& [t, name] : {std::pair{&sums, "sums"}, {&w1, "w1"}, {&b1, "b1"}, {&w2, "w2"},
+                                {&b2, "b2"}}) {
+    check_cpu(*t, name);
+  }
+  TORCH_CHECK(sums.dim() == 3 && sums.scalar_type() == at::kFloat,
+              "regnet_kernels: sums must be float32 (N, T, C), got ", sums.scalar_type(), " ",
+              sums.sizes());
+  TORCH_CHECK(hw >= 1, "regnet_kernels: hw must be >= 1, got ", hw);
+  const int64_t n = sums.size(0), tiles = sums.size(1), c = sums.size(2), s = w1.size(0);
+  TORCH_CHECK(w1.numel() == s * c && w2.numel() == c * s && w2.size(0) == c && b1.numel() == s &&
+                  b2.numel() == c,
+              "regnet_kernels: SE weights do not fit ", c, " channels and SE width ", s);
+  at::Tensor gate = at::empty({n, c}, sums.options());
+  if (gate.numel() == 0) return gate;
+  // fp32 copies of the (small) SE weights; no-ops for contiguous fp32 ones.
+  const at::Tensor w1f = f32(w1.reshape({s, c})), w2f = f32(w2.reshape({c, s}));
+  const at::Tensor b1f = f32(b1), b2f = f32(b2), sf = sums.contiguous();
+  const float *pw1 = w1f.data_ptr<float>(), *pw2 = w2f.data_ptr<float>();
+  const float *pb1 = b1f.data_ptr<float>(), *pb2 = b2f.data_ptr<float>();
+  const float* ps = sf.data_ptr<float>();
+  float* pg = gate.data_ptr<float>();
+  const float inv_hw = 1.f / static_cast<float>(hw);
+
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mean(c), hidden(s);
+    for (int64_t img = begin; img < end; ++img) {
+      const float* src = ps + img * tiles * c;
+      std::fill(mean.begin(), mean.end(), 0.f);
+      for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t k = 0; k < c; ++k) mean[k] += src[t * c + k];
+      for (int64_t k = 0; k < c; ++k) mean[k] *= inv_hw;
+      for (int64_t j = 0; j < s; ++j)
+        hidden[j] = std::max(dot(pw1 + j * c, mean.data(), c) + pb1[j], 0.f);
+      float* dst = pg + img * c;
+      for (int64_t k = 0; k < c; ++k) {
+        const float z = dot(pw2 + k * s, hidden.data(), s) + pb2[k];
+        dst[k] = 1.f / (1.f + std::exp(-z));
+      }
+    }
+  });
+  return gate;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regnet_kernels, CPU, m) { m.impl("se_excite", &se_excite); }
+
+}  // namespace regnet_kernels::cpu

@@ -1,0 +1,192 @@
+"""Finding, building (on first use) and loading the C++/CUDA extension.
+
+Nothing is compiled at install time and `import regnet_kernels` never builds:
+the first call of a C++ op (`regnet_kernels.ops.cpp.*`) calls `load()`, which
+
+1. finds the sources: `csrc/` at the repository root, next to the package
+   (an editable install or a source checkout);
+2. picks a cache directory keyed by everything the binary depends on:
+   `$REGNET_KERNELS_CACHE` (or `$XDG_CACHE_HOME/regnet_kernels`, default
+   `~/.cache/regnet_kernels`) / `<torch version>-<cpu|cuXY>-<hash>`, the hash over
+   the sources, the compiler flags and the CPU's vector capability;
+3. builds there with `torch.utils.cpp_extension.load` + ninja if no finished
+   build is there (one line on stderr says so; ~30 s on 2 cores), under an
+   exclusive `fcntl.flock` on `<cache dir>/build.lock`, so concurrent processes
+   build once and the others wait and load the result;
+4. loads the shared library into torch (`torch.ops.regnet_kernels.*`).
+
+CUDA sources (`csrc/cuda/*.cu` and their binding `csrc/cuda/*.cpp`) are compiled
+only where torch has CUDA and a device is present; elsewhere the extension is the
+schemas plus the CPU kernels. A failed build raises `ExtensionBuildError` saying
+what is needed; it is remembered, so later calls fail fast with the same error.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+NAME = "regnet_kernels_cpp"
+CACHE_ENV = "REGNET_KERNELS_CACHE"
+
+_lock = threading.Lock()
+_loaded: str | None = None  # path of the loaded library
+_error: Exception | None = None
+
+
+class ExtensionBuildError(RuntimeError):
+    """The C++ extension could not be found, built or loaded."""
+
+
+def source_dir() -> Path:
+    """`csrc/` at the repository root (next to the `regnet_kernels` package)."""
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _with_cuda() -> bool:
+    return torch.version.cuda is not None and torch.cuda.is_available()
+
+
+def _cpu_flags() -> list[str]:
+    """Compiler flags: optimization, OpenMP (at::parallel_for is OpenMP in torch's
+    CPU builds) and AVX2 for ATen's Vectorized when this CPU and torch have it."""
+    flags = ["-O3", "-fopenmp"]
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        capability = "DEFAULT"
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return flags
+
+
+def _sources(csrc: Path, with_cuda: bool) -> list[Path]:
+    sources = [csrc / "ops.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        sources += sorted((csrc / "cuda").glob("*.cu")) + sorted((csrc / "cuda").glob("*.cpp"))
+    return sources
+
+
+def _build_key(csrc: Path, sources: list[Path], flags: list[str], with_cuda: bool) -> str:
+    h = hashlib.sha256()
+    dirs = [csrc, csrc / "cpu"] + ([csrc / "cuda"] if with_cuda else [])
+    headers = sorted(p for d in dirs for p in d.glob("*") if p.suffix in (".h", ".cuh", ".hpp"))
+    for p in sorted(sources) + headers:
+        h.update(str(p.relative_to(csrc)).encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update(" ".join(flags).encode())
+    device = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+    return f"{torch.__version__.replace('+', '_')}-{device}-{h.hexdigest()[:16]}"
+
+
+def cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "regnet_kernels"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _how_to_build(csrc: Path, build_dir: Path | None) -> str:
+    return (
+        "The regnet_kernels C++ extension is compiled on first use with "
+        "torch.utils.cpp_extension and ninja. It needs: the sources in "
+        f"{csrc} (a source checkout or an editable install: pip install -e .), a C++20 "
+        "compiler with OpenMP (g++ >= 10 or clang >= 12; pick one with the CXX environment variable), "
+        "the `ninja` package, and a writable cache directory "
+        f"({build_dir if build_dir else cache_root()}; set {CACHE_ENV}=/some/dir to move it). "
+        "The Triton backend (regnet_kernels.ops) does not need it."
+    )
+
+
+def _build_and_load() -> str:
+    csrc = source_dir()
+    if not (csrc / "ops.cpp").is_file():
+        raise ExtensionBuildError(f"C++ sources not found at {csrc}. " + _how_to_build(csrc, None))
+    with_cuda = _with_cuda()
+    flags = _cpu_flags()
+    sources = _sources(csrc, with_cuda)
+    build_dir = cache_root() / _build_key(csrc, sources, flags, with_cuda)
+    library = build_dir / f"{NAME}.so"
+    done = build_dir / "BUILD_OK"
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with _file_lock(build_dir / "build.lock"):
+            if not done.is_file():
+                print(f"regnet_kernels: building the C++ extension (first use, ~30 s) in {build_dir}",
+                      file=sys.stderr, flush=True)
+                from torch.utils import cpp_extension
+
+                kwargs = {}
+                if with_cuda:
+                    kwargs["extra_cuda_cflags"] = [
+                        "-O3", "-gencode=arch=compute_90a,code=sm_90a",
+                        "-gencode=arch=compute_80,code=sm_80"]
+                cpp_extension.load(
+                    name=NAME, sources=[str(s) for s in sources], build_directory=str(build_dir),
+                    extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                    extra_include_paths=[str(csrc)], is_python_module=False,
+                    is_standalone=False, verbose=False, **kwargs)
+                done.write_text(str(library) + "\n")
+                return str(library)
+    except ExtensionBuildError:
+        raise
+    except Exception as e:  # compiler errors, missing ninja, unwritable cache, ...
+        detail = str(e).strip()
+        first_error = detail.find("error")
+        if len(detail) > 4000:  # keep the first compiler error, not only the tail
+            start = max(0, detail.rfind("\n", 0, max(first_error, 0)) - 500)
+            detail = ("..." if start else "") + detail[start:start + 4000] + "\n..."
+        raise ExtensionBuildError(
+            f"building the regnet_kernels C++ extension in {build_dir} failed: "
+            f"{type(e).__name__}: {detail}\n" + _how_to_build(csrc, build_dir)) from e
+    try:
+        torch.ops.load_library(str(library))
+    except Exception as e:
+        raise ExtensionBuildError(
+            f"loading {library} failed ({e}); delete {build_dir} to rebuild. "
+            + _how_to_build(csrc, build_dir)) from e
+    return str(library)
+
+
+def load() -> str:
+    """Build (first use only) and load the extension; returns the library's path.
+    Raises ExtensionBuildError, with what the build needs, when it cannot."""
+    global _loaded, _error
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            if _error is not None:
+                raise _error
+            try:
+                _loaded = _build_and_load()
+            except ExtensionBuildError as e:
+                _error = e
+                raise
+    return _loaded
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the extension is (or can be) built and loaded, else (False, reason).
+    Builds it when it was not yet built."""
+    try:
+        load()
+    except ExtensionBuildError as e:
+        return False, str(e)
+    return True, ""
