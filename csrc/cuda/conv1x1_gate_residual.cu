@@ -1,0 +1,217 @@
+// The end of a RegNet block in one kernel: 1x1 conv c with the SE gate applied as its
+// input is loaded, folded BN, the shortcut and the final ReLU.
+//   y = relu((x * gate[n, :]) @ w^T * scale + shift + shortcut')
+//   shortcut' = res                                              (identity)
+//             = (res[:, ::s, ::s, :] @ w_p^T) * scale_p + shift_p  (projection)
+// The projection is a second implicit GEMM (rk::gemm, igemm.cuh, with stride s and a
+// 1x1 kernel) into its own accumulator in the same CTA: its output never touches
+// memory. Grid: x over tiles of BM output pixels, y over tiles of BN output channels.
+// fp16 / bf16 use tensor cores (mma.sync m16n8k16), fp32 uses FMAs.
+#include "igemm.cuh"
+#include "launchers.h"
+
+namespace rk {
+namespace {
+
+template <typename T>
+struct GateParams {
+  AOperand<T> a;            // x (gated)
+  BOperand<T> b;            // weight
+  AOperand<T> ra;           // res through the projection's stride
+  BOperand<T> rb;           // proj weight
+  RowMap rows;
+  int cout;
+  const float* scale;
+  const float* shift;
+  const float* pscale;
+  const float* pshift;
+  const T* res;             // identity shortcut
+  int64_t srn, srh, srw, src;
+  T* y;
+};
+
+template <typename T, class TL, bool PROJECT>
+__global__ void __launch_bounds__(TL::kThreads, 1) conv1x1_gate_residual_kernel(
+    const GateParams<T> p) {
+  __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL>)];
+  Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
+  const int co0 = static_cast<int>(blockIdx.y) * TL::BN;
+  const int n_valid = min(TL::BN, p.cout - co0);
+
+  BOperand<T> b = p.b;
+  b.co0 = co0;
+  b.n_valid = n_valid;
+  float acc[TL::MI][TL::NJ][4];
+  zero<TL>(acc);
+  gemm<T, TL>(acc, p.a, b, p.rows, sm);
+
+  float accp[PROJECT ? TL::MI : 1][PROJECT ? TL::NJ : 1][4];
+  if constexpr (PROJECT) {
+    BOperand<T> rb = p.rb;
+    rb.co0 = co0;
+    rb.n_valid = n_valid;
+    zero<TL>(accp);
+    gemm<T, TL>(accp, p.ra, rb, p.rows, sm);
+  }
+
+  const Frag<TL> f;
+  const ChannelVec<TL> sc(p.scale, f, co0, n_valid), sh(p.shift, f, co0, n_valid);
+  const ChannelVec<TL> psc(PROJECT ? p.pscale : nullptr, f, co0, n_valid);
+  const ChannelVec<TL> psh(PROJECT ? p.pshift : nullptr, f, co0, n_valid);
+  for_each_row(f, p.rows, [&](int i, int h, int64_t m, int n, int oh, int ow, bool rok) {
+    if (!rok) return;
+    const int64_t res_row = static_cast<int64_t>(n) * p.srn + oh * p.srh + ow * p.srw;
+#pragma unroll
+    for (int j = 0; j < TL::NJ; ++j) {
+      float v[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = f.col(j, e);
+        v[e] = fmaf(acc[i][j][2 * h + e], sc.v[j][e], sh.v[j][e]);
+        if constexpr (PROJECT) {
+          v[e] += fmaf(accp[i][j][2 * h + e], psc.v[j][e], psh.v[j][e]);
+        } else {
+          if (c < n_valid) v[e] += Elem<T>::to_float(p.res[res_row + (co0 + c) * p.src]);
+        }
+        v[e] = fmaxf(v[e], 0.0f);
+      }
+      store_pair(p.y, m * p.cout + co0 + f.col(j, 0), v[0], v[1], f.col(j, 0) < n_valid,
+                 f.col(j, 1) < n_valid);
+    }
+  });
+}
+
+// Tiles by output width: the 1x1 convs of RegNet blocks are dense (C_out >= 24).
+using G128x32 = Tile<128, 32, 4, 1>;
+using G128x64 = Tile<128, 64, 4, 2>;
+using G64x128 = Tile<64, 128, 2, 4>;
+
+template <typename T, class TL, bool PROJECT>
+cudaError_t launch_tile(const GateParams<T>& p, int64_t m_total, cudaStream_t stream) {
+  const int64_t grid_x = (m_total + TL::BM - 1) / TL::BM;
+  const int64_t grid_y = (p.cout + TL::BN - 1) / TL::BN;
+  if (grid_x > 0x7fffffffLL || grid_y > 65535) return cudaErrorInvalidValue;
+  conv1x1_gate_residual_kernel<T, TL, PROJECT>
+      <<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), TL::kThreads, 0,
+         stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool PROJECT>
+cudaError_t launch_project(const GateParams<T>& p, int64_t m_total, cudaStream_t stream) {
+  if (p.cout <= 32) return launch_tile<T, G128x32, PROJECT>(p, m_total, stream);
+  if (p.cout <= 64) return launch_tile<T, G128x64, PROJECT>(p, m_total, stream);
+  return launch_tile<T, G64x128, PROJECT>(p, m_total, stream);
+}
+
+template <typename T>
+AOperand<T> a_operand(const void* x, int64_t sn, int64_t sh, int64_t sw, int64_t sc, int64_t h,
+                      int64_t w, int64_t c, int64_t stride) {
+  constexpr int V = Layout<T>::kVec;
+  AOperand<T> a;
+  a.x = static_cast<const T*>(x);
+  a.sn = sn;
+  a.sh = sh;
+  a.sw = sw;
+  a.sc = sc;
+  a.h = static_cast<int>(h);
+  a.w = static_cast<int>(w);
+  a.cin_g = static_cast<int>(c);
+  a.ci0 = 0;
+  a.ks = 1;
+  a.stride = static_cast<int>(stride);
+  a.pad = 0;
+  a.gate = nullptr;
+  a.sg = 0;
+  a.vec = sc == 1 && c % V == 0 && sn % V == 0 && sh % V == 0 && sw % V == 0 && aligned16(x);
+  return a;
+}
+
+template <typename T>
+BOperand<T> b_operand(const void* w, int64_t so, int64_t si, int64_t k) {
+  constexpr int V = Layout<T>::kVec;
+  BOperand<T> b;
+  b.w = static_cast<const T*>(w);
+  b.so = so;
+  b.si = si;
+  b.sh = 0;
+  b.sw = 0;
+  b.co0 = 0;
+  b.n_valid = 0;
+  b.vec = si == 1 && k % V == 0 && so % V == 0 && aligned16(w);
+  return b;
+}
+
+template <typename T>
+cudaError_t launch(const rk_conv1x1_gate_residual_args& a, cudaStream_t stream) {
+  GateParams<T> p;
+  p.a = a_operand<T>(a.x, a.sx_n, a.sx_h, a.sx_w, a.sx_c, a.h, a.w, a.c_in, 1);
+  p.a.gate = a.gate;
+  p.a.sg = a.s_gate_n;
+  p.b = b_operand<T>(a.weight, a.sw_o, a.sw_i, a.c_in);
+  const bool project = a.proj_weight != nullptr;
+  if (project) {
+    p.ra = a_operand<T>(a.res, a.sr_n, a.sr_h, a.sr_w, a.sr_c, a.res_h, a.res_w, a.res_c,
+                        a.proj_stride);
+    p.rb = b_operand<T>(a.proj_weight, a.sp_o, a.sp_i, a.res_c);
+  } else {
+    p.ra = p.a;
+    p.rb = p.b;
+  }
+  p.rows.m_total = a.n * a.h * a.w;
+  p.rows.hwo = static_cast<int>(a.h * a.w);
+  p.rows.wo = static_cast<int>(a.w);
+  p.rows.tiles_per_image = 0;
+  p.cout = static_cast<int>(a.c_out);
+  p.scale = a.scale;
+  p.shift = a.shift;
+  p.pscale = a.proj_scale;
+  p.pshift = a.proj_shift;
+  p.res = static_cast<const T*>(a.res);
+  p.srn = a.sr_n;
+  p.srh = a.sr_h;
+  p.srw = a.sr_w;
+  p.src = a.sr_c;
+  p.y = static_cast<T*>(a.y);
+  const int64_t m_total = p.rows.m_total;
+  return project ? launch_project<T, true>(p, m_total, stream)
+                 : launch_project<T, false>(p, m_total, stream);
+}
+
+}  // namespace
+}  // namespace rk
+
+extern "C" cudaError_t rk_conv1x1_gate_residual(const rk_conv1x1_gate_residual_args* args,
+                                                cudaStream_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const rk_conv1x1_gate_residual_args& a = *args;
+  constexpr int64_t kMax = 0x7fffffffLL;
+  if (a.n < 0 || a.h < 0 || a.w < 0 || a.c_in < 1 || a.c_out < 1) return cudaErrorInvalidValue;
+  if (a.n * a.h * a.w == 0) return cudaSuccess;
+  if (a.n > kMax || a.h * a.w > kMax || a.c_in > kMax || a.c_out > kMax)
+    return cudaErrorInvalidValue;
+  if (a.x == nullptr || a.weight == nullptr || a.scale == nullptr || a.shift == nullptr ||
+      a.res == nullptr || a.y == nullptr)
+    return cudaErrorInvalidValue;
+  if (a.proj_weight == nullptr) {  // identity: res is (N, Ho, Wo, C_out)
+    if (a.res_h != a.h || a.res_w != a.w || a.res_c != a.c_out) return cudaErrorInvalidValue;
+  } else {
+    if (a.proj_scale == nullptr || a.proj_shift == nullptr || a.proj_stride < 1 ||
+        a.res_c < 1 || a.res_c > kMax || a.res_h > kMax || a.res_w > kMax ||
+        (a.res_h - 1) / a.proj_stride + 1 != a.h || (a.res_w - 1) / a.proj_stride + 1 != a.w)
+      return cudaErrorInvalidValue;
+  }
+  switch (a.dtype) {
+    case RK_FLOAT32:
+      if (reinterpret_cast<uintptr_t>(a.y) % 8) return cudaErrorInvalidValue;
+      return rk::launch<float>(a, stream);
+    case RK_FLOAT16:
+      if (reinterpret_cast<uintptr_t>(a.y) % 4) return cudaErrorInvalidValue;
+      return rk::launch<__half>(a, stream);
+    case RK_BFLOAT16:
+      if (reinterpret_cast<uintptr_t>(a.y) % 4) return cudaErrorInvalidValue;
+      return rk::launch<__nv_bfloat16>(a, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
