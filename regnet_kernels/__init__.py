@@ -4,7 +4,7 @@ Public API:
   design space:   RegNetParams, sample_params
   model zoo:      list_models, model_params
   complexity:     complexity
-  modules:        reference_model
+  modules:        reference_model, fused_model, fuse, unfuse
   checkpoints:    load_checkpoint
   fused ops:      regnet_kernels.ops (conv_bn_act, se_excite, conv1x1_gate_residual)
 """
@@ -12,6 +12,7 @@ from .design import RegNetParams, sample_params
 from .zoo import list_models, model_params
 from .complexity import complexity
 from .models.reference import reference_model
+from .models.fused import fuse, fused_model, unfuse
 from .checkpoints import load_checkpoint
 from . import ops
 
@@ -24,6 +25,9 @@ __all__ = [
     "model_params",
     "complexity",
     "reference_model",
+    "fused_model",
+    "fuse",
+    "unfuse",
     "load_checkpoint",
     "ops",
 ]
