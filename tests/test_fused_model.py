@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import regnet_kernels as rk
+from blocks import OpRecorder
 from numerics import DEVICE, randomize_bn, rel_err
 from regnet_kernels.models.fused import FusedBlock, fuse, fused_model, unfuse
 from regnet_kernels.models.reference import ResBottleneckBlock
@@ -93,3 +94,29 @@ def test_eval_with_grad_warns():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'cuda_graphs'"):
         fused_model(TINY, backend="cuda_graphs")
+
+
+def fused_ops_used(model, x):
+    """The op namespaces a forward dispatches to (regnet_triton or regnet_kernels)."""
+    with torch.no_grad(), OpRecorder() as rec:
+        model(x)
+    return {op.split(".")[0] for op in rec.ops if op.startswith("regnet_")}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU backend runs CPU tensors")
+@pytest.mark.parametrize("backend,namespace", [("auto", "regnet_kernels"), ("cpu", "regnet_kernels"),
+                                               ("triton", "regnet_triton")])
+def test_eval_backends_on_cpu(backend, namespace):
+    ref, _ = pair(TINY)
+    fused = fuse(copy.deepcopy(ref), backend=backend).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    assert fused_ops_used(fused, x) == {namespace}
+    with torch.no_grad():
+        assert rel_err(fused(x), ref.eval()(x)) < 1e-5
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU backend runs CPU tensors")
+def test_cpu_backend_training_is_a_clear_error():
+    fused = fused_model(TINY, backend="cpu").train()
+    with pytest.raises(NotImplementedError, match="training on the C\\+\\+ CPU backend"):
+        fused(torch.randn(2, 3, 32, 32))

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..design import RegNetParams
+from ..ops._implicit_gemm import interpreting
 from ..zoo import resolve_params
 from .reference import RegNet, ResBottleneckBlock, Stem
 
@@ -113,7 +114,7 @@ def block_forward_train(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
 # with forwards through the fused ops (so the reference builder builds fused models)
 # ---------------------------------------------------------------------------
 
-BACKENDS = ("triton",)
+BACKENDS = ("triton", "cpu")
 
 
 def _state_key(module: nn.Module) -> tuple:
@@ -122,9 +123,28 @@ def _state_key(module: nn.Module) -> tuple:
                  for t in itertools.chain(module.parameters(), module.buffers()))
 
 
-class _EvalFolding:
-    """Eval-mode BN folding cached until a parameter or buffer changes, so an
-    eval forward launches only the fused kernels (4 per Y block, 3 per X)."""
+class _FusedModule:
+    """What the fused stem and blocks share: the backend choice, and eval-mode BN
+    folding cached until a parameter or buffer changes, so an eval forward
+    launches only the fused kernels (4 per Y block, 3 per X)."""
+
+    backend = "auto"  # "auto": CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops
+
+    def _eval_ops(self, x: torch.Tensor):
+        """The module of eval ops (conv_bn_act, se_excite, conv1x1_gate_residual) for x."""
+        if self.backend == "cpu" or (self.backend == "auto" and x.device.type == "cpu"):
+            from ..ops import cpp
+            return cpp
+        return ops
+
+    def _check_training(self, x: torch.Tensor) -> None:
+        cpu = self.backend == "cpu" or (self.backend == "auto" and x.device.type == "cpu"
+                                        and not interpreting())
+        if cpu:
+            raise NotImplementedError(
+                f"{type(self).__name__}: training on the C++ CPU backend is not implemented yet "
+                "(it has the eval ops); train on a CUDA device, or with backend='triton' under "
+                "TRITON_INTERPRET=1 (slow)")
 
     def _folded(self, fold):
         if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
@@ -143,41 +163,47 @@ class _EvalFolding:
                           "torch.no_grad() for inference, or .train() to train", stacklevel=3)
 
 
-class FusedBlock(_EvalFolding, ResBottleneckBlock):
+class FusedBlock(_FusedModule, ResBottleneckBlock):
     """ResBottleneckBlock through the fused ops: eval = BN folded from running
     statistics (3 or 4 launches), train = batch statistics with autograd."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
+            self._check_training(x)
             return block_forward_train(x, self)
         self._warn_if_grad(x)
-        return block_forward_eval(x, self._folded(fold_block))
+        return block_forward_eval(x, self._folded(fold_block), self._eval_ops(x))
 
 
-class FusedStem(_EvalFolding, Stem):
+class FusedStem(_FusedModule, Stem):
     """The stem (3x3 stride-2 conv, BN, ReLU) as one conv_bn_act in eval; in training
     conv_bn_train plus one pass that writes relu(BN(y)) (the blocks read a real input)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self[0], self[1]
         if self.training:
+            self._check_training(x)
             out = ops.conv_bn_train(x, conv.weight, bn, stride=conv.stride[0])
             return ops.bn_add_relu(out.y, out.scale, out.shift)
         self._warn_if_grad(x)
         folded = self._folded(lambda stem: FoldedConv.of(stem[0], stem[1]))
-        return ops.conv_bn_act(x, folded.weight, folded.scale, folded.shift, stride=folded.stride)
+        return self._eval_ops(x).conv_bn_act(x, folded.weight, folded.scale, folded.shift,
+                                             stride=folded.stride)
 
 
 _FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}
 
 
-def _check_backend(backend: str) -> str:
-    if backend == "auto":
-        return "triton"
-    if backend not in BACKENDS:
+def _check_backend(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: 'auto', "
                          + ", ".join(repr(b) for b in BACKENDS))
-    return backend
+
+
+def _set_backend(model: nn.Module, backend: str) -> None:
+    for module in model.modules():
+        if isinstance(module, _FusedModule):
+            module.backend = backend
 
 
 def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
@@ -185,10 +211,14 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     """A RegNet built by the reference builder with fused stem and blocks: the same
     state_dict keys and shapes as `reference_model`, so checkpoints load into it.
 
-    backend: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "auto".
+    backend: "auto" (CUDA tensors -> Triton; CPU tensors -> the C++ CPU ops in eval, and
+    in training the Triton interpreter when TRITON_INTERPRET=1), "triton" (CUDA tensors,
+    or CPU tensors under TRITON_INTERPRET=1) or "cpu" (the C++ CPU ops; eval only so far).
     """
     _check_backend(backend)
-    return RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
+    model = RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
+    _set_backend(model, backend)
+    return model
 
 
 def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -198,6 +228,7 @@ def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
     for module in model.modules():
         if type(module) in _FUSED:
             module.__class__ = _FUSED[type(module)]
+    _set_backend(model, backend)
     return model
 
 
@@ -206,6 +237,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     reference = {fused: ref for ref, fused in _FUSED.items()}
     for module in model.modules():
         if type(module) in reference:
-            module.__dict__.pop("_fold_cache", None)
+            for attr in ("_fold_cache", "backend", "_warned"):
+                module.__dict__.pop(attr, None)
             module.__class__ = reference[type(module)]
     return model
