@@ -5,6 +5,7 @@ import torch
 
 from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
                       rel_err, tol)
+from bad_inputs import GATE_RESIDUAL_CASES, PROJ, gate_residual_args
 from regnet_kernels import ops
 
 
@@ -53,36 +54,15 @@ def test_projection_shortcut(n, c_in, c_out, ho, stride, gated, dtype):
     run_case(n, c_out, c_out, ho, dtype, gated, proj_in=c_in, stride=stride)
 
 
-def _args(**over):
-    args = dict(x=torch.randn(2, 16, 7, 7), weight=torch.randn(24, 16, 1, 1),
-                scale=torch.ones(24), shift=torch.zeros(24), shortcut=torch.randn(2, 24, 7, 7))
-    args.update(over)
-    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-
-
-PROJ = dict(shortcut=torch.randn(2, 8, 13, 13), proj_weight=torch.randn(24, 8, 1, 1),
-            proj_scale=torch.ones(24), proj_shift=torch.zeros(24), proj_stride=2)
-
-
-@pytest.mark.parametrize("over,err,match", [
-    (dict(weight=torch.randn(24, 16, 3, 3)), ValueError, "1x1"),
-    (dict(shortcut=torch.randn(2, 16, 7, 7)), ValueError, "identity shortcut"),
-    (dict(gate=torch.rand(2, 15)), ValueError, "gate must have shape"),
-    (dict(gate=torch.rand(2, 16).half()), TypeError, "gate must be float32"),
-    (dict(shortcut=torch.randn(2, 24, 7, 7).half()), TypeError, "dtype"),
-    (dict(PROJ, proj_stride=1), ValueError, "projection"),
-    (dict(PROJ, proj_weight=torch.randn(24, 9, 1, 1)), ValueError, "input channels"),
-    (dict(PROJ, proj_scale=None), ValueError, "proj_scale"),
-    (dict(proj_scale=torch.ones(24)), ValueError, "without proj_weight"),
-])
+@pytest.mark.parametrize("over,err,match", GATE_RESIDUAL_CASES)
 def test_bad_input(over, err, match):
     with pytest.raises(err, match=match):
-        ops.conv1x1_gate_residual(**_args(**over))
+        ops.conv1x1_gate_residual(**gate_residual_args(DEVICE, **over))
 
 
 @pytest.mark.parametrize("project", [False, True])
 def test_opcheck(project):
-    a = _args(gate=torch.rand(2, 16), **(PROJ if project else {}))
+    a = gate_residual_args(DEVICE, gate=torch.rand(2, 16), **(PROJ if project else {}))
     torch.library.opcheck(
         torch.ops.regnet_triton.conv1x1_gate_residual.default,
         (a["x"], a["weight"], a["scale"], a["shift"], a["gate"], a["shortcut"],

@@ -4,6 +4,7 @@ import torch
 
 from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, activation, bn_fold, conv_weight,
                       grouped_conv_cases, poisoned_outputs, ref_conv_bn, rel_err, tol)
+from bad_inputs import CONV_BN_ACT_CASES, conv_bn_act_args
 from regnet_kernels import list_models, model_params, ops
 from regnet_kernels.ops import _implicit_gemm
 
@@ -81,37 +82,16 @@ def test_empty_batch():
     assert y.shape == (0, 8, 5, 5) and sums.shape[0] == 0
 
 
-def _args(**over):
-    x = torch.randn(2, 16, 7, 7, device=DEVICE)
-    args = dict(x=x, weight=torch.randn(16, 8, 3, 3, device=DEVICE),
-                scale=torch.ones(16, device=DEVICE), shift=torch.zeros(16, device=DEVICE),
-                groups=2)
-    args.update(over)
-    return args
-
-
-@pytest.mark.parametrize("over,err,match", [
-    (dict(x=torch.randn(16, 7, 7)), ValueError, "4-D"),
-    (dict(x=torch.randn(2, 24, 7, 7)), ValueError, "input channels"),
-    (dict(groups=3), ValueError, "does not divide"),
-    (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float16)), TypeError, "dtype"),
-    (dict(x=torch.randn(2, 16, 7, 7).long()), TypeError, "dtype"),
-    (dict(weight=torch.randn(16, 8, 2, 2)), ValueError, "odd"),
-    (dict(scale=torch.ones(15)), ValueError, r"scale must have shape \(16,\)"),
-    (dict(shift=torch.zeros(16, dtype=torch.float64)), TypeError, "float32"),
-    (dict(stride=0), ValueError, "stride"),
-])
+@pytest.mark.parametrize("over,err,match", CONV_BN_ACT_CASES)
 def test_bad_input(over, err, match):
-    args = _args(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()})
     with pytest.raises(err, match=match):
-        ops.conv_bn_act(**args)
+        ops.conv_bn_act(**conv_bn_act_args(DEVICE, **over))
 
 
 def test_cpu_tensor_without_interpreter(monkeypatch):
     monkeypatch.setattr(_implicit_gemm, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        ops.conv_bn_act(**_args(x=torch.randn(2, 16, 7, 7), weight=torch.randn(16, 8, 3, 3),
-                                scale=torch.ones(16), shift=torch.zeros(16)))
+        ops.conv_bn_act(**conv_bn_act_args("cpu"))
 
 
 @pytest.mark.parametrize("op,squeeze", [("conv_bn_act", False), ("conv_bn_act_squeeze", True)])

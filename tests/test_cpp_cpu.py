@@ -9,6 +9,8 @@ import textwrap
 import pytest
 import torch
 
+from bad_inputs import (CONV_BN_ACT_CASES, GATE_RESIDUAL_CASES, conv_bn_act_args,
+                        gate_residual_args)
 from blocks import BLOCKS, make_block
 from numerics import (activation, bn_fold, conv_weight, grouped_conv_cases,
                       ref_conv_bn, rel_err)
@@ -173,27 +175,10 @@ def test_empty_batch():
     assert y.shape == (0, 8, 5, 5) and sums.shape == (0, 1, 8)
 
 
-def _conv_args(**over):
-    args = dict(x=torch.randn(2, 16, 7, 7), weight=torch.randn(16, 8, 3, 3),
-                scale=torch.ones(16), shift=torch.zeros(16), groups=2)
-    args.update(over)
-    return args
-
-
-@pytest.mark.parametrize("over,err,match", [
-    (dict(x=torch.randn(16, 7, 7)), ValueError, "4-D"),
-    (dict(x=torch.randn(2, 24, 7, 7)), ValueError, "input channels"),
-    (dict(groups=3), ValueError, "does not divide"),
-    (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float16)), TypeError, "dtype"),
-    (dict(x=torch.randn(2, 16, 7, 7).double()), TypeError, "dtype"),
-    (dict(weight=torch.randn(16, 8, 2, 2)), ValueError, "odd"),
-    (dict(scale=torch.ones(15)), ValueError, r"scale must have shape \(16,\)"),
-    (dict(shift=torch.zeros(16, dtype=torch.float64)), TypeError, "float32"),
-    (dict(stride=0), ValueError, "stride"),
-])
+@pytest.mark.parametrize("over,err,match", CONV_BN_ACT_CASES)
 def test_conv_bad_input(over, err, match):
     with pytest.raises(err, match=match):
-        cpp.conv_bn_act(**_conv_args(**over))
+        cpp.conv_bn_act(**conv_bn_act_args("cpu", **over))
 
 
 def test_cpp_checks_behind_the_python_ones():
@@ -313,31 +298,10 @@ def test_gate_residual_nchw_inputs():
     check_gate_residual(2, 40, 40, 0, 7, 1, True, False, torch.float32, channels_last=False)
 
 
-def _gr_args(**over):
-    args = dict(x=torch.randn(2, 16, 4, 4), weight=torch.randn(24, 16, 1, 1), scale=torch.ones(24),
-                shift=torch.zeros(24), shortcut=torch.randn(2, 24, 4, 4))
-    args.update(over)
-    return args
-
-
-_PROJ = dict(shortcut=torch.randn(2, 8, 7, 7), proj_weight=torch.randn(24, 8, 1, 1),
-             proj_scale=torch.ones(24), proj_shift=torch.zeros(24), proj_stride=2)
-
-
-@pytest.mark.parametrize("over,err,match", [
-    (dict(weight=torch.randn(24, 16, 3, 3)), ValueError, "1x1"),
-    (dict(shortcut=torch.randn(2, 24, 5, 4)), ValueError, "identity shortcut"),
-    (dict(gate=torch.rand(2, 15)), ValueError, "gate must have shape"),
-    (dict(gate=torch.rand(2, 16).double()), TypeError, "gate must be float32"),
-    (dict(proj_scale=torch.ones(24)), ValueError, "without proj_weight"),
-    (dict(_PROJ, proj_shift=None), ValueError, "needs proj_scale"),
-    (dict(_PROJ, proj_stride=1), ValueError, "stride-1 projection"),
-    (dict(_PROJ, proj_weight=torch.randn(16, 8, 1, 1)), ValueError, "proj_weight must have shape"),
-    (dict(shortcut=torch.randn(2, 24, 4, 4).bfloat16()), TypeError, "dtype"),
-])
+@pytest.mark.parametrize("over,err,match", GATE_RESIDUAL_CASES)
 def test_gate_residual_bad_input(over, err, match):
     with pytest.raises(err, match=match):
-        cpp.conv1x1_gate_residual(**_gr_args(**over))
+        cpp.conv1x1_gate_residual(**gate_residual_args("cpu", **over))
 
 
 # ---------------------------------------------------------------------------

@@ -56,11 +56,7 @@ def _cpu_flags() -> list[str]:
     """Compiler flags: optimization, OpenMP (at::parallel_for is OpenMP in torch's
     CPU builds) and AVX2 for ATen's Vectorized when this CPU and torch have it."""
     flags = ["-O3", "-fopenmp"]
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old torch
-        capability = "DEFAULT"
-    if capability in ("AVX2", "AVX512"):
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
