@@ -10,10 +10,17 @@ import torch
 import torch.nn.functional as F
 
 # ||out - ref|| / ||ref|| bounds per dtype, against a float64 reference.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2,
+       torch.float64: 1e-12}  # the Triton ops compute float64 inputs in float64 throughout
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 and fp16 everywhere; bf16 on GPUs only (the interpreter computes bf16 dots wrongly)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def vector_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the ops' per-channel vectors (BN scale/shift and statistics, SE gate
+    and sums, weight gradients) for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -2,18 +2,20 @@
 import pytest
 import torch
 
-from numerics import DEVICE, DTYPES, activation, bn_fold, poisoned_outputs, rel_err, tol
+from numerics import (DEVICE, DTYPES, activation, bn_fold, poisoned_outputs, rel_err, tol,
+                      vector_dtype)
 from regnet_kernels import ops
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("n,c,h,w,relu,gated", [(3, 24, 13, 14, True, True), (1, 56, 7, 7, True, False),
                                                 (2, 8, 1, 1, False, True), (1, 130, 16, 16, True, True)])
 def test_dv_and_dgate(n, c, h, w, relu, gated, dtype):
     gen = torch.Generator().manual_seed(c)
     y = activation(n, c, h, w, dtype, gen)
-    s, t = bn_fold(c, gen)
-    gate = torch.rand(n, c, generator=gen).to(DEVICE) if gated else None
+    vec = vector_dtype(dtype)
+    s, t = (v.to(vec) for v in bn_fold(c, gen))
+    gate = torch.rand(n, c, generator=gen).to(DEVICE, vec) if gated else None
     v = (y.double() * s.double()[:, None, None] + t.double()[:, None, None]).requires_grad_()
     gate64 = gate.double().requires_grad_() if gated else None
     o = v.relu() if relu else v
@@ -25,7 +27,7 @@ def test_dv_and_dgate(n, c, h, w, relu, gated, dtype):
         out = ops.bn_act_backward(g, y, s, t, relu=relu, gate=gate)
     assert out.dv.dtype == dtype and rel_err(out.dv, v.grad) < tol(dtype)
     if gated:
-        assert rel_err(out.dgate, gate64.grad) < tol(dtype)
+        assert out.dgate.dtype == vec and rel_err(out.dgate, gate64.grad) < tol(dtype)
 
 
 def test_reductions_and_external_mask():
@@ -37,6 +39,15 @@ def test_reductions_and_external_mask():
     assert rel_err(out.sum_dv, dv.sum((0, 2, 3))) < 1e-5
     assert rel_err(out.sum_dv_y, (dv * y.double()).sum((0, 2, 3))) < 1e-5
     assert ops.bn_act_backward(g, y, relu=False, write_dv=False, reduce=True).dv is None
+
+
+def test_reductions_float64():
+    gen = torch.Generator().manual_seed(5)
+    y, g = (activation(2, 24, 7, 8, torch.float64, gen) for _ in range(2))
+    out = ops.bn_act_backward(g, y, relu=False, reduce=True)
+    assert out.sum_dv.dtype == out.sum_dv_y.dtype == torch.float64
+    assert rel_err(out.sum_dv, g.sum((0, 2, 3))) < 1e-13
+    assert rel_err(out.sum_dv_y, (g * y).sum((0, 2, 3))) < 1e-13
 
 
 def test_per_tile_gradient():
@@ -54,8 +65,10 @@ def test_per_tile_gradient():
         ops.bn_act_backward(gt, y, s, t, grad_rows_per_tile=32)
 
 
-def test_opcheck():
-    y = torch.randn(2, 8, 5, 5, device=DEVICE)
-    s = torch.rand(8, device=DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    y = torch.randn(2, 8, 5, 5, device=DEVICE, dtype=dtype)
+    s = torch.rand(8, device=DEVICE, dtype=vector_dtype(dtype))
     torch.library.opcheck(torch.ops.regnet_triton.bn_act_backward.default,
-                          (y, y, s, s, True, torch.rand(2, 8, device=DEVICE), None, 0, True, True))
+                          (y, y, s, s, True, torch.rand(2, 8, device=DEVICE, dtype=s.dtype), None,
+                           0, True, True))

@@ -2,20 +2,21 @@
 import pytest
 import torch
 
-from numerics import DEVICE, DTYPES, activation, bn_fold, poisoned_outputs, rel_err, tol
+from numerics import (DEVICE, DTYPES, activation, bn_fold, poisoned_outputs, rel_err, tol,
+                      vector_dtype)
 from regnet_kernels import ops
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("n,c,h,w,project", [(1, 56, 7, 7, True), (3, 24, 13, 14, False),
                                              (2, 232, 1, 1, True), (1, 8, 16, 16, False)])
 def test_bn_add_relu(n, c, h, w, project, dtype):
     gen = torch.Generator().manual_seed(c)
     y, r = activation(n, c, h, w, dtype, gen), activation(n, c, h, w, dtype, gen, channels_last=False)
-    scale, shift = bn_fold(c, gen)
+    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(c, gen))
     ref = y.double() * scale.double()[:, None, None] + shift.double()[:, None, None]
     if project:
-        rs, rt = bn_fold(c, gen)
+        rs, rt = (v.to(vector_dtype(dtype)) for v in bn_fold(c, gen))
         ref = ref + r.double() * rs.double()[:, None, None] + rt.double()[:, None, None]
         args = (rs, rt)
     else:

@@ -46,6 +46,32 @@ def test_matches_batchnorm2d(n, c, h, w, rows, momentum):
         assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_float64(momentum):
+    """float64 partials: statistics and running statistics computed in float64."""
+    gen = torch.Generator().manual_seed(1)
+    n, c, h, w, rows = 3, 24, 7, 8, 32
+    bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(DEVICE, torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=gen))
+    ref = copy.deepcopy(bn).train()
+    for _ in range(2):
+        y = (torch.randn(n, c, h, w, generator=gen, dtype=torch.float64) + 20.0).to(DEVICE)
+        tiles = y.permute(0, 2, 3, 1).reshape(-1, c).split(rows)
+        s = torch.stack([t.sum(0) for t in tiles])
+        m2 = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles])
+        stats = ops.bn_finalize(s, m2, n * h * w, rows, bn)
+        out = ref(y)
+        assert all(v.dtype == torch.float64 for v in stats)
+        var = y.var((0, 2, 3), unbiased=False)
+        assert rel_err(stats.mean, y.mean((0, 2, 3))) < 1e-14
+        assert rel_err(stats.var, var) < 1e-12
+        assert rel_err(y * stats.scale[:, None, None] + stats.shift[:, None, None], out) < 1e-12
+        assert rel_err(bn.running_mean, ref.running_mean) < 1e-14
+        assert rel_err(bn.running_var, ref.running_var) < 1e-14
+
+
 def test_no_affine_no_running_stats():
     bn = torch.nn.BatchNorm2d(16, affine=False, track_running_stats=False).to(DEVICE)
     y = torch.randn(40, 16, device=DEVICE)

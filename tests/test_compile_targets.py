@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for Hopper (sm_90) on this machine, GPU or not,
-and its dots become tensor-core instructions.
+and its dots become tensor-core instructions (fp64 dots: DMMA, mma.sync f64).
 
 The interpreter accepts kernels the GPU compiler rejects (a 16-bit dot with
 K = 8, say), so this is the CPU machine's guard for the GPU build. Compilation
@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # Shared memory per block on sm_90 (227 KiB).
 SM90_MAX_SHARED = 232448
@@ -26,7 +27,7 @@ BATCH = 32
 def conv_bn_act_variants(conv_tiles):
     """(dtype, constexprs) for the tile configs the heuristic picks across the
     standard models' shapes, in bf16 (the GPU dtype the interpreter cannot
-    check), plus a few in fp16 and fp32."""
+    check), plus a few in fp16 and fp32, and fp64 (its own, capped tiles)."""
     seen = set()
     for cpg in GROUP_WIDTHS:
         for hw in SPATIAL:
@@ -48,27 +49,41 @@ def conv_bn_act_variants(conv_tiles):
     for dtype in ("fp16", "fp32"):
         for _, c in (variants[0], variants[1], variants[-1]):
             variants.append((dtype, c))
+    fp64 = {(3, squeeze, conv_tiles(BATCH * hw, cpg, 9 * cpg, torch.float64))
+            for cpg in (8, 264) for hw in (7 * 7, 56 * 56) for squeeze in (False, True)}
+    fp64.add((1, False, conv_tiles(BATCH * 56 * 56, 2016, 2016, torch.float64)))
+    for k, squeeze, (bm, bn, bk) in sorted(fp64):
+        c = dict(eval_mode, KSIZE=k, SQUEEZE=squeeze, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 DOT_PRECISION="ieee")
+        variants.append(("fp64", c))
+        if not squeeze:
+            variants.append(("fp64", dict(c, STATS=True, IN_AFFINE=True, IN_RELU=True,
+                                          HAS_GATE=True)))
     return variants
 
 
-def gate_residual_variants():
+def gate_residual_variants(conv_tiles):
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
         for gate, project in ((True, True), (False, False), (True, False)):
             out.append((dtype, dict(HAS_GATE=gate, PROJECT=project, BLOCK_M=64, BLOCK_N=128,
                                     BLOCK_K=64, DOT_PRECISION="tf32")))
+    bm, bn, bk = conv_tiles(BATCH * 28 * 28, 2016, 2016, torch.float64)
+    for gate, project in ((True, True), (False, False)):
+        out.append(("fp64", dict(HAS_GATE=gate, PROJECT=project, BLOCK_M=bm, BLOCK_N=bn,
+                                 BLOCK_K=bk, DOT_PRECISION="ieee")))
     return out
 
 
 def se_excite_variants(tiles):
     return [(dtype, dict(zip(("BLOCK_S", "BLOCK_C"), tiles(s))))
-            for dtype in ("bf16", "fp32") for s in (6, 58, 378, 726)]
+            for dtype in ("bf16", "fp32", "fp64") for s in (6, 58, 378, 726)]
 
 
 def elementwise_variants(tiles):
     """(dtype, constexprs) for the memory-bound training kernels."""
     out = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype in ("bf16", "fp16", "fp32", "fp64"):
         for hw, c in ((56 * 56, 224), (7 * 7, 2016)):
             bm, bc = tiles["squeeze"](hw, c)
             out.append(("_se_squeeze_kernel", dtype, dict(BLOCK_M=bm, BLOCK_C=bc)))
@@ -83,17 +98,19 @@ def elementwise_variants(tiles):
                          dict(AFFINE=False, RELU=False, HAS_GATE=False, WRITE_DV=False, REDUCE=True),
                          dict(AFFINE=False, HAS_GATE=False, EXTERNAL_MASK=True)):
                 out.append(("_bn_act_backward_kernel", dtype, dict(base, **over)))
-    for affine in (False, True):
-        out.append(("_bn_finalize_kernel", "fp32", dict(AFFINE=affine, BLOCK_C=tiles["finalize"])))
-    for cumulative in (False, True):
-        out.append(("_bn_running_update_kernel", "fp32",
-                    dict(CUMULATIVE=cumulative, BLOCK_C=tiles["finalize"])))
+    for dtype in ("fp32", "fp64"):  # the statistics' dtype
+        for affine in (False, True):
+            out.append(("_bn_finalize_kernel", dtype,
+                        dict(AFFINE=affine, BLOCK_C=tiles["finalize"])))
+        for cumulative in (False, True):
+            out.append(("_bn_running_update_kernel", dtype,
+                        dict(CUMULATIVE=cumulative, BLOCK_C=tiles["finalize"])))
     return out
 
 
 def conv_grad_variants(dgrad_geometry, wgrad_geometry):
     """dgrad / wgrad variants: bf16 over the tiles the heuristics pick for the standard
-    models' shapes (both strides, prologues on), plus fp16 / fp32 samples."""
+    models' shapes (both strides, prologues on), plus fp16 / fp32 samples and fp64."""
     dgrad, wgrad = set(), set()
     shapes = [(3, cpg, cpg, hw) for cpg in GROUP_WIDTHS for hw in SPATIAL]   # grouped 3x3
     shapes += [(1, c, c, 56 * 56) for c in DENSE_WIDTHS]                     # dense 1x1
@@ -106,8 +123,16 @@ def conv_grad_variants(dgrad_geometry, wgrad_geometry):
             wgrad.add((k, wgrad_geometry(BATCH, o, o, cout_g, cin_g, k, 1)[0]))
     # fp32 with a prologue takes half-deep K steps (shared memory): the largest tiles
     fp32_prologue = {
-        "_conv_dgrad_kernel": dgrad_geometry(BATCH, 56, 56, 64, 64, 3, 1, True)[2],
-        "_conv_wgrad_kernel": wgrad_geometry(BATCH, 56, 56, 264, 264, 3, 1, True)[0]}
+        "_conv_dgrad_kernel": dgrad_geometry(BATCH, 56, 56, 64, 64, 3, 1, torch.float32,
+                                             prologue=True)[2],
+        "_conv_wgrad_kernel": wgrad_geometry(BATCH, 56, 56, 264, 264, 3, 1, torch.float32,
+                                             prologue=True)[0]}
+    # fp64: capped tiles for a wide and a narrow group, prologues on (True) or off
+    fp64 = {
+        "_conv_dgrad_kernel": lambda c, prologue: dgrad_geometry(
+            BATCH, 56, 56, c, c, 3, 1, torch.float64, prologue)[2],
+        "_conv_wgrad_kernel": lambda c, prologue: wgrad_geometry(
+            BATCH, 56, 56, c, c, 3, 1, torch.float64, prologue)[0]}
     dy_prologue = dict(PROLOGUE=True, HAS_MASK=True)
     out = {"_conv_dgrad_kernel": [], "_conv_wgrad_kernel": []}
     for name, seen, extra in (
@@ -123,17 +148,22 @@ def conv_grad_variants(dgrad_geometry, wgrad_geometry):
                       for off in ({}, plain) if dtype == "fp16" or off]
         bm, bn, bk = fp32_prologue[name]
         out[name] += [("fp32", dict(c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)) for c in samples[-1:]]
+        for c_g in (264, 8):
+            for off in ({}, plain):
+                bm, bn, bk = fp64[name](c_g, not off)
+                out[name].append(("fp64", dict(samples[-1], **off, BLOCK_M=bm, BLOCK_N=bn,
+                                               BLOCK_K=bk, DOT_PRECISION="ieee")))
     return out
 
 
-# Pointer arguments that are fp32 whatever the activations' dtype; other
-# non-pointer arguments are i32 except these.
-FP32_POINTERS = {"scale_ptr", "shift_ptr", "pscale_ptr", "pshift_ptr", "gate_ptr", "sums_ptr",
-                 "in_scale_ptr", "in_shift_ptr", "m2_ptr", "sum_ptr", "gamma_ptr", "beta_ptr",
-                 "rmean_ptr", "rvar_ptr", "mean_ptr", "inv_std_ptr", "rscale_ptr", "rshift_ptr",
-                 "dy_a_ptr", "dy_b_ptr", "dy_c_ptr", "mask_scale_ptr", "mask_shift_ptr", "dw_ptr",
-                 "stats_ptr", "part_ptr", "dgate_ptr"}
-SPECIAL_ARGS = {"nbt_ptr": "*i64", "eps": "fp32", "momentum": "fp32"}
+# Pointer arguments in the accumulation dtype: fp32 whatever the activations'
+# dtype, fp64 for fp64 ones; other non-pointer arguments are i32 except these.
+VECTOR_POINTERS = {"scale_ptr", "shift_ptr", "pscale_ptr", "pshift_ptr", "gate_ptr", "sums_ptr",
+                   "in_scale_ptr", "in_shift_ptr", "m2_ptr", "sum_ptr", "gamma_ptr", "beta_ptr",
+                   "rmean_ptr", "rvar_ptr", "mean_ptr", "inv_std_ptr", "rscale_ptr",
+                   "rshift_ptr", "dy_a_ptr", "dy_b_ptr", "dy_c_ptr", "mask_scale_ptr",
+                   "mask_shift_ptr", "dw_ptr", "stats_ptr", "part_ptr", "dgate_ptr"}
+SPECIAL_ARGS = {"nbt_ptr": "*i64", "eps": "fp64", "momentum": "fp64"}
 DOT_KERNELS = {"_conv_bn_act_kernel", "_conv1x1_gate_residual_kernel",
                "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
 
@@ -146,7 +176,8 @@ def signature(fn, dtype, constexprs):
         elif name in SPECIAL_ARGS:
             sig[name] = SPECIAL_ARGS[name]
         elif name.endswith("_ptr"):
-            sig[name] = "*" + ("fp32" if name in FP32_POINTERS else dtype)
+            vector = "fp64" if dtype == "fp64" else "fp32"
+            sig[name] = "*" + (vector if name in VECTOR_POINTERS else dtype)
         else:
             sig[name] = "i32"
     return sig
@@ -158,6 +189,7 @@ def compile_all():
     import pkgutil
 
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -171,7 +203,7 @@ def compile_all():
 
     variants = {
         "_conv_bn_act_kernel": conv_bn_act_variants(conv_tiles),
-        "_conv1x1_gate_residual_kernel": gate_residual_variants(),
+        "_conv1x1_gate_residual_kernel": gate_residual_variants(conv_tiles),
         "_se_excite_kernel": se_excite_variants(se_tiles),
         **conv_grad_variants(dgrad_geometry, wgrad_geometry),
     }
@@ -192,8 +224,10 @@ def compile_all():
             opts = launch_config(constexprs["BLOCK_M"], constexprs["BLOCK_N"]) \
                 if "BLOCK_N" in constexprs else {"num_warps": 4}
             rec = {"kernel": name, "dtype": dtype, "constexprs": constexprs}
+            # every kernel accumulates in ACC_DTYPE (not JSON: added here, not in the record)
+            full = dict(constexprs, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32)
             try:
-                k = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs),
+                k = triton.compile(ASTSource(fn, signature(fn, dtype, full), full),
                                    target=target, options=opts)
                 ptx = k.asm["ptx"]
                 rec.update(ok=True, wgmma="wgmma" in ptx, mma="mma" in ptx,
@@ -216,9 +250,11 @@ def records():
 
 def test_every_kernel_has_compile_variants(records):
     assert records[0]["missing_variants"] == []
-    assert DOT_KERNELS | {"_se_excite_kernel", "_se_squeeze_kernel", "_bn_finalize_kernel",
-                          "_bn_running_update_kernel", "_bn_add_relu_kernel",
-                          "_bn_act_backward_kernel"} <= {r["kernel"] for r in records[1:]}
+    every = DOT_KERNELS | {"_se_excite_kernel", "_se_squeeze_kernel", "_bn_finalize_kernel",
+                           "_bn_running_update_kernel", "_bn_add_relu_kernel",
+                           "_bn_act_backward_kernel"}
+    assert every <= {r["kernel"] for r in records[1:]}
+    assert every <= {r["kernel"] for r in records[1:] if r["dtype"] == "fp64"}
 
 
 def test_kernels_compile_for_sm90(records):
@@ -229,8 +265,8 @@ def test_kernels_compile_for_sm90(records):
 def test_dots_use_tensor_cores(records):
     for r in records[1:]:
         if r["kernel"] in DOT_KERNELS:
-            assert r["mma"], r
-            if r["dtype"] != "fp32" and r["constexprs"]["BLOCK_M"] >= 64:
+            assert r["mma"], r  # fp64: mma.sync m8n8k4 f64 (Hopper has no fp64 wgmma)
+            if r["dtype"] in ("bf16", "fp16") and r["constexprs"]["BLOCK_M"] >= 64:
                 assert r["wgmma"], r
 
 

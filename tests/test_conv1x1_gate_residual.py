@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, ref_conv_bn,
-                      rel_err, tol)
+                      rel_err, tol, vector_dtype)
 from bad_inputs import GATE_RESIDUAL_CASES, PROJ, gate_residual_args
 from regnet_kernels import ops
 
@@ -15,8 +15,9 @@ def run_case(n, c_b, c_out, ho, dtype, gated, proj_in=None, stride=1, seed=0):
     wo = ho + 1 if ho > 1 else ho
     x = activation(n, c_b, ho, wo, dtype, gen)
     w = conv_weight(c_out, c_b, 1, dtype, gen)
-    scale, shift = bn_fold(c_out, gen)
-    gate = torch.rand(n, c_b, generator=gen).to(DEVICE) if gated else None
+    vec = vector_dtype(dtype)
+    scale, shift = (v.to(vec) for v in bn_fold(c_out, gen))
+    gate = torch.rand(n, c_b, generator=gen).to(DEVICE, vec) if gated else None
     gated_x = x.double() * gate.double()[:, :, None, None] if gated else x
     ref = ref_conv_bn(gated_x, w, scale, shift)
     kwargs = dict(gate=gate)
@@ -27,7 +28,7 @@ def run_case(n, c_b, c_out, ho, dtype, gated, proj_in=None, stride=1, seed=0):
         # odd input height, even width: both map to ho x wo under the stride
         shortcut = activation(n, proj_in, (ho - 1) * stride + 1, wo * stride, dtype, gen)
         pw = conv_weight(c_out, proj_in, 1, dtype, gen)
-        pscale, pshift = bn_fold(c_out, gen)
+        pscale, pshift = (v.to(vec) for v in bn_fold(c_out, gen))
         kwargs.update(proj_weight=pw, proj_scale=pscale, proj_shift=pshift, proj_stride=stride)
         ref = ref + ref_conv_bn(shortcut, pw, pscale, pshift, stride)
     with poisoned_outputs():
@@ -52,6 +53,12 @@ def test_identity_shortcut(n, c, ho, gated, dtype):
 ])
 def test_projection_shortcut(n, c_in, c_out, ho, stride, gated, dtype):
     run_case(n, c_out, c_out, ho, dtype, gated, proj_in=c_in, stride=stride)
+
+
+@pytest.mark.parametrize("proj_in,stride", [(None, 1), (24, 2)])
+def test_float64(proj_in, stride):
+    """float64 runs in float64 throughout (both accumulators, scale/shift, gate)."""
+    run_case(2, 16, 16, 7, torch.float64, True, proj_in=proj_in, stride=stride)
 
 
 @pytest.mark.parametrize("over,err,match", GATE_RESIDUAL_CASES)

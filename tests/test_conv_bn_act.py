@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, activation, bn_fold, conv_weight,
-                      grouped_conv_cases, poisoned_outputs, ref_conv_bn, rel_err, tol)
+                      grouped_conv_cases, poisoned_outputs, ref_conv_bn, rel_err, tol,
+                      vector_dtype)
 from bad_inputs import CONV_BN_ACT_CASES, conv_bn_act_args
 from regnet_kernels import list_models, model_params, ops
 from regnet_kernels.ops import _implicit_gemm
@@ -20,7 +21,7 @@ def check_conv_bn_act(n, c_in, c_out, h, k, stride, groups, dtype, relu=True, sq
     gen = torch.Generator().manual_seed(seed)
     x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen, channels_last)
     w = conv_weight(c_out, c_in // groups, k, dtype, gen)
-    scale, shift = bn_fold(c_out, gen)
+    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(c_out, gen))
     with poisoned_outputs():
         out = ops.conv_bn_act(x, w, scale, shift, stride=stride, groups=groups, relu=relu,
                               squeeze=squeeze)
@@ -32,7 +33,7 @@ def check_conv_bn_act(n, c_in, c_out, h, k, stride, groups, dtype, relu=True, sq
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(y, ref) < tol(dtype)
     if squeeze:
-        assert sums.dtype == torch.float32 and sums.shape[0] == n and sums.shape[2] == c_out
+        assert sums.dtype == vector_dtype(dtype) and sums.shape[0] == n and sums.shape[2] == c_out
         assert rel_err(sums.sum(1), ref.sum((2, 3))) < tol(dtype)
 
 
@@ -58,6 +59,12 @@ def test_dense_3x3(stride, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_stem(dtype):
     check_conv_bn_act(2, 3, 32, 13, 3, 2, 1, dtype)
+
+
+@pytest.mark.parametrize("k,stride,groups,squeeze", [(3, 2, 3, True), (1, 1, 1, False)])
+def test_float64(k, stride, groups, squeeze):
+    """float64 runs in float64 throughout (accumulator, scale/shift, squeeze sums)."""
+    check_conv_bn_act(2, 24, 24, 7, k, stride, groups, torch.float64, squeeze=squeeze)
 
 
 def test_no_relu_nchw_input_and_squeeze_tiles_straddling_images():
@@ -117,19 +124,21 @@ def check_conv_bn_stats(n, c_in, c_out, h, k, stride, groups, dtype, prologue=Tr
     w = conv_weight(c_out, c_in // groups, k, dtype, gen)
     u = x.double()
     kwargs = {}
+    vec = vector_dtype(dtype)
     if prologue:
         # shift > 0 so relu(0 * s + t) != 0: padding must be zeroed after the transform
         s, t = torch.rand(c_in, generator=gen) + 0.5, torch.rand(c_in, generator=gen) + 0.1
-        kwargs.update(in_scale=s.to(DEVICE), in_shift=t.to(DEVICE), in_relu=True)
+        kwargs.update(in_scale=s.to(DEVICE, vec), in_shift=t.to(DEVICE, vec), in_relu=True)
         u = (u * s.double()[:, None, None].to(DEVICE) + t.double()[:, None, None].to(DEVICE)).relu()
     if gated:
-        gate = torch.rand(n, c_in, generator=gen).to(DEVICE)
+        gate = torch.rand(n, c_in, generator=gen).to(DEVICE, vec)
         kwargs["gate"] = gate
         u = u * gate.double()[:, :, None, None]
     with poisoned_outputs():
         out = ops.conv_bn_stats(x, w, stride=stride, groups=groups, **kwargs)
     ref = torch.nn.functional.conv2d(u, w.double(), stride=stride, padding=k // 2, groups=groups)
     assert out.y.dtype == dtype and out.y.is_contiguous(memory_format=torch.channels_last)
+    assert out.tile_sum.dtype == out.tile_m2.dtype == vec
     # a 16-bit input prologue rounds u to x's dtype before the dot
     assert rel_err(out.y, ref) < tol(dtype) * (2 if prologue and dtype != torch.float32 else 1)
     rows = ref.permute(0, 2, 3, 1).reshape(-1, c_out).split(out.rows_per_tile)
@@ -156,6 +165,11 @@ def test_stats_grouped_3x3(cpg, groups, stride, size, batch, dtype):
 ])
 def test_stats_1x1(c_in, c_out, stride, gated, prologue, dtype):
     check_conv_bn_stats(3, c_in, c_out, 13, 1, stride, 1, dtype, prologue=prologue, gated=gated)
+
+
+@pytest.mark.parametrize("k,stride,groups,gated", [(3, 2, 2, True), (1, 1, 1, False)])
+def test_stats_float64(k, stride, groups, gated):
+    check_conv_bn_stats(2, 16, 16, 7, k, stride, groups, torch.float64, gated=gated)
 
 
 def test_stats_stem_and_gate_on_3x3():

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from numerics import DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, rel_err, tol
+from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, rel_err,
+                      tol, vector_dtype)
 from regnet_kernels import ops
 
 CASES = {  # c_in, c_out, k, stride, groups, H, prologue, gate
@@ -24,17 +25,28 @@ CASES = {  # c_in, c_out, k, stride, groups, H, prologue, gate
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_backward(case, batch, dtype):
+    check_forward_backward(case, batch, dtype)
+
+
+@pytest.mark.parametrize("case", ["grouped-s2", "1x1-gated"])
+def test_float64(case):
+    """float64 end to end: the conv, statistics, running statistics and gradients."""
+    check_forward_backward(case, 2, torch.float64)
+
+
+def check_forward_backward(case, batch, dtype):
     c_in, c_out, k, stride, groups, h, prologue, gated = CASES[case]
     gen = torch.Generator().manual_seed(c_in + batch)
     x = activation(batch, c_in, h, h + 1, dtype, gen)
     w = conv_weight(c_out, c_in // groups, k, dtype, gen)
-    bn = torch.nn.BatchNorm2d(c_out).to(DEVICE)
+    vec = vector_dtype(dtype)  # of the BN parameters, statistics, prologue and gate
+    bn = torch.nn.BatchNorm2d(c_out).to(DEVICE, vec)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5, generator=gen)
         bn.bias.normal_(0.0, 0.3, generator=gen)
     ref_bn = {n: t.detach().double().clone() for n, t in bn.state_dict().items()}
-    s, t = bn_fold(c_in, gen) if prologue else (None, None)
-    gate = torch.rand(batch, c_in, generator=gen).to(DEVICE) if gated else None
+    s, t = (v.to(vec) for v in bn_fold(c_in, gen)) if prologue else (None, None)
+    gate = torch.rand(batch, c_in, generator=gen).to(DEVICE, vec) if gated else None
 
     # float64 reference: v_prev = x * s + t is the leaf that x's gradient belongs to
     x64 = x.detach().double()
@@ -54,7 +66,7 @@ def test_forward_backward(case, batch, dtype):
     v_ref.backward(grad)
 
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-    gate_g = gate.clone().requires_grad_() if gated else None
+    gate_g = gate.detach().clone().requires_grad_() if gated else None
     with poisoned_outputs():
         out = ops.conv_bn_train(xg, wg, bn, stride=stride, groups=groups, in_scale=s,
                                 in_shift=t, in_relu=prologue, gate=gate_g)
@@ -66,6 +78,7 @@ def test_forward_backward(case, batch, dtype):
     assert rel_err(bn.running_var, ref_bn["running_var"]) < tol(dtype)
     assert bn.num_batches_tracked.item() == 1
     assert not out.scale.requires_grad  # statistics are decoding parameters, not differentiable
+    assert out.scale.dtype == out.mean.dtype == vec
     grad_tol = 4 * tol(dtype) if dtype == torch.float32 else 10 * tol(dtype)
     assert xg.grad.dtype == dtype and rel_err(xg.grad, v_prev.grad) < grad_tol
     assert wg.grad.dtype == dtype and rel_err(wg.grad, w64.grad) < grad_tol
@@ -93,12 +106,15 @@ def test_one_value_per_channel_is_an_error():
         ops.conv_bn_train(x, torch.randn(8, 8, 1, 1, device=DEVICE), torch.nn.BatchNorm2d(8).to(DEVICE))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    """Among others: the fake returns the real op's dtypes (float64 statistics for float64)."""
     gen = torch.Generator().manual_seed(1)
-    x = activation(2, 16, 7, 7, torch.float32, gen)
-    w = conv_weight(24, 8, 3, torch.float32, gen)
-    s, t = bn_fold(16, gen)
-    gate = torch.rand(2, 16, generator=gen).to(DEVICE)
+    vec = vector_dtype(dtype)
+    x = activation(2, 16, 7, 7, dtype, gen)
+    w = conv_weight(24, 8, 3, dtype, gen)
+    s, t = (v.to(vec) for v in bn_fold(16, gen))
+    gate = torch.rand(2, 16, generator=gen).to(DEVICE, vec)
     torch.library.opcheck(torch.ops.regnet_triton.conv_bn_train.default,
-                          (x, w, 1, 2, s, t, True, gate, torch.rand(24, device=DEVICE),
-                           torch.randn(24, device=DEVICE), 1e-5))
+                          (x, w, 1, 2, s, t, True, gate, torch.rand(24, device=DEVICE, dtype=vec),
+                           torch.randn(24, device=DEVICE, dtype=vec), 1e-5))

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from numerics import DEVICE, DTYPES, activation, conv_weight, poisoned_outputs, rel_err, tol
+from numerics import (DEVICE, DTYPES, activation, conv_weight, poisoned_outputs, rel_err, tol,
+                      vector_dtype)
 from regnet_kernels.ops import _implicit_gemm
 from regnet_kernels.ops.conv_grad import (DyPrologue, UPrologue, conv_dgrad, conv_wgrad,
                                           wgrad_geometry)
@@ -25,17 +26,18 @@ def col(v):
 def make_dy_prologue(dy, gen, mask):
     """A random DyPrologue for dy (the upstream gradient g), and dy_eff in float64."""
     n, c, ho, wo = dy.shape
+    vec = vector_dtype(dy.dtype)
     y = activation(n, c, ho, wo, dy.dtype, gen)
-    a, b, cc = (torch.randn(c, generator=gen).to(DEVICE) for _ in range(3))
+    a, b, cc = (torch.randn(c, generator=gen).to(DEVICE, vec) for _ in range(3))
     dy_eff = col(a) * dy.double()
     kwargs = {}
     if mask == "y":  # BN + ReLU layer: mask from y through the BN's scale/shift
-        kwargs = dict(mask_src=y, mask_scale=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
-                      mask_shift=torch.randn(c, generator=gen).to(DEVICE) * 0.5)
+        kwargs = dict(mask_src=y, mask_scale=torch.rand(c, generator=gen).to(DEVICE, vec) + 0.5,
+                      mask_shift=torch.randn(c, generator=gen).to(DEVICE, vec) * 0.5)
     elif mask == "other":  # e.g. the block output after the final ReLU
         kwargs = dict(mask_src=activation(n, c, ho, wo, dy.dtype, gen),
-                      mask_scale=torch.ones(c, device=DEVICE),
-                      mask_shift=torch.zeros(c, device=DEVICE))
+                      mask_scale=torch.ones(c, device=DEVICE, dtype=vec),
+                      mask_shift=torch.zeros(c, device=DEVICE, dtype=vec))
     if kwargs:
         src, scale, shift = kwargs["mask_src"], kwargs["mask_scale"], kwargs["mask_shift"]
         dy_eff = torch.where(src.double() * col(scale) + col(shift) > 0, dy_eff, 0.0)
@@ -47,12 +49,13 @@ def make_u_prologue(r, gen, relu=True, gated=True):
     """A random UPrologue for the raw tensor r, and u in float64. shift > 0 everywhere,
     so relu(0 * s + t) != 0: the padding must be zeroed after the transform."""
     n, c = r.shape[:2]
-    s = torch.randn(c, generator=gen).to(DEVICE)
-    t = (torch.rand(c, generator=gen) + 0.1).to(DEVICE)
+    vec = vector_dtype(r.dtype)
+    s = torch.randn(c, generator=gen).to(DEVICE, vec)
+    t = (torch.rand(c, generator=gen) + 0.1).to(DEVICE, vec)
     u = r.double() * col(s) + col(t)
     if relu:
         u = u.relu()
-    gate = torch.rand(n, c, generator=gen).to(DEVICE) if gated else None
+    gate = torch.rand(n, c, generator=gen).to(DEVICE, vec) if gated else None
     if gated:
         u = u * gate.double()[:, :, None, None]
     return UPrologue(s, t, relu, gate), u
@@ -89,7 +92,7 @@ def check_grads(n, c_in, c_out, h, w, k, stride, groups, dtype, *, dy_prologue=N
     if "wgrad" in ops:
         with poisoned_outputs():
             dw = conv_wgrad(u, dy, k, stride, groups, **kw_dy, **kw_u)
-        assert dw.dtype == torch.float32 and dw.is_contiguous() and dw.shape == wt.shape
+        assert dw.dtype == vector_dtype(dtype) and dw.is_contiguous() and dw.shape == wt.shape
         assert rel_err(dw, ref_dw) < limit, "wgrad"
 
 
@@ -154,6 +157,13 @@ def test_u_prologue(k, stride, relu, gated, dtype):
                 u_prologue=dict(relu=relu, gated=gated), dy_prologue="y", ops=("wgrad",))
 
 
+@pytest.mark.parametrize("c_in,c_out,k,stride,groups", [(24, 24, 3, 2, 3), (16, 40, 1, 1, 1)])
+def test_float64(c_in, c_out, k, stride, groups):
+    """float64 end to end, both prologues on: float64 accumulators, vectors and dw."""
+    check_grads(2, c_in, c_out, 7, 8, k, stride, groups, torch.float64, dy_prologue="y",
+                u_prologue=dict(relu=True, gated=True))
+
+
 def test_channels_last_weight():
     gen = torch.Generator().manual_seed(1)
     dy = activation(2, 32, 7, 7, torch.float32, gen)
@@ -190,19 +200,21 @@ def test_empty_batch():
 # ---------------------------------------------------------------------------
 
 
-def _opcheck_inputs(prologue):
+def _opcheck_inputs(prologue, dtype):
     gen = torch.Generator().manual_seed(2)
-    u = activation(2, 16, 7, 8, torch.float32, gen)
-    w = conv_weight(24, 8, 3, torch.float32, gen)
-    dy = activation(2, 24, 4, 4, torch.float32, gen)
+    u = activation(2, 16, 7, 8, dtype, gen)
+    w = conv_weight(24, 8, 3, dtype, gen)
+    dy = activation(2, 24, 4, 4, dtype, gen)
     dy_args = tuple(make_dy_prologue(dy, gen, "y")[0]) if prologue else (None,) * 7
     u_args = tuple(make_u_prologue(u, gen)[0]) if prologue else (None, None, False, None)
     return u, w, dy, dy_args, u_args
 
 
-@pytest.mark.parametrize("prologue", [False, True])
-def test_opcheck(prologue):
-    u, w, dy, dy_args, u_args = _opcheck_inputs(prologue)
+@pytest.mark.parametrize("prologue,dtype", [(False, torch.float32), (True, torch.float32),
+                                            (True, torch.float64)])
+def test_opcheck(prologue, dtype):
+    """Among others: the fakes return the real ops' dtypes (a float64 dw for float64)."""
+    u, w, dy, dy_args, u_args = _opcheck_inputs(prologue, dtype)
     torch.library.opcheck(torch.ops.regnet_triton.conv_dgrad.default,
                           (dy, w, 7, 8, 2, 2, *dy_args))
     torch.library.opcheck(torch.ops.regnet_triton.conv_wgrad.default,

@@ -64,6 +64,28 @@ def test_block_train_matches_reference(name, batch, dtype):
             assert value.item() == ref_value.item() == 2, key
 
 
+def test_block_train_float64():
+    """float64 runs in float64 end to end: output, gradients and running statistics
+    agree with the float64 reference block to float64 rounding."""
+    block, h = make_block("Y-proj-s2", torch.float64)
+    ref = copy.deepcopy(block).train()
+    gen = torch.Generator().manual_seed(2)
+    x = activation(2, block.w_in, h, h + 1, torch.float64, gen)
+    grad = activation(2, block.w_out, (h - 1) // block.stride + 1, h // block.stride + 1,
+                      torch.float64, gen)
+    out, dx = run_block(block.train(), x, grad)
+    x_ref = x.detach().clone().requires_grad_()
+    expected = ref(x_ref)
+    expected.backward(grad)
+    assert out.dtype == torch.float64 and rel_err(out, expected) < 1e-12
+    assert rel_err(dx, x_ref.grad) < 1e-11
+    for (key, p), p_ref in zip(block.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float64 and rel_err(p.grad, p_ref.grad) < 1e-11, key
+    for (key, value), ref_value in zip(block.state_dict().items(), ref.state_dict().values()):
+        if key.endswith(BN_BUFFERS):
+            assert rel_err(value, ref_value) < 1e-12, key
+
+
 def test_deterministic():
     block, h = make_block("Y-proj-s2", torch.float32)
     twin = copy.deepcopy(block)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from numerics import DEVICE, DTYPES, poisoned_outputs, rel_err
+from numerics import DEVICE, DTYPES, poisoned_outputs, rel_err, vector_dtype
 from regnet_kernels import ops
 from regnet_kernels.ops.se_excite import _squeeze_tiles
 
@@ -33,6 +33,21 @@ def test_se_excite(n, tiles, c, s, hw, conv_weights, wdtype):
         gate = ops.se_excite(sums, hw, w1, b1, w2, b2)
     assert gate.shape == (n, c) and gate.dtype == torch.float32
     assert rel_err(gate, ref_gate(sums, hw, w1, b1, w2, b2)) < 1e-5
+
+
+def test_se_excite_float64():
+    """float64 sums and weights: a float64 gate, computed in float64."""
+    gen = torch.Generator().manual_seed(5)
+    n, t, c, s, hw = 2, 2, 40, 10, 49
+    sums = (torch.randn(n, t, c, generator=gen, dtype=torch.float64) * hw).to(DEVICE)
+    params = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 0.3).to(DEVICE)
+              for shape in ((s, c, 1, 1), (s,), (c, s, 1, 1), (c,))]
+    with poisoned_outputs():
+        gate = ops.se_excite(sums, hw, *params)
+    assert gate.dtype == torch.float64
+    assert rel_err(gate, ref_gate(sums, hw, *params)) < 1e-12
+    with pytest.raises(TypeError, match="sums must be float64 with float64 SE weights"):
+        ops.se_excite(sums.float(), hw, *params)
 
 
 def test_two_dim_sums_are_one_tile():
@@ -66,26 +81,32 @@ def test_opcheck():
             torch.randn(40, generator=gen)]
     args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(torch.ops.regnet_triton.se_excite.default, args)
+    # float64 sums and weights: a float64 gate, from the fake too
+    torch.library.opcheck(torch.ops.regnet_triton.se_excite.default,
+                          [a.double() if isinstance(a, torch.Tensor) else a for a in args])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("n,c,h,w", [(1, 24, 7, 7), (3, 56, 13, 14), (2, 232, 1, 1), (1, 8, 16, 16)])
 def test_se_squeeze(n, c, h, w, dtype):
     from numerics import activation, bn_fold
     gen = torch.Generator().manual_seed(c)
     y = activation(n, c, h, w, dtype, gen)
-    scale, shift = bn_fold(c, gen)
+    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(c, gen))
     with poisoned_outputs():
         sums = ops.se_squeeze(y, scale, shift)
     act = (y.double() * scale.double()[:, None, None] + shift.double()[:, None, None]).relu()
-    assert sums.dtype == torch.float32 and sums.shape[0] == n and sums.shape[2] == c
-    assert rel_err(sums.sum(1), act.sum((2, 3))) < 1e-5
+    assert sums.dtype == vector_dtype(dtype) and sums.shape[0] == n and sums.shape[2] == c
+    assert rel_err(sums.sum(1), act.sum((2, 3))) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
-def test_se_squeeze_opcheck():
-    y = torch.randn(2, 40, 13, 13, device=DEVICE).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_se_squeeze_opcheck(dtype):
+    y = torch.randn(2, 40, 13, 13, device=DEVICE, dtype=dtype).to(memory_format=torch.channels_last)
+    vec = vector_dtype(dtype)
     torch.library.opcheck(torch.ops.regnet_triton.se_squeeze.default,
-                          (y, torch.rand(40, device=DEVICE), torch.randn(40, device=DEVICE)))
+                          (y, torch.rand(40, device=DEVICE, dtype=vec),
+                           torch.randn(40, device=DEVICE, dtype=vec)))
 
 
 def test_se_excite_backward():

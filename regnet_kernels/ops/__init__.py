@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ._implicit_gemm import acc_dtype
 from .bn_act_backward import bn_act_backward
 from .bn_add_relu import bn_add_relu
 from .bn_finalize import BatchNormArgs, BatchStats, bn_finalize
@@ -31,18 +32,19 @@ from .se_excite import se_excite, se_squeeze
 
 
 def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval BatchNorm as a per-channel float32 (scale, shift):
+    """Eval BatchNorm as a per-channel (scale, shift), float32 (float64 for a float64 BN):
     scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("fold_bn needs a BatchNorm with running statistics")
-    var = bn.running_var.float()
-    mean = bn.running_mean.float()
+    dtype = acc_dtype(bn.running_var.dtype)
+    var = bn.running_var.to(dtype)
+    mean = bn.running_mean.to(dtype)
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
+        scale = scale * bn.weight.to(dtype)
     shift = -mean * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.float()
+        shift = shift + bn.bias.to(dtype)
     return scale.detach().contiguous(), shift.detach().contiguous()
 
 

@@ -7,6 +7,12 @@ with m = (n, oh, ow) over output pixels, co over the group's output channels and
 k = (kh, kw, ci) over taps x the group's input channels. A is gathered from the
 NHWC input as it is loaded (padding is a mask); B is read from the weight as
 stored, through its strides, so nn.Conv2d weights are used untouched.
+
+Accumulation dtype: fp32 for fp32/fp16/bf16 activations, fp64 for fp64 ones
+(`acc_dtype`), and every per-channel vector that goes with the activations (BN
+scale/shift, statistics and partials, SE sums and gate, weight gradients) is in
+that dtype too, so a float64 call computes in float64 end to end (what
+torch.autograd.gradcheck needs). The kernels take it as the ACC_DTYPE constexpr.
 """
 from __future__ import annotations
 
@@ -65,7 +71,7 @@ def load_conv_input(x_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
                     n_rows, ih0, iw0, row_ok, kk, K, ci0, H, W, Cin_g,
                     sxn, sxh, sxw, sxc, sgn,
                     KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
-                    HAS_GATE: tl.constexpr):
+                    HAS_GATE: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """The im2col tile A[m, k] = u[n, ih0 + kh, iw0 + kw, ci0 + ci] of a conv input, for
     rows m (image n_rows, ih0 = oh * stride - pad, iw0 likewise) and reduction indices
     kk = (kh, kw, ci) flattened, ci fastest (K = KSIZE * KSIZE * Cin_g in all).
@@ -73,7 +79,8 @@ def load_conv_input(x_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
     u is x as stored, or x transformed as it is loaded (the prologue):
         u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]
     and is zero outside the image and on masked rows/columns AFTER the transform
-    (relu(0 * s + t) is not 0). Returns (A in x's dtype, ci, kh, kw, k_ok).
+    (relu(0 * s + t) is not 0). The transform computes in ACC_DTYPE.
+    Returns (A in x's dtype, ci, kh, kw, k_ok).
     """
     x_row = n_rows.to(tl.int64) * sxn
     k_ok = kk < K
@@ -95,7 +102,7 @@ def load_conv_input(x_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
         a_mask = row_ok[:, None] & k_ok[None, :] & inside
     a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
     if IN_AFFINE or IN_RELU or HAS_GATE:
-        u = a.to(tl.float32)
+        u = a.to(ACC_DTYPE)
         if IN_AFFINE:
             s = tl.load(in_scale_ptr + ci0 + ci, mask=k_ok, other=0.0)
             t = tl.load(in_shift_ptr + ci0 + ci, mask=k_ok, other=0.0)
@@ -115,7 +122,8 @@ def conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
                     H, W, Cin_g, stride, pad,
                     sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
                     KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
-                    HAS_GATE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_GATE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr):
     """acc[m, co] += sum over (kh, kw, ci) of u[n, ih, iw, ci0 + ci] * w[co, ci, kh, kw].
 
     The reduction runs over the flattened K = KSIZE*KSIZE*Cin_g so that narrow
@@ -135,7 +143,7 @@ def conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
                                               n_rows, ih0, iw0, row_ok,
                                               k0 + tl.arange(0, BLOCK_K), K, ci0, H, W, Cin_g,
                                               sxn, sxh, sxw, sxc, sgn,
-                                              KSIZE, IN_AFFINE, IN_RELU, HAS_GATE)
+                                              KSIZE, IN_AFFINE, IN_RELU, HAS_GATE, ACC_DTYPE)
         if KSIZE == 1:
             b_off = (ci * swi)[:, None] + w_col[None, :]
         else:
@@ -154,19 +162,30 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
 
 
-def conv_tiles(rows: int, cout_g: int, k: int) -> tuple[int, int, int]:
+def conv_tiles(rows: int, cout_g: int, k: int,
+               dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` output pixels per tiling unit,
-    `cout_g` output channels per group and reduction depth `k`.
+    `cout_g` output channels per group and reduction depth `k`, in `dtype`.
 
     BLOCK_N follows the group width (one group per program: packing groups
     would make a block-diagonal GEMM). BLOCK_K is the depth in {16, 32, 64} that
     pads K least, so K = 72 (8 channels x 9 taps) uses 3 x 32 rather than
-    2 x 64. Depends on shapes only: fake implementations call it too.
+    2 x 64. float64 tiles are capped (`fp64_tiles`). Depends on shapes and dtype
+    only: fake implementations call it too.
     """
     block_n = _pow2_clamp(cout_g, 8, 128)
     block_k = min((16, 32, 64), key=lambda bk: (triton.cdiv(k, bk) * bk, -bk))
     block_m = _pow2_clamp(rows, 16, 64 if block_n >= 128 else 128)
+    if dtype == torch.float64:
+        return fp64_tiles(block_m, block_n, block_k)
     return block_m, block_n, block_k
+
+
+def fp64_tiles(block_m: int, block_n: int, block_k: int) -> tuple[int, int, int]:
+    """A GEMM tile capped at 64 x 64 x 32 for float64: 8-byte elements double the
+    pipeline's shared memory and the accumulator's registers (float64 runs are for
+    checking numerics; their tiles are not tuned)."""
+    return min(block_m, 64), min(block_n, 64), min(block_k, 32)
 
 
 def launch_config(block_m: int, block_n: int) -> dict:
@@ -175,25 +194,48 @@ def launch_config(block_m: int, block_n: int) -> dict:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 convs use TF32 tensor cores exactly when cuDNN convs would."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    """fp32 convs use TF32 tensor cores exactly when cuDNN convs would; fp64 dots are
+    exact (16-bit dots ignore the setting)."""
+    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
         return "ieee"
     return "tf32"
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for activations of `dtype`, which is also the dtype of
+    every per-channel vector that goes with them (BN scale/shift, statistics and
+    partials, SE squeeze sums and gate, weight gradients): float64 for float64
+    activations, float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_constexpr(dtype: torch.dtype) -> tl.dtype:
+    """`acc_dtype(dtype)` as the kernels' ACC_DTYPE constexpr."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
+
+
+# Activation dtypes of the ops' shared argument checks. The C++ CPU ops take these;
+# the Triton ops also take float64 (computed in float64 throughout, for gradcheck).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_activation(name: str, x: torch.Tensor, channels: int | None = None, *,
-                     device_check=None) -> None:
-    """A 4-D float activation in a supported dtype, on a device Triton can run on
-    (or that `device_check(name, x)` accepts: the C++ backend passes its own)."""
+                     device_check=None, dtypes=SUPPORTED_DTYPES) -> None:
+    """A 4-D float activation in one of `dtypes` (the Triton ops pass TRITON_DTYPES),
+    on a device Triton can run on (or that `device_check(name, x)` accepts: the C++
+    backend passes its own)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: "
+                        + ", ".join(dtype_name(d) for d in dtypes))
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} has {x.shape[1]} channels, expected {channels}")
     (device_check or check_device)(name, x)
@@ -219,17 +261,25 @@ def check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str,
 
 
 def check_channel_vector(name: str, t: torch.Tensor, channels: int, ref: torch.Tensor) -> None:
-    """A per-channel fp32 vector (folded BN scale or shift) of length `channels`."""
+    """A per-channel vector (folded BN scale or shift) of length `channels`, in the
+    accumulation dtype of the activation `ref` (`acc_dtype`)."""
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 (folded BN parameters), got {t.dtype}")
+    check_vector_dtype(name, t, ref)
     check_same(name, t, ref, "x", dtype=False)
+
+
+def check_vector_dtype(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    """t (a per-channel vector, gate, sums...) is in the accumulation dtype of ref."""
+    want = acc_dtype(ref.dtype)
+    if t.dtype != want:
+        raise TypeError(f"{name} must be {dtype_name(want)} with {dtype_name(ref.dtype)} "
+                        f"activations, got {t.dtype}")
 
 
 def check_optional_affine(names: tuple[str, str], scale, shift, channels: int,
                           ref: torch.Tensor) -> None:
-    """An optional per-channel float32 (scale, shift) pair: both or neither."""
+    """An optional per-channel (scale, shift) pair (see check_channel_vector): both or neither."""
     if (scale is None) != (shift is None):
         raise ValueError(f"pass both {names[0]} and {names[1]}, or neither")
     if scale is not None:
@@ -240,8 +290,8 @@ def check_optional_affine(names: tuple[str, str], scale, shift, channels: int,
 def check_prologue_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int,
                         in_scale, in_shift, gate) -> int:
     """The arguments of a conv whose input goes through the prologue
-    relu?(x * in_scale + in_shift) * gate. Returns the output channels."""
-    check_activation("x", x)
+    relu?(x * in_scale + in_shift) * gate (Triton only). Returns the output channels."""
+    check_activation("x", x, dtypes=TRITON_DTYPES)
     c_out, _ = check_conv_weight("weight", weight, x, groups)
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
@@ -252,11 +302,10 @@ def check_prologue_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, grou
 
 
 def check_gate(gate: torch.Tensor, n: int, channels: int, x: torch.Tensor) -> None:
-    """An (N, C) float32 SE gate, unit stride along channels."""
+    """An (N, C) SE gate in x's accumulation dtype, unit stride along channels."""
     if tuple(gate.shape) != (n, channels):
         raise ValueError(f"gate must have shape ({n}, {channels}), got {tuple(gate.shape)}")
-    if gate.dtype != torch.float32:
-        raise TypeError(f"gate must be float32, got {gate.dtype}")
+    check_vector_dtype("gate", gate, x)
     check_same("gate", gate, x, "x", dtype=False)
     if gate.stride(1) != 1:
         raise ValueError("gate must have unit stride along channels")

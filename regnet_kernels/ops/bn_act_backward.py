@@ -12,7 +12,9 @@ when o was only summed, as by the SE squeeze), this kernel computes
     dgate = sum over (h, w) of G * a                      per (image, channel)
 and, for the BN's own backward (`reduce=True`), per channel
     sum of dv * y,   sum of dv
-All sums are per row tile, then reduced in a fixed order: deterministic.
+All sums are per row tile, then reduced in a fixed order: deterministic. The
+arithmetic, the sums, dgate and the vectors are float32, or float64 for a float64 y
+(`acc_dtype`).
 """
 from __future__ import annotations
 
@@ -22,15 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import (check_activation, check_gate, check_optional_affine, check_same,
+from ._implicit_gemm import (TRITON_DTYPES, acc_constexpr, acc_dtype, check_activation,
+                             check_gate, check_optional_affine, check_same, check_vector_dtype,
                              new_activation, nhwc_strides, output_rows)
 
 
 class BnActGrads(NamedTuple):
     dv: Optional[torch.Tensor]         # x's dtype, channels_last (None with write_dv=False)
-    sum_dv_y: Optional[torch.Tensor]   # (C,) float32, with reduce=True
-    sum_dv: Optional[torch.Tensor]     # (C,) float32, with reduce=True
-    dgate: Optional[torch.Tensor]      # (N, C) float32, with a gate
+    sum_dv_y: Optional[torch.Tensor]   # (C,) acc_dtype, with reduce=True
+    sum_dv: Optional[torch.Tensor]     # (C,) acc_dtype, with reduce=True
+    dgate: Optional[torch.Tensor]      # (N, C) acc_dtype, with a gate
 
 
 @triton.jit
@@ -41,6 +44,7 @@ def _bn_act_backward_kernel(
     G_PER_TILE: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr,
     HAS_GATE: tl.constexpr, EXTERNAL_MASK: tl.constexpr, WRITE_DV: tl.constexpr,
     REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -49,14 +53,14 @@ def _bn_act_backward_kernel(
     mask = row_ok[:, None] & c_ok[None, :]
     n64 = n_rows.to(tl.int64)
     y = tl.load(y_ptr + (n64 * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :],
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0).to(ACC_DTYPE)
     if G_PER_TILE:
         # one gradient per (image, row tile of the forward's squeeze, channel)
         p = m - n_rows * HW
         g_off = ((n64 * g_tiles + p // g_rows_per_tile) * C)[:, None] + c[None, :]
     else:
         g_off = (n64 * sgn + h * sgh + w * sgw)[:, None] + (c * sgc)[None, :]
-    g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
 
     v = y
     if AFFINE:
@@ -106,9 +110,9 @@ def _bn_act_backward_op(
     n, c, h, w = y.shape
     part_shape, dgate_shape, tiles = _shapes(y, gate, write_dv, reduce)
     dv = new_activation(n, c, h, w, y) if write_dv else y.new_empty((0,))
-    parts = torch.empty((2,) + part_shape if reduce else part_shape, dtype=torch.float32,
+    parts = torch.empty((2,) + part_shape if reduce else part_shape, dtype=acc_dtype(y.dtype),
                         device=y.device)
-    dgate = torch.empty(dgate_shape, dtype=torch.float32, device=y.device)
+    dgate = torch.empty(dgate_shape, dtype=acc_dtype(y.dtype), device=y.device)
     if y.numel() == 0:
         return dv, parts.zero_(), dgate.zero_()
     per_tile = grad.dim() == 3
@@ -123,7 +127,7 @@ def _bn_act_backward_op(
         *g_strides, *nhwc_strides(y), *m_strides, gate.stride(0) if gate is not None else 0,
         G_PER_TILE=per_tile, AFFINE=scale is not None, RELU=relu, HAS_GATE=gate is not None,
         EXTERNAL_MASK=mask_src is not None, WRITE_DV=write_dv, REDUCE=reduce,
-        BLOCK_M=block_m, BLOCK_C=block_c,
+        BLOCK_M=block_m, BLOCK_C=block_c, ACC_DTYPE=acc_constexpr(y.dtype),
     )
     return dv, parts, dgate
 
@@ -132,8 +136,8 @@ def _bn_act_backward_op(
 def _(grad, y, scale, shift, relu, gate, mask_src, grad_rows_per_tile, write_dv, reduce):
     part_shape, dgate_shape, _ = _shapes(y, gate, write_dv, reduce)
     dv = new_activation(*y.shape, y) if write_dv else y.new_empty((0,))
-    parts = y.new_empty((2,) + part_shape if reduce else part_shape, dtype=torch.float32)
-    return dv, parts, y.new_empty(dgate_shape, dtype=torch.float32)
+    parts = y.new_empty((2,) + part_shape if reduce else part_shape, dtype=acc_dtype(y.dtype))
+    return dv, parts, y.new_empty(dgate_shape, dtype=acc_dtype(y.dtype))
 
 
 def bn_act_backward(grad: torch.Tensor, y: torch.Tensor, scale: Optional[torch.Tensor] = None,
@@ -144,26 +148,28 @@ def bn_act_backward(grad: torch.Tensor, y: torch.Tensor, scale: Optional[torch.T
     """dv (and dgate, and the BN reductions) of o = relu?(y * scale + shift) * gate.
 
     Args:
-        grad: dL/do, (N, C, H, W); or (N, T, C) float32 when o was summed over row
-            tiles of `grad_rows_per_tile` pixels of each image (the SE squeeze).
-        y: the raw tensor (N, C, H, W); scale, shift: (C,) float32, or None for v = y.
-        relu: a ReLU after the affine. gate: (N, C) float32 gate o was multiplied by.
+        grad: dL/do, (N, C, H, W); or (N, T, C) when o was summed over row tiles of
+            `grad_rows_per_tile` pixels of each image (the SE squeeze).
+        y: the raw tensor (N, C, H, W), float32/float16/bfloat16 or float64; scale,
+            shift: (C,), or None for v = y. Per-channel vectors, the gate, a per-tile
+            grad and the sums are float32, float64 for a float64 y (`acc_dtype`).
+        relu: a ReLU after the affine. gate: (N, C) gate o was multiplied by.
         mask_src: take the ReLU mask from mask_src > 0 instead of from v.
         write_dv: write dv (x's dtype, channels_last). reduce: also return the
             per-channel sums of dv * y and dv.
     """
-    check_activation("y", y)
+    check_activation("y", y, dtypes=TRITON_DTYPES)
     n, c, h, w = y.shape
     if grad.dim() == 3:
-        if grad.shape[0] != n or grad.shape[2] != c or grad.dtype != torch.float32:
-            raise ValueError(f"per-tile grad must be float32 ({n}, T, {c}), got "
-                             f"{tuple(grad.shape)} {grad.dtype}")
+        if grad.shape[0] != n or grad.shape[2] != c:
+            raise ValueError(f"per-tile grad must be ({n}, T, {c}), got {tuple(grad.shape)}")
+        check_vector_dtype("per-tile grad", grad, y)
         if grad_rows_per_tile < 1 or triton.cdiv(h * w, grad_rows_per_tile) != grad.shape[1]:
             raise ValueError(f"{grad.shape[1]} tiles of {grad_rows_per_tile} pixels do not "
                              f"cover the {h}x{w} image")
         grad = grad.contiguous()
     else:
-        check_activation("grad", grad)
+        check_activation("grad", grad, dtypes=TRITON_DTYPES)
         check_same("grad", grad, y, "y")
         if grad.shape != y.shape:
             raise ValueError(f"grad {tuple(grad.shape)} and y {tuple(y.shape)} differ in shape")
@@ -171,7 +177,7 @@ def bn_act_backward(grad: torch.Tensor, y: torch.Tensor, scale: Optional[torch.T
     if gate is not None:
         check_gate(gate, n, c, y)
     if mask_src is not None:
-        check_activation("mask_src", mask_src)
+        check_activation("mask_src", mask_src, dtypes=TRITON_DTYPES)
         if mask_src.shape != y.shape:
             raise ValueError(f"mask_src {tuple(mask_src.shape)} and y {tuple(y.shape)} differ")
     dv, parts, dgate = _bn_act_backward_op(grad, y, scale, shift, relu, gate, mask_src,

@@ -15,15 +15,16 @@ import triton
 import triton.language as tl
 
 from .bn_act_backward import bn_act_backward
-from ._implicit_gemm import (check_activation, check_channel_vector, check_optional_affine,
-                             check_same, new_activation, nhwc_strides)
+from ._implicit_gemm import (TRITON_DTYPES, acc_constexpr, check_activation,
+                             check_channel_vector, check_optional_affine, check_same,
+                             new_activation, nhwc_strides)
 
 
 @triton.jit
 def _bn_add_relu_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, rscale_ptr, rshift_ptr, out_ptr,
                         M, C, HW, W, syn, syh, syw, syc, srn, srh, srw, src,
                         HAS_SHORTCUT: tl.constexpr, PROJECT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = m < M
@@ -33,13 +34,13 @@ def _bn_add_relu_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, rscale_ptr, rshift_p
     h = (m % HW) // W
     w = m % W
     y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :],
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0).to(ACC_DTYPE)
     scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
     out = y * scale[None, :] + shift[None, :]
     if HAS_SHORTCUT:
         r = tl.load(r_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
+                    mask=mask, other=0.0).to(ACC_DTYPE)
         if PROJECT:
             rscale = tl.load(rscale_ptr + c, mask=c_ok, other=0.0)
             rshift = tl.load(rshift_ptr + c, mask=c_ok, other=0.0)
@@ -65,7 +66,8 @@ def _bn_add_relu_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
         y, scale, shift, shortcut if has_shortcut else y, sc_scale if project else scale,
         sc_shift if project else shift, out, n * h * w, c, h * w, w, *nhwc_strides(y),
         *(nhwc_strides(shortcut) if has_shortcut else (0, 0, 0, 0)),
-        HAS_SHORTCUT=has_shortcut, PROJECT=project, BLOCK_M=block_m, BLOCK_C=block_c)
+        HAS_SHORTCUT=has_shortcut, PROJECT=project, BLOCK_M=block_m, BLOCK_C=block_c,
+        ACC_DTYPE=acc_constexpr(y.dtype))
     return out
 
 
@@ -99,18 +101,20 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     they stand for v = y * scale + shift, and (scale, shift) are not differentiable.
 
     Args:
-        y: (N, C, H, W) raw conv output; scale, shift: (C,) float32 (its BN).
+        y: (N, C, H, W) raw conv output, float32/float16/bfloat16 or float64 (computed
+            in float64); scale, shift: (C,) its BN, float32 (float64 for a float64 y,
+            like sc_scale/sc_shift: `acc_dtype`).
         shortcut: (N, C, H, W), y's dtype: the block input (identity) or the raw
-            projection conv output, then with sc_scale, sc_shift: (C,) float32; or
+            projection conv output, then with sc_scale, sc_shift: (C,); or
             None for relu(BN(y)) alone (a training stem's materialized output).
     Returns: (N, C, H, W) channels_last, y's dtype.
     """
-    check_activation("y", y)
+    check_activation("y", y, dtypes=TRITON_DTYPES)
     c = y.shape[1]
     check_channel_vector("scale", scale, c, y)
     check_channel_vector("shift", shift, c, y)
     if shortcut is not None:
-        check_activation("shortcut", shortcut)
+        check_activation("shortcut", shortcut, dtypes=TRITON_DTYPES)
         check_same("shortcut", shortcut, y, "y")
         if shortcut.shape != y.shape:
             raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ "

@@ -16,6 +16,7 @@ and no atomics, so the result is bit-identical run to run.
 with f = momentum, or 1 / num_batches_tracked (after its increment) when
 momentum is None (cumulative average). num_batches_tracked is incremented too.
 The update is its own op because autograd formulas need functional ops.
+Everything runs in the partials' dtype: float32, or float64 for a float64 model.
 """
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import check_device, check_same
+from ._implicit_gemm import acc_constexpr, check_device, check_same
 
 BLOCK_C = 128
 STAT_ROWS = ("mean", "inv_std", "scale", "shift", "var")
 
 
 class BatchStats(NamedTuple):
-    """Per-channel float32 results of a BN finalize (var is the biased batch variance)."""
+    """Per-channel results of a BN finalize (var is the biased batch variance), in the
+    partials' dtype (float32; float64 for float64 activations)."""
     mean: torch.Tensor
     inv_std: torch.Tensor
     scale: torch.Tensor
@@ -42,17 +44,18 @@ class BatchStats(NamedTuple):
 
 @triton.jit
 def _bn_finalize_kernel(sum_ptr, m2_ptr, gamma_ptr, beta_ptr, stats_ptr,
-                        C, T, count, rows_per_tile, eps,  # eps: a float
-                        AFFINE: tl.constexpr, BLOCK_C: tl.constexpr):
+                        C, T, count, rows_per_tile,
+                        eps: tl.float64,  # passed exactly, rounded to ACC_DTYPE here
+                        AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    n = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
     sum_row = sum_ptr + c
     m2_row = m2_ptr + c
     for t in range(0, T):
-        n_t = tl.minimum(rows_per_tile, count - t * rows_per_tile).to(tl.float32)
+        n_t = tl.minimum(rows_per_tile, count - t * rows_per_tile).to(ACC_DTYPE)
         s_t = tl.load(sum_row, mask=c_ok, other=0.0)
         m2_t = tl.load(m2_row, mask=c_ok, other=0.0)
         sum_row += C  # pointer arithmetic: 64-bit however many tiles
@@ -63,12 +66,12 @@ def _bn_finalize_kernel(sum_ptr, m2_ptr, gamma_ptr, beta_ptr, stats_ptr,
         m2 += m2_t + delta * delta * (n * n_t / n_new)
         n = n_new
     var = m2 / n
-    inv_std = 1.0 / tl.sqrt(var + tl.full((BLOCK_C,), eps, tl.float32))
+    inv_std = 1.0 / tl.sqrt(var + tl.full((BLOCK_C,), eps, ACC_DTYPE))
     scale = inv_std
     shift = -mean * inv_std
     if AFFINE:
-        gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+        beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
         scale = gamma * inv_std
         shift = beta - mean * scale
     # rows of stats: STAT_ROWS
@@ -80,32 +83,35 @@ def _bn_finalize_kernel(sum_ptr, m2_ptr, gamma_ptr, beta_ptr, stats_ptr,
 
 
 @triton.jit
-def _bn_running_update_kernel(stats_ptr, rmean_ptr, rvar_ptr, nbt_ptr, C, count, momentum,
-                              CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_running_update_kernel(stats_ptr, rmean_ptr, rvar_ptr, nbt_ptr, C, count,
+                              momentum: tl.float64,  # passed exactly, rounded to ACC_DTYPE here
+                              CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+                              ACC_DTYPE: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     if CUMULATIVE:
-        f = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
+        f = 1.0 / (tl.load(nbt_ptr).to(ACC_DTYPE) + 1.0)
     else:
-        f = tl.full((BLOCK_C,), momentum, tl.float32)
+        f = tl.full((BLOCK_C,), momentum, ACC_DTYPE)
     mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
     var = tl.load(stats_ptr + 4 * C + c, mask=c_ok, other=0.0)
-    unbiased = var * (count / (count - 1.0))
+    m = count.to(ACC_DTYPE)
+    unbiased = var * (m / (m - 1.0))
     rmean = tl.load(rmean_ptr + c, mask=c_ok, other=0.0)
     rvar = tl.load(rvar_ptr + c, mask=c_ok, other=0.0)
-    tl.store(rmean_ptr + c, ((1.0 - f) * rmean.to(tl.float32) + f * mean).to(rmean.dtype),
+    tl.store(rmean_ptr + c, ((1.0 - f) * rmean.to(ACC_DTYPE) + f * mean).to(rmean.dtype),
              mask=c_ok)
-    tl.store(rvar_ptr + c, ((1.0 - f) * rvar.to(tl.float32) + f * unbiased).to(rvar.dtype),
+    tl.store(rvar_ptr + c, ((1.0 - f) * rvar.to(ACC_DTYPE) + f * unbiased).to(rvar.dtype),
              mask=c_ok)
 
 
 def finalize_launch(tile_sum, tile_m2, count, rows_per_tile, weight, bias, eps) -> torch.Tensor:
-    """Launch the finalize kernel; returns (5, C) float32 rows STAT_ROWS."""
+    """Launch the finalize kernel; returns (5, C) rows STAT_ROWS in the partials' dtype."""
     t, c = tile_sum.shape
-    out = torch.empty((len(STAT_ROWS), c), dtype=torch.float32, device=tile_sum.device)
+    out = torch.empty((len(STAT_ROWS), c), dtype=tile_sum.dtype, device=tile_sum.device)
     _bn_finalize_kernel[(triton.cdiv(c, BLOCK_C),)](
         tile_sum, tile_m2, weight, bias, out, c, t, count, rows_per_tile, eps,
-        AFFINE=weight is not None, BLOCK_C=BLOCK_C)
+        AFFINE=weight is not None, BLOCK_C=BLOCK_C, ACC_DTYPE=acc_constexpr(tile_sum.dtype))
     return out
 
 
@@ -129,7 +135,8 @@ def _bn_update_running_op(stats: torch.Tensor, count: int, running_mean: torch.T
     c = stats.shape[1]
     _bn_running_update_kernel[(triton.cdiv(c, BLOCK_C),)](
         stats, running_mean, running_var, num_batches_tracked, c, count,
-        0.0 if momentum is None else momentum, CUMULATIVE=momentum is None, BLOCK_C=BLOCK_C)
+        0.0 if momentum is None else momentum, CUMULATIVE=momentum is None, BLOCK_C=BLOCK_C,
+        ACC_DTYPE=acc_constexpr(stats.dtype))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
 
@@ -186,23 +193,24 @@ def bn_finalize(tile_sum: torch.Tensor, tile_m2: torch.Tensor, count: int, rows_
     Not differentiable: training with autograd goes through `conv_bn_train`.
 
     Args:
-        tile_sum, tile_m2: (T, C) float32 per-row-tile sums and centered sums of squares
-            (as written by `conv_bn_stats`); tile t covers rows
+        tile_sum, tile_m2: (T, C) per-row-tile sums and centered sums of squares
+            (as written by `conv_bn_stats`: float32, float64 for float64 activations,
+            and the statistics are computed in that dtype); tile t covers rows
             [t * rows_per_tile, min(count, (t + 1) * rows_per_tile)).
         count: rows in all, N * H * W of the normalized tensor (> 1).
         bn: take weight, bias, running stats, eps and momentum from this module
             (its `track_running_stats` and `affine` are honoured); or pass them one by one.
 
     Returns:
-        BatchStats(mean, inv_std, scale, shift, var), float32 (C,).
+        BatchStats(mean, inv_std, scale, shift, var), (C,) in the partials' dtype.
     """
     args = BatchNormArgs.of(bn) if bn is not None else BatchNormArgs(
         weight, bias, running_mean, running_var, num_batches_tracked, float(eps),
         None if momentum is None else float(momentum))
     for name, t in (("tile_sum", tile_sum), ("tile_m2", tile_m2)):
-        if t.dim() != 2 or t.dtype != torch.float32:
-            raise ValueError(f"{name} must be a 2-D float32 (tiles, channels) tensor, "
-                             f"got {tuple(t.shape)} {t.dtype}")
+        if t.dim() != 2 or t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name} must be a 2-D float32 or float64 (tiles, channels) "
+                             f"tensor, got {tuple(t.shape)} {t.dtype}")
     check_device("tile_sum", tile_sum)
     check_same("tile_m2", tile_m2, tile_sum, "tile_sum")
     if tile_m2.shape != tile_sum.shape:

@@ -18,6 +18,9 @@ import triton
 import triton.language as tl
 
 from ._implicit_gemm import (
+    SUPPORTED_DTYPES,
+    TRITON_DTYPES,
+    acc_constexpr,
     check_activation,
     check_channel_vector,
     check_conv_weight,
@@ -41,7 +44,7 @@ def _conv1x1_gate_residual_kernel(
     srn, srh, srw, src, spo, spi,
     HAS_GATE: tl.constexpr, PROJECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,30 +52,30 @@ def _conv1x1_gate_residual_kernel(
     co_ok = co < Cout
     m, n_rows, oh, ow, row_ok = output_rows(pid_m, M, Ho * Wo, Wo, 0, False, BLOCK_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc = conv_accumulate(acc, x_ptr, w_ptr, x_ptr, x_ptr, gate_ptr,
                           n_rows, oh, ow, row_ok, 0, co, co_ok,
                           Ho, Wo, Cin, 1, 0,
                           sxn, sxh, sxw, sxc, swo, swi, 0, 0, sgn,
-                          1, False, False, HAS_GATE, BLOCK_K, DOT_PRECISION)
+                          1, False, False, HAS_GATE, BLOCK_K, DOT_PRECISION, ACC_DTYPE)
     scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
     shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
     y = acc * scale[None, :] + shift[None, :]
     mask = row_ok[:, None] & co_ok[None, :]
 
     if PROJECT:
-        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         acc_p = conv_accumulate(acc_p, res_ptr, pw_ptr, res_ptr, res_ptr, res_ptr,
                                 n_rows, oh, ow, row_ok, 0, co, co_ok,
                                 Hr, Wr, Cr, proj_stride, 0,
                                 srn, srh, srw, src, spo, spi, 0, 0, 0,
-                                1, False, False, False, BLOCK_K, DOT_PRECISION)
+                                1, False, False, False, BLOCK_K, DOT_PRECISION, ACC_DTYPE)
         pscale = tl.load(pscale_ptr + co, mask=co_ok, other=0.0)
         pshift = tl.load(pshift_ptr + co, mask=co_ok, other=0.0)
         y += acc_p * pscale[None, :] + pshift[None, :]
     else:
         r_off = (n_rows.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
-        y += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(ACC_DTYPE)
 
     y = tl.maximum(y, 0.0)
     y_off = m.to(tl.int64)[:, None] * Cout + co[None, :]
@@ -88,7 +91,7 @@ def _launch(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, pr
         return y
     project = proj_weight is not None
     k_max = max(c_in, shortcut.shape[1]) if project else c_in
-    block_m, block_n, block_k = conv_tiles(n * ho * wo, c_out, k_max)
+    block_m, block_n, block_k = conv_tiles(n * ho * wo, c_out, k_max, x.dtype)
     grid = (triton.cdiv(n * ho * wo, block_m), triton.cdiv(c_out, block_n))
     _, cr, hr, wr = shortcut.shape
     pw = proj_weight if project else weight
@@ -102,7 +105,8 @@ def _launch(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, pr
         *nhwc_strides(shortcut), pw.stride(0), pw.stride(1),
         HAS_GATE=gate is not None, PROJECT=project,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=dot_precision(x.dtype), **launch_config(block_m, block_n),
+        DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype),
+        **launch_config(block_m, block_n),
     )
     return y
 
@@ -131,21 +135,23 @@ def conv1x1_gate_residual(
     """relu(conv1x1(x * gate) * scale + shift + shortcut branch), in one kernel.
 
     Args:
-        x: (N, C_b, Ho, Wo) input of the 1x1 conv (conv b's output in a block).
-        weight: (C_out, C_b, 1, 1) conv weight; scale, shift: (C_out,) float32 folded BN.
+        x: (N, C_b, Ho, Wo) input of the 1x1 conv (conv b's output in a block):
+            float32/float16/bfloat16, or float64 (computed in float64 throughout).
+        weight: (C_out, C_b, 1, 1) conv weight; scale, shift: (C_out,) folded BN, float32
+            (float64 for a float64 x, like the gate and the projection's: `acc_dtype`).
         shortcut: the block input. Without `proj_weight` it is added as it is and
             must be (N, C_out, Ho, Wo); with it, it is (N, C_in, H, W) and goes
             through the projection 1x1 conv of stride `proj_stride`, whose output
             must be Ho x Wo.
-        gate: optional (N, C_b) float32 SE gate multiplied into x as it is loaded.
+        gate: optional (N, C_b) SE gate multiplied into x as it is loaded.
         proj_weight: (C_out, C_in, 1, 1) projection weight; proj_scale, proj_shift:
-            (C_out,) float32 folded BN of the projection.
+            (C_out,) folded BN of the projection.
 
     Returns:
         (N, C_out, Ho, Wo) channels_last, in x's dtype.
     """
     check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride)
+                             proj_shift, proj_stride, dtypes=TRITON_DTYPES)
     if proj_weight is None:
         return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
                                          None, None, None, 1)
@@ -154,17 +160,18 @@ def conv1x1_gate_residual(
 
 
 def check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride, device_check=None) -> None:
-    """conv1x1_gate_residual's argument checks (shared with the C++ backend, which
-    passes its own device check)."""
-    check_activation("x", x, device_check=device_check)
+                             proj_shift, proj_stride, device_check=None,
+                             dtypes=SUPPORTED_DTYPES) -> None:
+    """conv1x1_gate_residual's argument checks (shared with the C++ backend, which passes
+    its own device check and keeps the default `dtypes`: it has no float64 kernels)."""
+    check_activation("x", x, device_check=device_check, dtypes=dtypes)
     c_out, k = check_conv_weight("weight", weight, x, 1)
     if k != 1:
         raise ValueError(f"weight must be a 1x1 conv weight, got {k}x{k}")
     check_channel_vector("scale", scale, c_out, x)
     check_channel_vector("shift", shift, c_out, x)
     n, c_b, ho, wo = x.shape
-    check_activation("shortcut", shortcut, device_check=device_check)
+    check_activation("shortcut", shortcut, device_check=device_check, dtypes=dtypes)
     check_same("shortcut", shortcut, x, "x")
     if gate is not None:
         check_gate(gate, n, c_b, x)

@@ -5,9 +5,10 @@
 `scale`/`shift` are the eval BatchNorm folded per output channel
 (scale = gamma / sqrt(var + eps), shift = beta - mean * scale) and applied in the
 epilogue, so the conv weight stays untouched. With `squeeze=True` the kernel
-also writes per-(image, row tile, channel) fp32 sums of y: the SE block's global
-average pool without another pass over y. Row tiles then never straddle two
-images, and `se_excite` sums the tiles (a deterministic reduction, no atomics).
+also writes per-(image, row tile, channel) sums of y in the accumulation dtype
+(fp32, fp64 for fp64 inputs): the SE block's global average pool without
+another pass over y. Row tiles then never straddle two images, and
+`se_excite` sums the tiles (a deterministic reduction, no atomics).
 
 Activations are NHWC: any input strides are read correctly, channels_last is
 the fast layout, and the output is always channels_last.
@@ -21,6 +22,10 @@ import triton
 import triton.language as tl
 
 from ._implicit_gemm import (
+    TRITON_DTYPES,
+    SUPPORTED_DTYPES,
+    acc_constexpr,
+    acc_dtype,
     check_activation,
     check_channel_vector,
     check_conv_weight,
@@ -45,7 +50,7 @@ def _conv_bn_act_kernel(
     KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GATE: tl.constexpr, RELU: tl.constexpr, SQUEEZE: tl.constexpr, STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -55,12 +60,12 @@ def _conv_bn_act_kernel(
     m, n_rows, oh, ow, row_ok = output_rows(pid_m, M, HWo, Wo, tiles_per_image,
                                             SQUEEZE, BLOCK_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc = conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
                           n_rows, oh, ow, row_ok, group * Cin_g, co, co_ok,
                           H, W, Cin_g, stride, pad,
                           sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
-                          KSIZE, IN_AFFINE, IN_RELU, HAS_GATE, BLOCK_K, DOT_PRECISION)
+                          KSIZE, IN_AFFINE, IN_RELU, HAS_GATE, BLOCK_K, DOT_PRECISION, ACC_DTYPE)
 
     mask = row_ok[:, None] & co_ok[None, :]
     y_off = m.to(tl.int64)[:, None] * Cout + co[None, :]
@@ -70,7 +75,7 @@ def _conv_bn_act_kernel(
         # output and this tile's per-channel sum and centered sum of squares.
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
         total = tl.sum(tl.where(mask, acc, 0.0), axis=0)
-        tile_mean = total / tl.sum(row_ok.to(tl.float32), axis=0)
+        tile_mean = total / tl.sum(row_ok.to(ACC_DTYPE), axis=0)
         centered = tl.where(mask, acc - tile_mean[None, :], 0.0)
         tl.store(sums_ptr + stat_off, total, mask=co_ok)
         tl.store(m2_ptr + stat_off, tl.sum(centered * centered, axis=0), mask=co_ok)
@@ -87,19 +92,20 @@ def _conv_bn_act_kernel(
 
 
 def _geometry(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int, squeeze: bool):
-    """Output size, tiles and row tiles per image; from shapes only (the fake impls use it)."""
+    """Output size, tiles and row tiles per image; from shapes and dtype only (the fake
+    impls use it)."""
     n, c_in, h, w = x.shape
     c_out, cin_g, k, _ = weight.shape
     ho = (h + 2 * (k // 2) - k) // stride + 1
     wo = (w + 2 * (k // 2) - k) // stride + 1
     rows = ho * wo if squeeze else n * ho * wo
-    block_m, block_n, block_k = conv_tiles(rows, c_out // groups, k * k * cin_g)
+    block_m, block_n, block_k = conv_tiles(rows, c_out // groups, k * k * cin_g, x.dtype)
     tiles_per_image = triton.cdiv(ho * wo, block_m)
     return ho, wo, (block_m, block_n, block_k), tiles_per_image
 
 
 def _aux_shape(x, weight, stride, groups, squeeze, stats):
-    """Shape of the fp32 side output: SE squeeze partials (N, T, C), BN partials
+    """Shape of the side output (in acc_dtype): SE squeeze partials (N, T, C), BN partials
     (2, T, C) (sum, centered M2 per row tile), or nothing."""
     n, c_out = x.shape[0], weight.shape[0]
     ho, wo, (block_m, _, _), tiles_per_image = _geometry(x, weight, stride, groups, squeeze)
@@ -117,7 +123,7 @@ def _launch(x, weight, stride, groups, *, scale=None, shift=None, relu=False, sq
     ho, wo, (block_m, block_n, block_k), tiles_per_image = _geometry(x, weight, stride, groups, squeeze)
     y = new_activation(n, c_out, ho, wo, x)
     aux = torch.empty(_aux_shape(x, weight, stride, groups, squeeze, stats),
-                      dtype=torch.float32, device=x.device)
+                      dtype=acc_dtype(x.dtype), device=x.device)
     if y.numel() == 0:
         return y, aux.zero_()
     cout_g = c_out // groups
@@ -135,7 +141,8 @@ def _launch(x, weight, stride, groups, *, scale=None, shift=None, relu=False, sq
         KSIZE=k, IN_AFFINE=in_scale is not None, IN_RELU=in_relu, HAS_GATE=gate is not None,
         RELU=relu, SQUEEZE=squeeze, STATS=stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=dot_precision(x.dtype), **launch_config(block_m, block_n),
+        DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype),
+        **launch_config(block_m, block_n),
     )
     return y, aux
 
@@ -144,7 +151,7 @@ def _fake(x, weight, stride, groups, squeeze=False, stats=False):
     ho, wo, _, _ = _geometry(x, weight, stride, groups, squeeze)
     y = new_activation(x.shape[0], weight.shape[0], ho, wo, x)
     return y, x.new_empty(_aux_shape(x, weight, stride, groups, squeeze, stats),
-                          dtype=torch.float32)
+                          dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("regnet_triton::conv_bn_act", mutates_args=())
@@ -188,29 +195,32 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     """Fused conv (k x k, padding k // 2) + folded BN + optional ReLU.
 
     Args:
-        x: (N, C_in, H, W) activation, float32/float16/bfloat16 (channels_last is fastest).
+        x: (N, C_in, H, W) activation, float32/float16/bfloat16, or float64 (computed in
+            float64 throughout); channels_last is fastest.
         weight: (C_out, C_in / groups, k, k) conv weight, same dtype and device as x.
-        scale, shift: (C_out,) float32 folded BatchNorm (see `fold_bn`).
+        scale, shift: (C_out,) folded BatchNorm (see `fold_bn`): float32, float64 for a
+            float64 x (the accumulation dtype, `acc_dtype`).
         stride: 1 or 2 (any positive stride works).
         groups: conv groups; must divide C_in and C_out.
         relu: apply ReLU after the BN.
-        squeeze: also return fp32 SE squeeze partial sums of the output, shape
+        squeeze: also return SE squeeze partial sums of the output (acc_dtype), shape
             (N, T, C_out) for T row tiles per image; `sums.sum(1)` is the per-image
             channel sum and `se_excite` takes them as they are.
 
     Returns:
         y (channels_last, x's dtype), or (y, sums) when squeeze=True.
     """
-    check_conv_bn_act_args(x, weight, scale, shift, stride, groups)
+    check_conv_bn_act_args(x, weight, scale, shift, stride, groups, dtypes=TRITON_DTYPES)
     if squeeze:
         return _conv_bn_act_squeeze_op(x, weight, scale, shift, stride, groups, relu)
     return _conv_bn_act_op(x, weight, scale, shift, stride, groups, relu)
 
 
-def check_conv_bn_act_args(x, weight, scale, shift, stride, groups, device_check=None) -> None:
-    """conv_bn_act's argument checks (shared with the C++ backend, which passes
-    its own device check)."""
-    check_activation("x", x, device_check=device_check)
+def check_conv_bn_act_args(x, weight, scale, shift, stride, groups, device_check=None,
+                           dtypes=SUPPORTED_DTYPES) -> None:
+    """conv_bn_act's argument checks (shared with the C++ backend, which passes its
+    own device check and keeps the default `dtypes`: it has no float64 kernels)."""
+    check_activation("x", x, device_check=device_check, dtypes=dtypes)
     c_out, _ = check_conv_weight("weight", weight, x, groups)
     check_channel_vector("scale", scale, c_out, x)
     check_channel_vector("shift", shift, c_out, x)
@@ -244,12 +254,13 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, gro
     Args:
         x: (N, C_in, H, W) activation (raw output of the previous conv when a
             prologue is given); weight: (C_out, C_in / groups, k, k), x's dtype.
-        in_scale, in_shift: optional (C_in,) float32 per-channel affine of the input.
+        in_scale, in_shift: optional (C_in,) per-channel affine of the input (float32;
+            float64 for a float64 x, like every vector here: `acc_dtype`).
         in_relu: ReLU after the affine.
-        gate: optional (N, C_in) float32 SE gate.
+        gate: optional (N, C_in) SE gate.
 
     Returns:
-        ConvStats(y (channels_last, x's dtype), tile_sum, tile_m2 ((T, C_out) float32),
+        ConvStats(y (channels_last, x's dtype), tile_sum, tile_m2 ((T, C_out), acc_dtype),
         rows_per_tile).
     """
     check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)

@@ -28,14 +28,15 @@ from .conv_bn_act import _fake as _conv_fake, _geometry as _conv_geometry, _laun
 from .bn_act_backward import bn_act_backward
 from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count, finalize_launch
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
-from ._implicit_gemm import check_prologue_conv
+from ._implicit_gemm import acc_dtype, check_prologue_conv
 
 
 class TrainOutput(NamedTuple):
-    """The lazy BN output: raw conv output y and the per-channel float32 batch
-    statistics (var biased); the BN output is v = y * scale + shift. y stands for
-    v in autograd (see the module docstring): pass it only to ops that take
-    (y, scale, shift). The statistics are not differentiable."""
+    """The lazy BN output: raw conv output y and the per-channel batch statistics
+    (var biased; float32, float64 for a float64 y); the BN output is
+    v = y * scale + shift. y stands for v in autograd (see the module docstring):
+    pass it only to ops that take (y, scale, shift). The statistics are not
+    differentiable."""
     y: torch.Tensor
     mean: torch.Tensor
     inv_std: torch.Tensor
@@ -63,7 +64,7 @@ def _conv_bn_train_op(
 @_conv_bn_train_op.register_fake
 def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps):
     y, _ = _conv_fake(x, weight, stride, groups)
-    return y, x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=torch.float32)
+    return y, x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=acc_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -94,9 +95,10 @@ def _backward(ctx, grad_v, _grad_stats):
             pro = bn_act_backward(du, x, in_scale, in_shift, relu=in_relu, gate=gate)
             grad_x, grad_gate = pro.dv, pro.dgate
     if ctx.needs_input_grad[1]:
+        identity = dict(dtype=stats.dtype, device=x.device)  # for a gate without an affine
         u_prologue = None if in_scale is None and gate is None else UPrologue(
-            in_scale if in_scale is not None else torch.ones(x.shape[1], device=x.device),
-            in_shift if in_shift is not None else torch.zeros(x.shape[1], device=x.device),
+            in_scale if in_scale is not None else torch.ones(x.shape[1], **identity),
+            in_shift if in_shift is not None else torch.zeros(x.shape[1], **identity),
             in_relu, gate)
         dw = conv_wgrad(x, grad_v, weight.shape[-1], stride, groups, u_prologue=u_prologue,
                         dy_prologue=dy)
@@ -123,7 +125,10 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
         weight: (C_out, C_in / groups, k, k), x's dtype.
         bn: the BatchNorm2d (or its BatchNormArgs): gamma, beta, running statistics
             (updated in place, as nn.BatchNorm2d in train mode), eps, momentum.
-        in_relu: ReLU after the input affine. gate: (N, C_in) float32 SE gate.
+        in_relu: ReLU after the input affine. gate: (N, C_in) SE gate.
+        x may be float32/float16/bfloat16 or float64; in_scale, in_shift, the gate and
+        the statistics are float32, float64 for a float64 x (computed in float64
+        throughout: `acc_dtype`).
 
     Returns:
         TrainOutput(y raw channels_last, mean, inv_std, scale, shift, var); gradients

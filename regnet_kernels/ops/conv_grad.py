@@ -3,10 +3,11 @@ gradient (dgrad) and the weight gradient (wgrad), each one Triton implicit GEMM.
 
     y = conv(u, w, stride, padding=k // 2, groups)
     dx = conv_dgrad(dy, w, (H, W), stride, groups)        # dL/du, NHWC
-    dw = conv_wgrad(u, dy, k, stride, groups)             # dL/dw, float32
+    dw = conv_wgrad(u, dy, k, stride, groups)             # dL/dw, float32 (or float64)
 
 Both read activations through their strides (channels_last is the fast layout)
-and accumulate in fp32 on the tensor cores.
+and accumulate on the tensor cores in fp32, or in fp64 for fp64 inputs (the
+accumulation dtype, `acc_dtype`, which the prologues' vectors and dw are in too).
 
 Prologues transform tiles as they are loaded, so no normalized tensor is ever
 written:
@@ -23,8 +24,8 @@ one class, in which exactly the taps kh = (ih + pad) % stride + stride * j
 contribute, so a stride-2 dgrad runs no masked-out taps.
 
 wgrad reduces over M = N * Ho * Wo. M is cut into a number of chunks fixed by
-the call (shapes, and for fp32 whether a prologue is on), each chunk's programs
-write fp32 partials and the chunks are summed in a fixed order: bit-identical
+the call (shapes, dtype, and whether a prologue is on), each chunk's programs
+write partials and the chunks are summed in a fixed order: bit-identical
 results run to run, no atomics.
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ import triton
 import triton.language as tl
 
 from ._implicit_gemm import (
+    TRITON_DTYPES,
+    acc_constexpr,
+    acc_dtype,
     check_activation,
     check_channel_vector,
     check_gate,
@@ -43,6 +47,7 @@ from ._implicit_gemm import (
     check_weight,
     conv_tiles,
     dot_precision,
+    fp64_tiles,
     group_channels,
     launch_config,
     load_conv_input,
@@ -56,9 +61,11 @@ from ._implicit_gemm import (
 class DyPrologue(NamedTuple):
     """BN (training) + ReLU backward folded into an affine map of dy, applied as dy is loaded:
         dy_eff = A[c] * dy * mask + B[c] * y + C[c],
-        mask = (mask_src * mask_scale[c] + mask_shift[c] > 0)   (1 without mask_src). y (and mask_src) have dy's shape and dtype; the vectors are
-    float32 (C_out,). mask_src is y itself for a BN + ReLU layer (mask_scale/shift = the
-    BN's scale/shift) or e.g. the block output (scale 1, shift 0)."""
+        mask = (mask_src * mask_scale[c] + mask_shift[c] > 0)   (1 without mask_src).
+    y (and mask_src) have dy's shape and dtype; the vectors are (C_out,) in dy's
+    accumulation dtype (float32, float64 for float64 dy). mask_src is y itself for a
+    BN + ReLU layer (mask_scale/shift = the BN's scale/shift) or e.g. the block output
+    (scale 1, shift 0)."""
     y: torch.Tensor
     A: torch.Tensor
     B: torch.Tensor
@@ -70,8 +77,9 @@ class DyPrologue(NamedTuple):
 
 class UPrologue(NamedTuple):
     """The conv input recomputed from the raw tensor r passed as u:
-    u = relu?(r * scale[c] + shift[c]) * gate[n, c]; scale/shift float32 (C_in,),
-    gate float32 (N, C_in) or None. Padding is zero after the transform."""
+    u = relu?(r * scale[c] + shift[c]) * gate[n, c]; scale/shift (C_in,), gate
+    (N, C_in) or None, in r's accumulation dtype (float32, float64 for float64 r).
+    Padding is zero after the transform."""
     scale: torch.Tensor
     shift: torch.Tensor
     relu: bool = True
@@ -87,22 +95,22 @@ class UPrologue(NamedTuple):
 def _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr, mask_ptr, mask_scale_ptr,
              mask_shift_ptr, n, oh, ow, co, co_ok, valid,
              sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
-             PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr):
+             PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """dy[n, oh, ow, co] (n, oh, ow broadcast to the tile, co over its columns) in
-    dy's dtype, the DyPrologue applied in fp32; 0 wherever `valid` is false."""
+    dy's dtype, the DyPrologue applied in ACC_DTYPE; 0 wherever `valid` is false."""
     n64 = n.to(tl.int64)
     g = tl.load(dy_ptr + (n64 * sdn + oh * sdh + ow * sdw + (co * sdc)[None, :]),
                 mask=valid, other=0.0)
     if PROLOGUE:
-        g = g.to(tl.float32)
+        g = g.to(ACC_DTYPE)
         if HAS_MASK:
             src = tl.load(mask_ptr + (n64 * smn + oh * smh + ow * smw + (co * smc)[None, :]),
-                          mask=valid, other=0.0).to(tl.float32)
+                          mask=valid, other=0.0).to(ACC_DTYPE)
             ms = tl.load(mask_scale_ptr + co, mask=co_ok, other=0.0)
             mt = tl.load(mask_shift_ptr + co, mask=co_ok, other=0.0)
             g = tl.where(src * ms[None, :] + mt[None, :] > 0.0, g, 0.0)
         y = tl.load(y_ptr + (n64 * syn + oh * syh + ow * syw + (co * syc)[None, :]),
-                    mask=valid, other=0.0).to(tl.float32)
+                    mask=valid, other=0.0).to(ACC_DTYPE)
         a = tl.load(dy_a_ptr + co, mask=co_ok, other=0.0)
         b = tl.load(dy_b_ptr + co, mask=co_ok, other=0.0)
         c = tl.load(dy_c_ptr + co, mask=co_ok, other=0.0)
@@ -118,7 +126,7 @@ def _conv_dgrad_kernel(
     sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc, swo, swi, swh, sww,
     KSIZE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dx[n, ih, iw, ci] = sum over (kh, kw, co) of dy[n, oh, ow, co] * w[co, ci, kh, kw],
     oh = (ih + pad - kh) / stride (only exact quotients in range)."""
@@ -146,7 +154,7 @@ def _conv_dgrad_kernel(
     co0 = group * Cout_g
     w_col = ci_g.to(tl.int64) * swi
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
@@ -162,7 +170,7 @@ def _conv_dgrad_kernel(
                      mask_ptr, mask_scale_ptr, mask_shift_ptr,
                      n_rows[:, None], oh, ow, co, k_ok, valid,
                      sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
-                     PROLOGUE, HAS_MASK)
+                     PROLOGUE, HAS_MASK, ACC_DTYPE)
         b_off = (co * swo + (kh0 + th * stride) * swh + (kw0 + tw * stride) * sww)[:, None] \
             + w_col[None, :]
         b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & ci_ok[None, :], other=0.0)
@@ -182,7 +190,7 @@ def _conv_wgrad_kernel(
     KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GATE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Partial dw[split, co, ci, kh, kw] = sum over the split's rows m = (n, oh, ow) of
     u[n, oh * stride - pad + kh, ow * stride - pad + kw, ci] * dy[n, oh, ow, co].
@@ -203,20 +211,21 @@ def _conv_wgrad_kernel(
     m_lo = split * rows_per_split
     m_hi = tl.minimum(m_lo + rows_per_split, M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for m0 in range(m_lo, m_hi, BLOCK_K):
         m, n_rows, oh, ow, row_ok = output_rows(m0 // BLOCK_K, m_hi, Ho * Wo, Wo, 0,
                                                 False, BLOCK_K)
         u = load_conv_input(
             u_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
             n_rows, oh * stride - pad, ow * stride - pad, row_ok, kk, Kc, group * Cin_g,
-            H, W, Cin_g, sun, suh, suw, suc, sgn, KSIZE, IN_AFFINE, IN_RELU, HAS_GATE)[0]
+            H, W, Cin_g, sun, suh, suw, suc, sgn, KSIZE, IN_AFFINE, IN_RELU, HAS_GATE,
+            ACC_DTYPE)[0]
         d = _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
                      mask_ptr, mask_scale_ptr, mask_shift_ptr,
                      n_rows[:, None], oh[:, None], ow[:, None], co, co_ok,
                      row_ok[:, None] & co_ok[None, :],
                      sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
-                     PROLOGUE, HAS_MASK)
+                     PROLOGUE, HAS_MASK, ACC_DTYPE)
         acc = tl.dot(tl.trans(u), d, acc, input_precision=DOT_PRECISION)
 
     # dw is (C_out, C_in / groups, k, k) contiguous: kc = (tap, ci) lands at ci * k * k + tap
@@ -227,21 +236,27 @@ def _conv_wgrad_kernel(
 
 
 # ---------------------------------------------------------------------------
-# Geometry: from shapes (and whether an fp32 kernel has a prologue) only
+# Geometry: from shapes, dtype and the prologue flag only
 # ---------------------------------------------------------------------------
 
 # wgrad split of M: enough programs for ~2 waves on a 132-SM GPU, at least this many
-# row blocks per chunk, and at most this many fp32 partial values in all.
+# row blocks per chunk, and at most this many partial values in all.
 _WGRAD_PROGRAMS = 264
 _MIN_BLOCKS_PER_SPLIT = 4
 _MAX_PARTIALS = 1 << 24
 
 
+def _halve_k_step(dtype: torch.dtype, prologue: bool) -> bool:
+    """A prologue on fp32 or fp64 tiles: the pipeliner buffers the prologue's tiles too,
+    which would overflow shared memory at the full K step."""
+    return prologue and dtype.itemsize >= 4
+
+
 def dgrad_geometry(n: int, h: int, w: int, cin_g: int, cout_g: int, k: int, stride: int,
-                   fp32_prologue: bool = False):
+                   dtype: torch.dtype = torch.float32, prologue: bool = False):
     """(Hq, Wq, (BLOCK_M, BLOCK_N, BLOCK_K)): rows of one parity class are N x Hq x Wq;
-    a class has at most ceil(k / stride)^2 taps. `fp32_prologue` halves the K step: the
-    pipeliner buffers the prologue's fp32 tiles too, which would overflow shared memory."""
+    a class has at most ceil(k / stride)^2 taps. A dy prologue on fp32/fp64 halves the
+    K step (shared memory); fp64 tiles are capped (`fp64_tiles`)."""
     hq, wq = triton.cdiv(h, stride), triton.cdiv(w, stride)
     depth = triton.cdiv(k, stride) ** 2 * cout_g
     block_m, block_n, _ = conv_tiles(n * hq * wq, cin_g, depth)
@@ -249,25 +264,32 @@ def dgrad_geometry(n: int, h: int, w: int, cin_g: int, cout_g: int, k: int, stri
     # steps (K = 9 x 264 in 38 steps, not 149), narrow ones still pack the taps tightly.
     block_k = next(bk for bk in (64, 32, 16) if triton.cdiv(depth, bk) * bk * 8 <= depth * 9
                    or bk == 16)
-    return hq, wq, (block_m, block_n, max(16, block_k // 2) if fp32_prologue else block_k)
+    if _halve_k_step(dtype, prologue):
+        block_k = max(16, block_k // 2)
+    tiles = (block_m, block_n, block_k)
+    return hq, wq, fp64_tiles(*tiles) if dtype == torch.float64 else tiles
 
 
-def wgrad_tiles(rows: int, cout_g: int, kc: int, fp32_prologue: bool = False):
+def wgrad_tiles(rows: int, cout_g: int, kc: int, dtype: torch.dtype = torch.float32,
+                prologue: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K) of the wgrad GEMM: M over kc = k x k x input channels
     per group, N over the `cout_g` output channels per group, K over `rows` = N x Ho x Wo.
     Wide M / N tiles read each u and dy element fewer times (the wgrad of a grouped
-    conv is memory-bound); an fp32 prologue halves the K step (shared memory)."""
-    return (_pow2_clamp(kc, 16, 128), _pow2_clamp(cout_g, 8, 128),
-            _pow2_clamp(rows, 16, 32 if fp32_prologue else 64))
+    conv is memory-bound); a prologue on fp32/fp64 halves the K step (shared memory);
+    fp64 tiles are capped (`fp64_tiles`)."""
+    tiles = (_pow2_clamp(kc, 16, 128), _pow2_clamp(cout_g, 8, 128),
+             _pow2_clamp(rows, 16, 32 if _halve_k_step(dtype, prologue) else 64))
+    return fp64_tiles(*tiles) if dtype == torch.float64 else tiles
 
 
 def wgrad_geometry(n: int, ho: int, wo: int, c_out: int, cin_g: int, k: int, groups: int,
-                   fp32_prologue: bool = False):
+                   dtype: torch.dtype = torch.float32, prologue: bool = False):
     """((BLOCK_M, BLOCK_N, BLOCK_K), splits, rows_per_split) for the wgrad of a conv
-    with output (n, c_out, ho, wo). Fixed by the call's shapes, so bit-reproducible."""
+    with output (n, c_out, ho, wo). Fixed by the call's shapes, dtype and prologue, so
+    bit-reproducible."""
     m = n * ho * wo
     cout_g, kc = c_out // groups, k * k * cin_g
-    block_m, block_n, block_k = wgrad_tiles(m, cout_g, kc, fp32_prologue)
+    block_m, block_n, block_k = wgrad_tiles(m, cout_g, kc, dtype, prologue)
     out_tiles = groups * triton.cdiv(kc, block_m) * triton.cdiv(cout_g, block_n)
     blocks = max(triton.cdiv(m, block_k), 1)
     splits = max(1, min(triton.cdiv(_WGRAD_PROGRAMS, max(out_tiles, 1)),
@@ -302,9 +324,8 @@ def _dgrad_launch(dy, weight, h, w, stride, groups, *prologue):
     if dx.numel() == 0:
         return dx
     cout_g = c_out // groups
-    fp32_prologue = dy.dtype == torch.float32 and prologue[0] is not None
     hq, wq, (block_m, block_n, block_k) = dgrad_geometry(n, h, w, cin_g, cout_g, k, stride,
-                                                         fp32_prologue)
+                                                         dy.dtype, prologue[0] is not None)
     tiles_m = triton.cdiv(n * hq * wq, block_m)
     tiles_n = triton.cdiv(cin_g, block_n)
     ptrs, strides, flags = _dy_args(dy, *prologue)
@@ -313,7 +334,8 @@ def _dgrad_launch(dy, weight, h, w, stride, groups, *prologue):
         h, w, ho, wo, c_in, cin_g, cout_g, hq, wq, n * hq * wq, tiles_m, tiles_n, stride, k // 2,
         *strides, *weight.stride(),
         KSIZE=k, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=dot_precision(dy.dtype), **launch_config(block_m, block_n),
+        DOT_PRECISION=dot_precision(dy.dtype), ACC_DTYPE=acc_constexpr(dy.dtype),
+        **launch_config(block_m, block_n),
     )
     return dx
 
@@ -322,13 +344,12 @@ def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, *
     n, c_in, h, w = u.shape
     _, c_out, ho, wo = dy.shape
     cin_g, cout_g = c_in // groups, c_out // groups
-    fp32_prologue = u.dtype == torch.float32 and (in_scale is not None or gate is not None
-                                                  or prologue[0] is not None)
+    any_prologue = in_scale is not None or gate is not None or prologue[0] is not None
     (block_m, block_n, block_k), splits, rows_per_split = wgrad_geometry(
-        n, ho, wo, c_out, cin_g, k, groups, fp32_prologue)
+        n, ho, wo, c_out, cin_g, k, groups, u.dtype, any_prologue)
     m = n * ho * wo
     shape = (c_out, cin_g, k, k)
-    dw = torch.empty((splits, *shape) if splits > 1 else shape, dtype=torch.float32,
+    dw = torch.empty((splits, *shape) if splits > 1 else shape, dtype=acc_dtype(u.dtype),
                      device=u.device)
     if m == 0 or dw.numel() == 0:
         return dw.zero_() if splits == 1 else dw.zero_().sum(0)
@@ -343,7 +364,8 @@ def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, *
         *nhwc_strides(u), gate.stride(0) if gate is not None else 0, *strides,
         KSIZE=k, IN_AFFINE=affine, IN_RELU=in_relu, HAS_GATE=gate is not None, **flags,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=dot_precision(u.dtype), **launch_config(block_m, block_n),
+        DOT_PRECISION=dot_precision(u.dtype), ACC_DTYPE=acc_constexpr(u.dtype),
+        **launch_config(block_m, block_n),
     )
     # The chunks' partials, summed in a fixed order.
     return dw if splits == 1 else dw.sum(0)
@@ -388,7 +410,7 @@ def _conv_wgrad_op(u: torch.Tensor, dy: torch.Tensor, kernel_size: int, stride: 
 def _(u, dy, kernel_size, stride, groups, in_scale, in_shift, in_relu, gate, y, dy_a, dy_b,
       dy_c, mask_src, mask_scale, mask_shift):
     return u.new_empty((dy.shape[1], u.shape[1] // groups, kernel_size, kernel_size),
-                       dtype=torch.float32)
+                       dtype=acc_dtype(u.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -415,7 +437,7 @@ def _check_dy_prologue(p: Optional[DyPrologue], dy: torch.Tensor) -> tuple:
     for name, t in (("dy_prologue.y", p.y), ("dy_prologue.mask_src", p.mask_src)):
         if t is None:
             continue
-        check_activation(name, t)
+        check_activation(name, t, dtypes=TRITON_DTYPES)
         check_same(name, t, dy, "dy")
         if t.shape != dy.shape:
             raise ValueError(f"{name} must have dy's shape {tuple(dy.shape)}, "
@@ -438,18 +460,19 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_hw: Sequence[int], 
     """Gradient of a conv (k x k, padding k // 2) with respect to its input.
 
     Args:
-        dy: (N, C_out, Ho, Wo) gradient of the conv output (float32/float16/bfloat16;
-            channels_last is fastest). With `dy_prologue` it is the upstream gradient g
-            of the BN + ReLU that follows the conv.
+        dy: (N, C_out, Ho, Wo) gradient of the conv output (float32/float16/bfloat16, or
+            float64, computed in float64 throughout; channels_last is fastest). With
+            `dy_prologue` it is the upstream gradient g of the BN + ReLU that follows
+            the conv.
         weight: (C_out, C_in / groups, k, k) conv weight, dy's dtype and device.
         input_hw: (H, W) of the conv input (a stride-2 conv maps two sizes to one Ho).
         stride, groups: the conv's.
         dy_prologue: optional `DyPrologue` applied to dy as it is loaded.
 
     Returns:
-        dx: (N, C_in, H, W) channels_last, in dy's dtype (fp32 accumulation).
+        dx: (N, C_in, H, W) channels_last, in dy's dtype (fp32 accumulation, fp64 for fp64).
     """
-    check_activation("dy", dy)
+    check_activation("dy", dy, dtypes=TRITON_DTYPES)
     _check_stride(stride)
     c_out, cin_g, k = check_weight("weight", weight, groups)
     check_same("weight", weight, dy, "dy")
@@ -474,18 +497,18 @@ def conv_wgrad(u: torch.Tensor, dy: torch.Tensor, kernel_size: int, stride: int 
     shapes and summed in a fixed order (no atomics), so runs are bit-identical.
 
     Args:
-        u: (N, C_in, H, W) conv input (float32/float16/bfloat16). With `u_prologue`
-            it is the previous layer's raw output r, and the input is recomputed.
+        u: (N, C_in, H, W) conv input (float32/float16/bfloat16, or float64). With
+            `u_prologue` it is the previous layer's raw output r, and the input is recomputed.
         dy: (N, C_out, Ho, Wo) gradient of the conv output, u's dtype and device.
         kernel_size: k (odd); stride, groups: the conv's.
         u_prologue: optional `UPrologue` applied to u as it is loaded.
         dy_prologue: optional `DyPrologue` applied to dy as it is loaded.
 
     Returns:
-        dw: (C_out, C_in / groups, k, k) float32, contiguous.
+        dw: (C_out, C_in / groups, k, k) contiguous, float32 (float64 for float64 u).
     """
-    check_activation("u", u)
-    check_activation("dy", dy)
+    check_activation("u", u, dtypes=TRITON_DTYPES)
+    check_activation("dy", dy, dtypes=TRITON_DTYPES)
     check_same("dy", dy, u, "u")
     _check_stride(stride)
     if kernel_size < 1 or kernel_size % 2 == 0:

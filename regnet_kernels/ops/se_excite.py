@@ -1,10 +1,12 @@
 """SE excitation: from the squeeze sums to the per-(image, channel) gate, one kernel.
 
     mean = sums.sum(tiles) / hw
-    gate = sigmoid(W2 @ relu(W1 @ mean + b1) + b2)        shape (N, C), float32
+    gate = sigmoid(W2 @ relu(W1 @ mean + b1) + b2)        shape (N, C), in the sums' dtype
 
 One program per image. The hidden vector (w_se <= 4096 values) stays in
-registers between the two layers, so nothing but the gate is written.
+registers between the two layers, so nothing but the gate is written. The sums,
+the gate and the arithmetic are float32, or float64 in a float64 model
+(`acc_dtype`).
 
 In eval the squeeze sums come from conv b's epilogue. In training conv b's BN
 statistics are known only after conv b, so `se_squeeze` makes one read-only
@@ -17,8 +19,9 @@ import triton
 import triton.language as tl
 
 from .bn_act_backward import bn_act_backward
-from ._implicit_gemm import (check_activation, check_channel_vector, check_device, check_same,
-                             nhwc_strides, output_rows)
+from ._implicit_gemm import (SUPPORTED_DTYPES, TRITON_DTYPES, acc_constexpr, acc_dtype,
+                             check_activation, check_channel_vector, check_device, check_same,
+                             dtype_name, nhwc_strides, output_rows)
 
 MAX_SE_WIDTH = 4096
 
@@ -26,23 +29,23 @@ MAX_SE_WIDTH = 4096
 @triton.jit
 def _se_excite_kernel(sums_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr,
                       T, C, S, HW, s1o, s1i, s2o, s2i,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    inv_hw = 1.0 / HW.to(tl.float32)
+    inv_hw = 1.0 / HW.to(ACC_DTYPE)
     s = tl.arange(0, BLOCK_S)
     s_ok = s < S
 
-    hidden = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    hidden = tl.zeros((BLOCK_S,), dtype=ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        total = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
         for t in range(0, T):
             total += tl.load(sums_ptr + (n * T + t) * C + c, mask=c_ok, other=0.0)
         w1 = tl.load(w1_ptr + s[:, None] * s1o + c[None, :] * s1i,
                      mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-        hidden += tl.sum(w1.to(tl.float32) * (total * inv_hw)[None, :], axis=1)
-    b1 = tl.load(b1_ptr + s, mask=s_ok, other=0.0).to(tl.float32)
+        hidden += tl.sum(w1.to(ACC_DTYPE) * (total * inv_hw)[None, :], axis=1)
+    b1 = tl.load(b1_ptr + s, mask=s_ok, other=0.0).to(ACC_DTYPE)
     hidden = tl.maximum(hidden + b1, 0.0)
 
     for c0 in range(0, C, BLOCK_C):
@@ -50,8 +53,8 @@ def _se_excite_kernel(sums_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr,
         c_ok = c < C
         w2 = tl.load(w2_ptr + c[:, None] * s2o + s[None, :] * s2i,
                      mask=c_ok[:, None] & s_ok[None, :], other=0.0)
-        z = tl.sum(w2.to(tl.float32) * hidden[None, :], axis=1)
-        z += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        z = tl.sum(w2.to(ACC_DTYPE) * hidden[None, :], axis=1)
+        z += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
         tl.store(gate_ptr + n * C + c, tl.sigmoid(z), mask=c_ok)
 
 
@@ -65,21 +68,22 @@ def _se_excite_op(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
                   w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     n, t, c = sums.shape
     s = w1.shape[0]
-    gate = torch.empty((n, c), dtype=torch.float32, device=sums.device)
+    gate = torch.empty((n, c), dtype=sums.dtype, device=sums.device)
     if gate.numel() == 0:
         return gate
     block_s, block_c = _tiles(s)
     _se_excite_kernel[(n,)](
         sums, w1, b1, w2, b2, gate, t, c, s, hw,
         w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
-        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8 if block_s * block_c >= 8192 else 4,
+        BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=acc_constexpr(sums.dtype),
+        num_warps=8 if block_s * block_c >= 8192 else 4,
     )
     return gate
 
 
 @_se_excite_op.register_fake
 def _(sums, hw, w1, b1, w2, b2):
-    return sums.new_empty((sums.shape[0], sums.shape[2]), dtype=torch.float32)
+    return sums.new_empty((sums.shape[0], sums.shape[2]))
 
 
 def _se_excite_setup(ctx, inputs, output):
@@ -92,8 +96,8 @@ def _se_excite_backward(ctx, grad_gate):
     """The SE MLP's backward on (N, C) vectors: a few small matmuls in torch."""
     sums, w1, b1, w2, b2, gate = ctx.saved_tensors
     mean = sums.sum(1) / ctx.hw
-    w1m, w2m = w1.float().flatten(1), w2.float().flatten(1)
-    hidden_pre = mean @ w1m.T + b1.float()
+    w1m, w2m = w1.to(gate.dtype).flatten(1), w2.to(gate.dtype).flatten(1)
+    hidden_pre = mean @ w1m.T + b1.to(gate.dtype)
     hidden = hidden_pre.clamp_min(0.0)
     dz = grad_gate * gate * (1.0 - gate)
     dhidden = (dz @ w2m) * (hidden_pre > 0)
@@ -107,15 +111,20 @@ def _se_excite_backward(ctx, grad_gate):
 _se_excite_op.register_autograd(_se_excite_backward, setup_context=_se_excite_setup)
 
 
-def check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=None) -> torch.Tensor:
-    """se_excite's argument checks (shared with the C++ backend, which passes its
-    own device check). Returns sums as (N, T, C)."""
+def check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=None,
+                         dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
+    """se_excite's argument checks (shared with the C++ backend, which passes its own
+    device check and keeps the default weight `dtypes`: it has no float64 kernels).
+    The sums are in the weights' accumulation dtype (`acc_dtype`). Returns sums as
+    (N, T, C)."""
     if sums.dim() == 2:
         sums = sums.unsqueeze(1)
     if sums.dim() != 3:
         raise ValueError(f"sums must be (N, C) or (N, T, C), got shape {tuple(sums.shape)}")
-    if sums.dtype != torch.float32:
-        raise TypeError(f"sums must be float32, got {sums.dtype}")
+    sum_dtypes = list(dict.fromkeys(acc_dtype(d) for d in dtypes))
+    if sums.dtype not in sum_dtypes:
+        raise TypeError(f"sums must be {' or '.join(dtype_name(d) for d in sum_dtypes)}, "
+                        f"got {sums.dtype}")
     (device_check or check_device)("sums", sums)
     if int(hw) < 1:
         raise ValueError(f"hw must be >= 1, got {hw}")
@@ -128,8 +137,12 @@ def check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=None) -> torch.T
             raise ValueError(f"{name} must have shape {shape} for {c} channels and SE width {s}, "
                              f"got {tuple(t.shape)}")
         check_same(name, t, sums, "sums", dtype=False)
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"{name} has unsupported dtype {t.dtype}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: "
+                            + ", ".join(dtype_name(d) for d in dtypes))
+        if acc_dtype(t.dtype) != sums.dtype:
+            raise TypeError(f"sums must be {dtype_name(acc_dtype(t.dtype))} with "
+                            f"{dtype_name(t.dtype)} SE weights ({name}), got {sums.dtype}")
     if s > MAX_SE_WIDTH:
         raise ValueError(f"SE width {s} exceeds the supported maximum {MAX_SE_WIDTH}")
     return sums
@@ -140,29 +153,31 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
     """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums.
 
     Args:
-        sums: float32 per-image channel sums, (N, C) or (N, T, C) partial sums over
-            T row tiles (as returned by `conv_bn_act(..., squeeze=True)`).
+        sums: per-image channel sums, (N, C) or (N, T, C) partial sums over T row
+            tiles (as returned by `conv_bn_act(..., squeeze=True)`); float32, or
+            float64 with float64 weights (computed in float64 throughout).
         hw: number of pixels summed per image (Ho * Wo of the squeezed map).
         w1: (S, C) or (S, C, 1, 1) first SE conv weight; b1: (S,).
         w2: (C, S) or (C, S, 1, 1) second SE conv weight; b2: (C,).
 
     Returns:
-        (N, C) float32 gate.
+        (N, C) gate in the sums' dtype.
     """
-    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2)
+    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, dtypes=TRITON_DTYPES)
     return _se_excite_op(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 
 @triton.jit
 def _se_squeeze_kernel(y_ptr, scale_ptr, shift_ptr, sums_ptr, C, HW, W, tiles_per_image,
-                       syn, syh, syw, syc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                       syn, syh, syw, syc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       ACC_DTYPE: tl.constexpr):
     pid_m = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     _, n_rows, h, w, row_ok = output_rows(pid_m, 0, HW, W, tiles_per_image, True, BLOCK_M)
     mask = row_ok[:, None] & c_ok[None, :]
     off = (n_rows.to(tl.int64) * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :]
-    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
     scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
     act = tl.where(mask, tl.maximum(y * scale[None, :] + shift[None, :], 0.0), 0.0)
@@ -178,11 +193,11 @@ def _se_squeeze_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     n, c, h, w = y.shape
     block_m, block_c = _squeeze_tiles(h * w, c)
     tiles = triton.cdiv(h * w, block_m)
-    sums = torch.empty((n, tiles, c), dtype=torch.float32, device=y.device)
+    sums = torch.empty((n, tiles, c), dtype=acc_dtype(y.dtype), device=y.device)
     if sums.numel():
         _se_squeeze_kernel[(n * tiles, triton.cdiv(c, block_c))](
             y, scale, shift, sums, c, h * w, w, tiles, *nhwc_strides(y),
-            BLOCK_M=block_m, BLOCK_C=block_c)
+            BLOCK_M=block_m, BLOCK_C=block_c, ACC_DTYPE=acc_constexpr(y.dtype))
     return sums
 
 
@@ -190,7 +205,7 @@ def _se_squeeze_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
 def _(y, scale, shift):
     n, c, h, w = y.shape
     return y.new_empty((n, triton.cdiv(h * w, _squeeze_tiles(h * w, c)[0]), c),
-                       dtype=torch.float32)
+                       dtype=acc_dtype(y.dtype))
 
 
 def _se_squeeze_setup(ctx, inputs, output):
@@ -209,11 +224,12 @@ _se_squeeze_op.register_autograd(_se_squeeze_backward, setup_context=_se_squeeze
 
 
 def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Per-(image, row tile, channel) fp32 sums of relu(y * scale + shift): the SE
+    """Per-(image, row tile, channel) sums of relu(y * scale + shift): the SE
     squeeze of a training-mode BN + ReLU output, from the raw conv output y.
     y is a lazy BN output (`conv_bn_train`): its gradient is dL/dv, v = y * scale + shift.
+    scale, shift and the sums are float32, float64 for a float64 y (`acc_dtype`).
     Returns (N, T, C) partial sums for `se_excite`."""
-    check_activation("y", y)
+    check_activation("y", y, dtypes=TRITON_DTYPES)
     check_channel_vector("scale", scale, y.shape[1], y)
     check_channel_vector("shift", shift, y.shape[1], y)
     return _se_squeeze_op(y, scale, shift)
