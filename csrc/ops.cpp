@@ -1,5 +1,8 @@
 // The regnet_kernels C++ extension: the op schemas, declared once.
 //
+// Eval ops first, then the training ops with their backward ops (autograd is
+// registered in Python, regnet_kernels/ops/cpp.py, from these functional pieces).
+//
 // Same arguments and semantics as the Triton ops (regnet_triton::*), in their
 // own namespace (see the README's "one op namespace per backend"). Each device
 // registers its kernels with TORCH_LIBRARY_IMPL(regnet_kernels, <Key>, m):
@@ -29,4 +32,33 @@ TORCH_LIBRARY(regnet_kernels, m) {
       "conv1x1_gate_residual(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? gate, "
       "Tensor shortcut, Tensor? proj_weight, Tensor? proj_scale, Tensor? proj_shift, "
       "SymInt proj_stride) -> Tensor");
+
+  // ---- Training (BN from batch statistics); see regnet_kernels/ops/conv_bn_train.py ----
+  // Lazy BN output: raw y = conv(relu?(x * in_scale + in_shift) * gate, weight), channels_last,
+  // and the (5, C_out) fp32 statistics rows mean, inv_std, scale, shift, var (biased);
+  // the BN output is v = y * scale + shift. Autograd (Python) treats y as v.
+  m.def(
+      "conv_bn_train(Tensor x, Tensor weight, SymInt stride, SymInt groups, Tensor? in_scale, "
+      "Tensor? in_shift, bool in_relu, Tensor? gate, Tensor? bn_weight, Tensor? bn_bias, "
+      "float eps) -> (Tensor, Tensor)");
+  // Its backward from grad = dL/dv: (grad_x, grad_weight, grad_gate, grad_gamma, grad_beta);
+  // grad_x is dL/dv_prev when x is a lazy BN output. output_mask = (x and gate, weight);
+  // masked-off gradients, and grad_gate without a gate, are empty (0,) tensors.
+  m.def(
+      "conv_bn_train_backward(Tensor grad, Tensor x, Tensor weight, Tensor y, Tensor stats, "
+      "SymInt stride, SymInt groups, Tensor? in_scale, Tensor? in_shift, bool in_relu, "
+      "Tensor? gate, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // nn.BatchNorm2d's running-statistics update (momentum None: cumulative average), in place.
+  m.def(
+      "bn_update_running(Tensor stats, SymInt count, Tensor(a!) running_mean, "
+      "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float? momentum) -> ()");
+  // fp32 per-image channel sums of relu(y * scale + shift), (N, 1, C), and its backward.
+  m.def("se_squeeze(Tensor y, Tensor scale, Tensor shift) -> Tensor");
+  m.def("se_squeeze_backward(Tensor grad_sums, Tensor y, Tensor scale, Tensor shift) -> Tensor");
+  // relu(y * scale + shift + shortcut'), shortcut' = shortcut, its BN (sc_scale, sc_shift),
+  // or none; the backward grad * (out > 0) is the gradient of y and of the shortcut.
+  m.def(
+      "bn_add_relu(Tensor y, Tensor scale, Tensor shift, Tensor? shortcut, Tensor? sc_scale, "
+      "Tensor? sc_shift) -> Tensor");
+  m.def("bn_add_relu_backward(Tensor grad, Tensor out) -> Tensor");
 }

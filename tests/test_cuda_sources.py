@@ -157,18 +157,49 @@ def test_half_precision_gemms_use_tensor_cores(builds, name, arch):
     assert not [k for k, body in fp32.items() if "mma.sync" in body]
 
 
-def test_launchers_header_is_plain_c():
-    """csrc/cuda/launchers.h is a C header over the CUDA runtime types only."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no host C compiler")
+def _cuda_include() -> Path:
+    """The CUDA runtime headers' directory (beside nvcc), or skip."""
     candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH")
                   if os.environ.get(v)]
     candidates += [Path(NVCC).resolve().parents[1] / "include", Path("/usr/local/cuda/include")]
     include = next((d for d in candidates if (d / "cuda_runtime.h").is_file()), None)
     if include is None:
         pytest.skip("cuda_runtime.h not found next to nvcc")
+    return include
+
+
+def _host_compiler(*names: str) -> str:
+    found = next((shutil.which(n) for n in names if shutil.which(n)), None)
+    if found is None:
+        pytest.skip(f"no host compiler ({', '.join(names)})")
+    return found
+
+
+def test_launchers_header_is_plain_c():
+    """csrc/cuda/launchers.h is a C header over the CUDA runtime types only."""
+    cc = _host_compiler("cc", "gcc")
     proc = subprocess.run([cc, "-x", "c", "-std=c99", "-fsyntax-only", "-Wall", "-Werror",
-                           f"-I{include}", str(CSRC / "cuda" / "launchers.h")],
+                           f"-I{_cuda_include()}", str(CSRC / "cuda" / "launchers.h")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cuda_binding_compiles_against_torch_headers(tmp_path):
+    """csrc/cuda/binding.cpp (the CUDA TORCH_LIBRARY_IMPL) type-checks against this torch's
+    headers, warning-free. A CPU build of torch lacks one generated CUDA header,
+    c10/cuda/impl/cuda_cmake_macros.h (a single #define for shared-library builds):
+    a stand-in is written for it. Linking needs a CUDA torch and runs on GPU machines."""
+    from torch.utils import cpp_extension
+
+    cxx = _host_compiler("c++", "g++")
+    torch_includes = cpp_extension.include_paths()
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in torch_includes):
+        standin = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        standin.parent.mkdir(parents=True)
+        standin.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        torch_includes = [str(tmp_path)] + torch_includes
+    system = [arg for p in torch_includes + [str(_cuda_include())] for arg in ("-isystem", p)]
+    proc = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+                           *system, f"-I{CSRC / 'cuda'}", str(CSRC / "cuda" / "binding.cpp")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]

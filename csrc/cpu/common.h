@@ -79,51 +79,66 @@ inline void store_row(scalar_t* row, const float* src, int64_t c) {
   }
 }
 
-// v = v * scale + shift (+ relu), in place over c channels; optionally adds the
-// result into sums[c] (the SE squeeze).
-inline void affine_row(float* v, const float* scale, const float* shift, int64_t c, bool relu,
-                       float* sums) {
+// A writable fp32 row for results stored into `row`: the row itself for fp32,
+// else `buf` (then store_row rounds it into the row).
+template <typename scalar_t>
+inline float* row_out(scalar_t* row, int64_t c, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    buf.resize(c);
+    return buf.data();
+  }
+}
+
+// The row epilogues below read fp32 rows and write `out`, which may be the
+// input row itself (in place).
+
+// out = v * scale + shift (+ relu) over c channels; optionally adds the result
+// into sums[c] (the SE squeeze).
+inline void affine_row(const float* v, const float* scale, const float* shift, int64_t c, bool relu,
+                       float* sums, float* out) {
   const Vec zero(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= c; i += Vec::size()) {
     Vec y = Vec::loadu(v + i) * Vec::loadu(scale + i) + Vec::loadu(shift + i);
     if (relu) y = at::vec::maximum(y, zero);
-    y.store(v + i);
+    y.store(out + i);
     if (sums) (Vec::loadu(sums + i) + y).store(sums + i);
   }
   for (; i < c; ++i) {
     float y = v[i] * scale[i] + shift[i];
     if (relu) y = std::max(y, 0.f);
-    v[i] = y;
+    out[i] = y;
     if (sums) sums[i] += y;
   }
 }
 
-// v = relu(v * scale + shift + r), r a fp32 row.
-inline void affine_add_relu_row(float* v, const float* scale, const float* shift, const float* r,
-                                int64_t c) {
+// out = relu(v * scale + shift + r), r a fp32 row.
+inline void affine_add_relu_row(const float* v, const float* scale, const float* shift,
+                                const float* r, int64_t c, float* out) {
   const Vec zero(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= c; i += Vec::size()) {
     Vec y = Vec::loadu(v + i) * Vec::loadu(scale + i) + Vec::loadu(shift + i) + Vec::loadu(r + i);
-    at::vec::maximum(y, zero).store(v + i);
+    at::vec::maximum(y, zero).store(out + i);
   }
-  for (; i < c; ++i) v[i] = std::max(v[i] * scale[i] + shift[i] + r[i], 0.f);
+  for (; i < c; ++i) out[i] = std::max(v[i] * scale[i] + shift[i] + r[i], 0.f);
 }
 
-// v = relu(v * scale + shift + p * pscale + pshift): the projection shortcut's BN.
-inline void affine_add_affine_relu_row(float* v, const float* scale, const float* shift,
+// out = relu(v * scale + shift + p * pscale + pshift): the projection shortcut's BN.
+inline void affine_add_affine_relu_row(const float* v, const float* scale, const float* shift,
                                        const float* p, const float* pscale, const float* pshift,
-                                       int64_t c) {
+                                       int64_t c, float* out) {
   const Vec zero(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= c; i += Vec::size()) {
     Vec y = Vec::loadu(v + i) * Vec::loadu(scale + i) + Vec::loadu(shift + i) +
             Vec::loadu(p + i) * Vec::loadu(pscale + i) + Vec::loadu(pshift + i);
-    at::vec::maximum(y, zero).store(v + i);
+    at::vec::maximum(y, zero).store(out + i);
   }
   for (; i < c; ++i) {
-    v[i] = std::max(v[i] * scale[i] + shift[i] + p[i] * pscale[i] + pshift[i], 0.f);
+    out[i] = std::max(v[i] * scale[i] + shift[i] + p[i] * pscale[i] + pshift[i], 0.f);
   }
 }
 
@@ -134,6 +149,79 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// The checks of a k x k conv (padding k // 2) of x by weight; returns C_out.
+inline int64_t check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                          int64_t groups) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(x.dim() == 4, "regnet_kernels: x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+              "regnet_kernels: weight must be (C_out, C_in / groups, k, k) with odd k, got ",
+              weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "regnet_kernels: weight has dtype ",
+              weight.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK(stride >= 1, "regnet_kernels: stride must be >= 1, got ", stride);
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0 && weight.size(1) * groups == x.size(1),
+              "regnet_kernels: weight ", weight.sizes(), " with groups=", groups, " does not fit ",
+              x.size(1), " input channels");
+  return weight.size(0);
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic reductions over pixel rows
+//
+// Every reduction over rows (BN statistics, SE squeeze sums, gradient sums) is
+// cut into chunks of kChunkRows rows, fixed by the shape and never by the thread
+// count. Each chunk writes its own partial (no atomics, no shared accumulator),
+// and the partials are combined in chunk order: bit-identical results run to run
+// whatever the scheduling. A chunk's rows are in cache while it is reduced.
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kChunkRows = 64;
+
+inline int64_t chunks_of(int64_t rows) { return (rows + kChunkRows - 1) / kChunkRows; }
+
+// Calls fn(r0, r1, part) for every chunk [r0, r1) of the rows [0, segments * seg_rows),
+// in parallel; chunks never straddle two segments (images, for per-image sums). Each
+// call gets its own zeroed `width`-float partial. Returns the partials as a row-major
+// (segments, chunks_of(seg_rows), width) array.
+template <typename Fn>
+std::vector<float> chunk_partials(int64_t segments, int64_t seg_rows, int64_t width, const Fn& fn) {
+  const int64_t per_seg = chunks_of(seg_rows);
+  std::vector<float> part(static_cast<size_t>(segments * per_seg * width), 0.f);
+  at::parallel_for(0, segments * per_seg, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seg = item / per_seg;
+      const int64_t r0 = seg * seg_rows + (item % per_seg) * kChunkRows;
+      fn(r0, std::min(r0 + kChunkRows, (seg + 1) * seg_rows), part.data() + item * width);
+    }
+  });
+  return part;
+}
+
+// acc[i] += v[i], i < c.
+inline void add_row(float* acc, const float* v, int64_t c) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= c; i += Vec::size()) {
+    (Vec::loadu(acc + i) + Vec::loadu(v + i)).store(acc + i);
+  }
+  for (; i < c; ++i) acc[i] += v[i];
+}
+
+// out[s, :] = the sum, in chunk order, of segment s's `per_seg` partials of `width` floats.
+inline void sum_partials(const std::vector<float>& part, int64_t segments, int64_t per_seg,
+                         int64_t width, float* out) {
+  at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seg = begin; seg < end; ++seg) {
+      float* dst = out + seg * width;
+      std::fill(dst, dst + width, 0.f);
+      for (int64_t k = 0; k < per_seg; ++k) {
+        add_row(dst, part.data() + (seg * per_seg + k) * width, width);
+      }
+    }
+  });
 }
 
 }  // namespace regnet_kernels::cpu

@@ -140,9 +140,9 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
         float* v = row_as_float(row, c_out, buf);
         const float* rv = row_as_float(pp + r * c_out, c_out, rbuf);
         if (project) {
-          affine_add_affine_relu_row(v, ps_, pt_, rv, pps, ppt, c_out);
+          affine_add_affine_relu_row(v, ps_, pt_, rv, pps, ppt, c_out, v);
         } else {
-          affine_add_relu_row(v, ps_, pt_, rv, c_out);
+          affine_add_relu_row(v, ps_, pt_, rv, c_out, v);
         }
         store_row(row, v, c_out);
       }

@@ -15,10 +15,11 @@ the first call of a C++ op (`regnet_kernels.ops.cpp.*`) calls `load()`, which
    build once and the others wait and load the result;
 4. loads the shared library into torch (`torch.ops.regnet_kernels.*`).
 
-CUDA sources (`csrc/cuda/*.cu` and their binding `csrc/cuda/*.cpp`) are compiled
-only where torch has CUDA and a device is present; elsewhere the extension is the
-schemas plus the CPU kernels. A failed build raises `ExtensionBuildError` saying
-what is needed; it is remembered, so later calls fail fast with the same error.
+The CUDA kernels (`csrc/cuda/*.cu` and their torch binding `csrc/cuda/binding.cpp`)
+are a second library, built and loaded by `load_cuda()` after the first, only where
+torch has CUDA and a device is present: a CUDA build problem leaves the CPU backend
+working. A failed build raises `ExtensionBuildError` saying what is needed; it is
+remembered, so later calls fail fast with the same error.
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ from pathlib import Path
 import torch
 
 NAME = "regnet_kernels_cpp"
+CUDA_NAME = "regnet_kernels_cuda"
 CACHE_ENV = "REGNET_KERNELS_CACHE"
 
 _lock = threading.Lock()
-_loaded: str | None = None  # path of the loaded library
-_error: Exception | None = None
+_loaded: dict[bool, str] = {}  # cuda? -> path of the loaded library
+_errors: dict[bool, Exception] = {}
 
 
 class ExtensionBuildError(RuntimeError):
@@ -61,21 +63,21 @@ def _cpu_flags() -> list[str]:
     return flags
 
 
-def _sources(csrc: Path, with_cuda: bool) -> list[Path]:
-    sources = [csrc / "ops.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
-    if with_cuda:
-        sources += sorted((csrc / "cuda").glob("*.cu")) + sorted((csrc / "cuda").glob("*.cpp"))
-    return sources
+def _sources(csrc: Path, cuda: bool) -> list[Path]:
+    """The CPU library: the schemas and the CPU kernels; the CUDA one: kernels + binding."""
+    if cuda:
+        return sorted((csrc / "cuda").glob("*.cu")) + sorted((csrc / "cuda").glob("*.cpp"))
+    return [csrc / "ops.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
 
 
-def _build_key(csrc: Path, sources: list[Path], flags: list[str], with_cuda: bool) -> str:
+def _build_key(csrc: Path, sources: list[Path], flags: list[str], cuda: bool) -> str:
     h = hashlib.sha256()
-    dirs = [csrc, csrc / "cpu"] + ([csrc / "cuda"] if with_cuda else [])
+    dirs = [csrc / "cuda"] if cuda else [csrc, csrc / "cpu"]
     headers = sorted(p for d in dirs for p in d.glob("*") if p.suffix in (".h", ".cuh", ".hpp"))
     for p in sorted(sources) + headers:
         h.update(str(p.relative_to(csrc)).encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(" ".join(flags).encode())
-    device = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+    device = f"cu{torch.version.cuda.replace('.', '')}" if cuda else "cpu"
     return f"{torch.__version__.replace('+', '_')}-{device}-{h.hexdigest()[:16]}"
 
 
@@ -110,31 +112,33 @@ def _how_to_build(csrc: Path, build_dir: Path | None) -> str:
     )
 
 
-def _build_and_load() -> str:
+def _build_and_load(cuda: bool = False) -> str:
+    """Builds (unless a finished build is cached) and loads the CPU or the CUDA library."""
     csrc = source_dir()
     if not (csrc / "ops.cpp").is_file():
         raise ExtensionBuildError(f"C++ sources not found at {csrc}. " + _how_to_build(csrc, None))
-    with_cuda = _with_cuda()
+    name = CUDA_NAME if cuda else NAME
     flags = _cpu_flags()
-    sources = _sources(csrc, with_cuda)
-    build_dir = cache_root() / _build_key(csrc, sources, flags, with_cuda)
-    library = build_dir / f"{NAME}.so"
+    sources = _sources(csrc, cuda)
+    build_dir = cache_root() / _build_key(csrc, sources, flags, cuda)
+    library = build_dir / f"{name}.so"
     done = build_dir / "BUILD_OK"
+    what = "CUDA kernels" if cuda else "C++ extension"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(build_dir / "build.lock"):
             if not done.is_file():
-                print(f"regnet_kernels: building the C++ extension (first use, ~30 s) in {build_dir}",
+                print(f"regnet_kernels: building the {what} (first use, ~30 s) in {build_dir}",
                       file=sys.stderr, flush=True)
                 from torch.utils import cpp_extension
 
                 kwargs = {}
-                if with_cuda:
+                if cuda:
                     kwargs["extra_cuda_cflags"] = [
                         "-O3", "-gencode=arch=compute_90a,code=sm_90a",
                         "-gencode=arch=compute_80,code=sm_80"]
                 cpp_extension.load(
-                    name=NAME, sources=[str(s) for s in sources], build_directory=str(build_dir),
+                    name=name, sources=[str(s) for s in sources], build_directory=str(build_dir),
                     extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     extra_include_paths=[str(csrc)], is_python_module=False,
                     is_standalone=False, verbose=False, **kwargs)
@@ -149,7 +153,7 @@ def _build_and_load() -> str:
             start = max(0, detail.rfind("\n", 0, max(first_error, 0)) - 500)
             detail = ("..." if start else "") + detail[start:start + 4000] + "\n..."
         raise ExtensionBuildError(
-            f"building the regnet_kernels C++ extension in {build_dir} failed: "
+            f"building the regnet_kernels {what} in {build_dir} failed: "
             f"{type(e).__name__}: {detail}\n" + _how_to_build(csrc, build_dir)) from e
     try:
         torch.ops.load_library(str(library))
@@ -160,29 +164,46 @@ def _build_and_load() -> str:
     return str(library)
 
 
-def load() -> str:
-    """Build (first use only) and load the extension; returns the library's path.
-    Raises ExtensionBuildError, with what the build needs, when it cannot."""
-    global _loaded, _error
-    if _loaded is not None:
-        return _loaded
+def _load(cuda: bool) -> str:
+    if cuda in _loaded:
+        return _loaded[cuda]
     with _lock:
-        if _loaded is None:
-            if _error is not None:
-                raise _error
+        if cuda not in _loaded:
+            if cuda in _errors:
+                raise _errors[cuda]
             try:
-                _loaded = _build_and_load()
+                _loaded[cuda] = _build_and_load(cuda)
             except ExtensionBuildError as e:
-                _error = e
+                _errors[cuda] = e
                 raise
-    return _loaded
+    return _loaded[cuda]
 
 
-def available() -> tuple[bool, str]:
-    """(True, "") when the extension is (or can be) built and loaded, else (False, reason).
-    Builds it when it was not yet built."""
+def load() -> str:
+    """Build (first use only) and load the extension (the op schemas and the CPU
+    kernels); returns the library's path. Raises ExtensionBuildError, with what the
+    build needs, when it cannot."""
+    return _load(cuda=False)
+
+
+def load_cuda() -> str:
+    """Build (first use only) and load the CUDA kernels' library, after `load()`.
+    Raises ExtensionBuildError when torch has no CUDA or no device is present, or
+    when the build fails."""
+    load()
+    if not _with_cuda():
+        raise ExtensionBuildError(
+            "the CUDA kernels need a CUDA build of torch and a CUDA device "
+            f"(torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"device present: {torch.cuda.is_available()})")
+    return _load(cuda=True)
+
+
+def available(cuda: bool = False) -> tuple[bool, str]:
+    """(True, "") when the extension (with cuda=True: its CUDA kernels) is, or can be,
+    built and loaded, else (False, reason). Builds it when it was not yet built."""
     try:
-        load()
+        load_cuda() if cuda else load()
     except ExtensionBuildError as e:
         return False, str(e)
     return True, ""

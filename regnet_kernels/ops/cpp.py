@@ -1,14 +1,25 @@
-"""The fused eval ops on the C++ extension's CPU kernels (`torch.ops.regnet_kernels.*`).
+"""The fused ops of the C++ extension (`torch.ops.regnet_kernels.*`): its CPU kernels,
+and for the eval ops also its CUDA kernels (csrc/cuda; the dispatcher picks by device).
 
 Same Python signatures, argument checks and results as the Triton functions in
-`regnet_kernels.ops`, for CPU tensors (float32, bfloat16, float16; any input
-layout, channels_last output). The extension is built on the first call (see
-`_extension.py`); importing this module builds nothing. One difference: the SE
-squeeze sums of `conv_bn_act(..., squeeze=True)` have one row tile per image,
-shape (N, 1, C_out).
+`regnet_kernels.ops` (float32, bfloat16, float16; any input layout, channels_last
+output). The extension is built on the first call (see `_extension.py`; the CUDA
+kernels on the first call with CUDA tensors); importing this module builds nothing.
 
-The fake implementations below let torch.compile trace the ops; the C++ library
-names this module (`set_python_module`), so torch imports it when it needs them.
+Eval (BN folded; CPU and CUDA): conv_bn_act, se_excite, conv1x1_gate_residual.
+Training (BN from batch statistics, differentiable, deterministic):
+conv_bn_train, se_squeeze, se_excite, bn_add_relu; with these,
+`regnet_kernels.models.fused.block_forward_train(x, block, block_ops=cpp)` trains
+a block on the CPU. Their autograd follows the Triton ops' lazy BN output
+convention (see `regnet_kernels.ops.conv_bn_train`): the raw conv output y
+stands for v = y * scale + shift, and its gradient is dL/dv.
+
+One difference: the SE squeeze sums (of `conv_bn_act(..., squeeze=True)` and of
+`se_squeeze`) have one row tile per image, shape (N, 1, C).
+
+The fake implementations and autograd formulas below are registered once the
+library is loaded; the C++ library names this module (`set_python_module`), so
+torch imports it when it needs them.
 """
 from __future__ import annotations
 
@@ -17,27 +28,35 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._implicit_gemm import new_activation
+from ._implicit_gemm import (check_activation, check_channel_vector, check_conv_weight, check_gate,
+                             check_optional_affine, check_same, new_activation)
+from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count
 from .conv1x1_gate_residual import check_gate_residual_args
 from .conv_bn_act import check_conv_bn_act_args
-from .se_excite import check_se_excite_args
+from .conv_bn_train import TrainOutput
+from .se_excite import _se_excite_backward, _se_excite_setup, check_se_excite_args
 
 
 def _ops():
     """torch.ops.regnet_kernels, building and loading the extension on first use."""
-    if not _fakes_registered:
+    if not _registered:
         _extension.load()
-        _register_fakes()
+        _register()
     return torch.ops.regnet_kernels
 
 
 def available() -> tuple[bool, str]:
-    """(True, "") when the C++ CPU backend can run (builds it if needed), else (False, reason)."""
-    return _extension.available()
+    """(True, "") when the C++ CPU backend can run (builds and loads it if needed, with its
+    fakes and autograd formulas: call it before torch.compile traces the ops, since the
+    build cannot be traced), else (False, reason)."""
+    ok, reason = _extension.available()
+    if ok:
+        _register()
+    return ok, reason
 
 
 # ---------------------------------------------------------------------------
-# Fake implementations (shapes only), for torch.compile and opcheck
+# Fake implementations (shapes only, for torch.compile and opcheck) and autograd
 # ---------------------------------------------------------------------------
 
 
@@ -48,13 +67,64 @@ def _conv_out(x, weight, stride):
     return new_activation(x.shape[0], weight.shape[0], ho, wo, x)
 
 
-_fakes_registered = False
+def _conv_bn_train_setup(ctx, inputs, output):
+    x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, *_ = inputs
+    y, stats = output
+    ctx.mark_non_differentiable(stats)  # decoding parameters of the lazy BN output y
+    ctx.save_for_backward(x, weight, in_scale, in_shift, gate, y, stats)
+    ctx.conv = (stride, groups, in_relu)
+    ctx.bn_dtype = None if bn_weight is None else bn_weight.dtype
 
 
-def _register_fakes() -> None:
-    """Registers the fake implementations; the ops must exist (the library loaded)."""
-    global _fakes_registered
-    if _fakes_registered:
+def _conv_bn_train_backward(ctx, grad_v, _grad_stats):
+    """grad_v = dL/dv of the lazy BN output; BN backward, then conv dgrad/wgrad, then
+    (x a lazy BN output itself) the input prologue's backward, all in one C++ op."""
+    x, weight, in_scale, in_shift, gate, y, stats = ctx.saved_tensors
+    stride, groups, in_relu = ctx.conv
+    need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[7]
+    grad_x, grad_w, grad_gate, d_gamma, d_beta = torch.ops.regnet_kernels.conv_bn_train_backward(
+        grad_v, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate,
+        [need_x, ctx.needs_input_grad[1]])
+    grad_gamma = grad_beta = None
+    if ctx.bn_dtype is not None:
+        grad_gamma, grad_beta = d_gamma.to(ctx.bn_dtype), d_beta.to(ctx.bn_dtype)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_w if ctx.needs_input_grad[1] else None, None, None, None, None, None,
+            grad_gate if gate is not None and ctx.needs_input_grad[7] else None,
+            grad_gamma, grad_beta, None)
+
+
+def _se_squeeze_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _se_squeeze_backward(ctx, grad_sums):
+    """y is a lazy BN output: its gradient is dL/dv = grad_sums[n, 0, c] * relu'(v)."""
+    y, scale, shift = ctx.saved_tensors
+    return (torch.ops.regnet_kernels.se_squeeze_backward(grad_sums.contiguous(), y, scale, shift),
+            None, None)
+
+
+def _bn_add_relu_setup(ctx, inputs, output):
+    ctx.has_shortcut = inputs[3] is not None
+    ctx.save_for_backward(output)
+
+
+def _bn_add_relu_backward(ctx, grad):
+    """y and a projection shortcut are lazy BN outputs, and an identity shortcut is
+    added as is: every input's gradient is dL/d(sum) = grad * (out > 0)."""
+    out, = ctx.saved_tensors
+    dz = torch.ops.regnet_kernels.bn_add_relu_backward(grad, out)
+    return dz, None, None, dz if ctx.has_shortcut else None, None, None
+
+
+_registered = False
+
+
+def _register() -> None:
+    """Registers the fakes and the autograd formulas; the ops must exist (the library loaded)."""
+    global _registered
+    if _registered:
         return
 
     @torch.library.register_fake("regnet_kernels::conv_bn_act")
@@ -75,35 +145,92 @@ def _register_fakes() -> None:
           proj_stride):
         return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
 
-    _fakes_registered = True
+    @torch.library.register_fake("regnet_kernels::conv_bn_train")
+    def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps):
+        return (_conv_out(x, weight, stride),
+                x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=torch.float32))
+
+    @torch.library.register_fake("regnet_kernels::conv_bn_train_backward")
+    def _(grad, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate,
+          output_mask):
+        need_x, need_w = output_mask
+        none = stats.new_empty((0,))
+        return (new_activation(*x.shape, x) if need_x else x.new_empty((0,)),
+                weight.new_empty(weight.shape) if need_w else weight.new_empty((0,)),
+                stats.new_empty(gate.shape) if need_x and gate is not None else none,
+                stats.new_empty((weight.shape[0],)), stats.new_empty((weight.shape[0],)))
+
+    @torch.library.register_fake("regnet_kernels::bn_update_running")
+    def _(stats, count, running_mean, running_var, num_batches_tracked, momentum):
+        return None
+
+    @torch.library.register_fake("regnet_kernels::se_squeeze")
+    def _(y, scale, shift):
+        return y.new_empty((y.shape[0], 1, y.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("regnet_kernels::se_squeeze_backward")
+    def _(grad_sums, y, scale, shift):
+        return new_activation(*y.shape, y)
+
+    @torch.library.register_fake("regnet_kernels::bn_add_relu")
+    def _(y, scale, shift, shortcut, sc_scale, sc_shift):
+        return new_activation(*y.shape, y)
+
+    @torch.library.register_fake("regnet_kernels::bn_add_relu_backward")
+    def _(grad, out):
+        return new_activation(*out.shape, out)
+
+    torch.library.register_autograd("regnet_kernels::conv_bn_train", _conv_bn_train_backward,
+                                    setup_context=_conv_bn_train_setup)
+    torch.library.register_autograd("regnet_kernels::se_squeeze", _se_squeeze_backward,
+                                    setup_context=_se_squeeze_setup)
+    # The SE MLP's backward is a few small torch matmuls: the Triton op's, reused.
+    torch.library.register_autograd("regnet_kernels::se_excite", _se_excite_backward,
+                                    setup_context=_se_excite_setup)
+    torch.library.register_autograd("regnet_kernels::bn_add_relu", _bn_add_relu_backward,
+                                    setup_context=_bn_add_relu_setup)
+    _registered = True
 
 
 # The library loaded by other means (torch imports this module for the fakes, see
 # set_python_module in csrc/ops.cpp): register them now.
 if hasattr(torch.ops.regnet_kernels, "conv_bn_act"):
-    _register_fakes()
+    _register()
 
 
 # ---------------------------------------------------------------------------
-# The functions: the Triton functions' checks, with a CPU device check
+# The functions: the Triton functions' checks, with the extension's device checks
 # ---------------------------------------------------------------------------
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:
+    """Training ops: CPU kernels only."""
     if t.device.type not in ("cpu", "meta"):
         raise RuntimeError(
-            f"{name} is on {t.device}: the C++ CPU backend (regnet_kernels.ops.cpp) runs CPU "
-            "tensors; use the Triton ops (regnet_kernels.ops) for CUDA tensors"
+            f"{name} is on {t.device}: the C++ extension's training ops run CPU tensors; "
+            "use the Triton ops (regnet_kernels.ops) for CUDA tensors"
         )
+
+
+def _check_eval_device(name: str, t: torch.Tensor) -> None:
+    """Eval ops: CPU kernels, or the CUDA kernels (built and loaded on first use)."""
+    if t.device.type == "cuda":
+        ok, reason = _extension.available(cuda=True)
+        if not ok:
+            raise RuntimeError(f"{name} is on {t.device}, and the C++ extension's CUDA kernels "
+                               f"cannot run: {reason}")
+    else:
+        _check_device(name, t)
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 *, stride: int = 1, groups: int = 1, relu: bool = True, squeeze: bool = False):
-    """Fused conv (k x k, padding k // 2) + folded BN + optional ReLU, on the CPU.
+    """Fused conv (k x k, padding k // 2) + folded BN + optional ReLU (CPU or CUDA).
 
     As `regnet_kernels.ops.conv_bn_act`; with squeeze=True the sums are (N, 1, C_out).
     """
-    check_conv_bn_act_args(x, weight, scale, shift, stride, groups, device_check=_check_device)
+    check_conv_bn_act_args(x, weight, scale, shift, stride, groups,
+                           device_check=_check_eval_device)
     ops = _ops()
     if squeeze:
         return ops.conv_bn_act_squeeze(x, weight, scale, shift, stride, groups, relu)
@@ -112,11 +239,12 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
 
 def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
               w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums, on the CPU.
+    """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums (CPU or CUDA).
 
     As `regnet_kernels.ops.se_excite`: sums (N, C) or (N, T, C) float32; returns (N, C) float32.
+    Differentiable in sums and the SE weights (the Triton op's backward formula).
     """
-    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=_check_device)
+    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=_check_eval_device)
     return _ops().se_excite(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 
@@ -126,15 +254,96 @@ def conv1x1_gate_residual(
     proj_weight: Optional[torch.Tensor] = None, proj_scale: Optional[torch.Tensor] = None,
     proj_shift: Optional[torch.Tensor] = None, proj_stride: int = 1,
 ) -> torch.Tensor:
-    """relu(conv1x1(x * gate) * scale + shift + shortcut branch), on the CPU.
+    """relu(conv1x1(x * gate) * scale + shift + shortcut branch) (CPU or CUDA).
 
     As `regnet_kernels.ops.conv1x1_gate_residual` (identity or projection shortcut).
     """
     check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride, device_check=_check_device)
+                             proj_shift, proj_stride, device_check=_check_eval_device)
     return _ops().conv1x1_gate_residual(x, weight, scale, shift, gate, shortcut, proj_weight,
                                         proj_scale, proj_shift,
                                         proj_stride if proj_weight is not None else 1)
 
 
-__all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "available"]
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def _check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate) -> int:
+    """The Triton conv_bn_train's checks (`check_prologue_conv`), with the CPU device
+    check. Returns the output channels."""
+    check_activation("x", x, device_check=_check_device)
+    c_out, _ = check_conv_weight("weight", weight, x, groups)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    check_optional_affine(("in_scale", "in_shift"), in_scale, in_shift, x.shape[1], x)
+    if gate is not None:
+        check_gate(gate, x.shape[0], x.shape[1], x)
+    return c_out
+
+
+def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
+                  *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
+                  in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
+                  gate: Optional[torch.Tensor] = None) -> TrainOutput:
+    """Training-mode conv + BN with batch statistics, differentiable, on the CPU.
+
+    As `regnet_kernels.ops.conv_bn_train`: the conv reads relu?(x * in_scale + in_shift)
+    * gate, y is the raw conv output (channels_last) standing for the BN output in
+    autograd, the BN's running statistics are updated in place as nn.BatchNorm2d does,
+    and gradients flow to x (dL/dv_prev when in_scale is given), weight, gate and the
+    BN's weight and bias.
+    """
+    args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
+    c_out = _check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
+    n, _, h, w = x.shape
+    count = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    check_count(count)
+    args.check(c_out, x)
+    ops = _ops()
+    y, stats = ops.conv_bn_train(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,
+                                 args.weight, args.bias, args.eps)
+    if args.running_mean is not None:
+        ops.bn_update_running(stats.detach(), count, args.running_mean, args.running_var,
+                              args.num_batches_tracked, args.momentum)
+    return TrainOutput(y, *stats.unbind(0))
+
+
+def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per-image channel sums of relu(y * scale + shift), fp32 (N, 1, C), on the CPU.
+
+    As `regnet_kernels.ops.se_squeeze` (one row tile per image): y is a lazy BN output,
+    its gradient is dL/dv, v = y * scale + shift.
+    """
+    check_activation("y", y, device_check=_check_device)
+    check_channel_vector("scale", scale, y.shape[1], y)
+    check_channel_vector("shift", shift, y.shape[1], y)
+    return _ops().se_squeeze(y, scale, shift)
+
+
+def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                shortcut: Optional[torch.Tensor] = None, sc_scale: Optional[torch.Tensor] = None,
+                sc_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu(y * scale + shift + shortcut'), shortcut' = shortcut or its own BN affine, on the CPU.
+
+    As `regnet_kernels.ops.bn_add_relu`: y and a projection shortcut are lazy BN outputs.
+    """
+    check_activation("y", y, device_check=_check_device)
+    c = y.shape[1]
+    check_channel_vector("scale", scale, c, y)
+    check_channel_vector("shift", shift, c, y)
+    if shortcut is not None:
+        check_activation("shortcut", shortcut, device_check=_check_device)
+        check_same("shortcut", shortcut, y, "y")
+        if shortcut.shape != y.shape:
+            raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ "
+                             "in shape")
+    elif sc_scale is not None:
+        raise ValueError("sc_scale/sc_shift given without a shortcut")
+    check_optional_affine(("sc_scale", "sc_shift"), sc_scale, sc_shift, c, y)
+    return _ops().bn_add_relu(y, scale, shift, shortcut, sc_scale, sc_shift)
+
+
+__all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "conv_bn_train", "se_squeeze",
+           "bn_add_relu", "TrainOutput", "BatchNormArgs", "available"]
