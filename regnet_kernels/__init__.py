@@ -5,6 +5,7 @@ Public API:
   model zoo:      list_models, model_params
   complexity:     complexity
   modules:        reference_model, fused_model, fuse, unfuse
+  backends:       available_backends
   checkpoints:    load_checkpoint
   fused ops:      regnet_kernels.ops (conv_bn_act, se_excite, conv1x1_gate_residual)
 """
@@ -14,6 +15,7 @@ from .complexity import complexity
 from .models.reference import reference_model
 from .models.fused import fuse, fused_model, unfuse
 from .checkpoints import load_checkpoint
+from .backends import available_backends
 from . import ops
 
 __version__ = "0.1.0"
@@ -29,5 +31,6 @@ __all__ = [
     "fuse",
     "unfuse",
     "load_checkpoint",
+    "available_backends",
     "ops",
 ]

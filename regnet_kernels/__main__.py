@@ -61,6 +61,19 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_env(args: argparse.Namespace) -> int:
+    """Print versions, devices and which fused-op backends can run here (and why not)."""
+    from .backends import environment_report
+    print(environment_report())
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Time the fused ops, blocks and models against the baselines (or print the traffic model)."""
+    from .bench.cli import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m regnet_kernels", description="RegNet models and fused kernels."
@@ -74,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("model", help="any model name, e.g. regnety_8gf, RegNetY-8.0GF")
     info_parser.add_argument("--resolution", type=int, default=224, help="input size (default 224)")
     info_parser.set_defaults(run=run_info)
+
+    from .bench.cli import add_arguments as add_bench_arguments
+    bench_parser = commands.add_parser(
+        "bench", help="benchmarks: fused ops, blocks and models against eager / torch.compile")
+    add_bench_arguments(bench_parser)
+    bench_parser.set_defaults(run=run_bench)
+
+    env_parser = commands.add_parser(
+        "env", help="versions, devices and the usable backends (builds the C++ extension)")
+    env_parser.set_defaults(run=run_env)
 
     return parser
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from regnet_kernels import load_checkpoint, reference_model
+from numerics import rel_err
+from regnet_kernels import fused_model, load_checkpoint, reference_model
 from regnet_kernels.checkpoints import CheckpointError, detect_layout
 
 # torchvision -> other layouts, written from the published key tables as ordered regex
@@ -84,6 +85,25 @@ def test_round_trip_in_every_layout(name, layout):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "timm", "pycls"])
+def test_round_trip_through_the_fused_model(layout):
+    """A checkpoint in each layout loads into the fused model (C++ CPU backend), which
+    then computes the source's outputs and gives back the same state_dict."""
+    torch.manual_seed(0)
+    source = trained_like("regnety_200mf")
+    fused = fused_model("regnety_200mf", backend="cpu", num_classes=10).eval()
+    assert load_checkpoint(fused, to_layout(source.state_dict(), layout),
+                           bgr_to_rgb=False).source == layout
+    assert_same_weights(fused, source.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source.double()(x.double())
+        assert rel_err(fused(x), expected) < 1e-5
+    again = reference_model("regnety_200mf", num_classes=10)
+    again.load_state_dict(fused.state_dict())
+    assert_same_weights(again, fused.state_dict())
 
 
 @pytest.mark.parametrize("wrapper", ["model_state", "state_dict", "model"])

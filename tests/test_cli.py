@@ -88,3 +88,14 @@ def test_a_command_is_required(capsys):
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code != 0
+
+
+def test_env_reports_versions_and_every_backend(capsys):
+    import torch
+
+    status, out, _ = run_cli(capsys, "env")
+    assert status == 0
+    assert f"torch       {torch.__version__}" in out
+    backends = {line.split()[0]: line.split()[1] for line in out.split("backends\n")[1].splitlines()}
+    assert backends == {"triton": backends["triton"], "cpu": "yes", "cuda": backends["cuda"]}
+    assert backends["cuda"] == "no" or torch.cuda.is_available()

@@ -9,17 +9,18 @@ from blocks import OpRecorder
 from numerics import DEVICE, randomize_bn, rel_err
 from regnet_kernels.models.fused import FusedBlock, fuse, fused_model, unfuse
 from regnet_kernels.models.reference import ResBottleneckBlock
+from regnet_kernels.ops._implicit_gemm import interpreting
 
 # 3 stages (24, 48, 96 x 2), Y blocks, group width 8: small enough for the interpreter
 TINY = rk.RegNetParams(depth=4, w0=24, wa=24, wm=2.0, group_width=8, se_ratio=0.25)
 
 
-def pair(params, num_classes=10, seed=0):
+def pair(params, num_classes=10, seed=0, backend="auto"):
     """A reference model with random BN statistics and a fused copy of it."""
     torch.manual_seed(seed)
     ref = rk.reference_model(params, num_classes=num_classes)
     randomize_bn(ref, torch.Generator().manual_seed(seed))
-    fused = fused_model(params, num_classes=num_classes)
+    fused = fused_model(params, num_classes=num_classes, backend=backend)
     fused.load_state_dict(ref.state_dict())
     return ref.to(DEVICE), fused.to(DEVICE)
 
@@ -41,8 +42,23 @@ def test_eval_matches_reference(params, size):
         assert rel_err(fused.eval()(x), ref.eval()(x)) < 1e-5
 
 
-def test_train_step_matches_reference():
-    ref, fused = pair(TINY)
+# On CPU tensors: the Triton kernels under the interpreter, and the C++ CPU ops.
+TRAIN_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton"]
+
+
+def assert_grads_and_buffers_match(fused, ref, tol=1e-5):
+    for (key, p), p_ref in zip(fused.named_parameters(), ref.parameters()):
+        if not p_ref.requires_grad:
+            assert p.grad is None and p_ref.grad is None, key
+            continue
+        assert rel_err(p.grad, p_ref.grad) <= tol, key
+    for (key, b), b_ref in zip(fused.named_buffers(), ref.buffers()):
+        assert rel_err(b, b_ref) < 1e-6, key
+
+
+@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+def test_train_step_matches_reference(backend):
+    ref, fused = pair(TINY, backend=backend)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
     x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -52,8 +68,41 @@ def test_train_step_matches_reference():
     out.backward(grad)
     assert rel_err(out, out_ref) < 1e-5
     assert rel_err(x_fused.grad, x_ref.grad) < 1e-5
+    assert_grads_and_buffers_match(fused, ref)
+
+
+@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+def test_sgd_steps_then_eval_match_reference(backend):
+    """Three optimizer steps in train mode (same losses), then the eval forward."""
+    ref, fused = pair(TINY, backend=backend)
+    gen = torch.Generator().manual_seed(6)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen).to(DEVICE),
+             torch.randint(0, 10, (2,), generator=gen).to(DEVICE)) for _ in range(3)]
+    losses = {}
+    for name, model in (("ref", ref), ("fused", fused)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        model.train()
+        losses[name] = []
+        for x, target in data:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["fused"] == pytest.approx(losses["ref"], rel=1e-5)
     for (key, p), p_ref in zip(fused.named_parameters(), ref.parameters()):
-        assert rel_err(p.grad, p_ref.grad) < 1e-5, key
+        assert rel_err(p, p_ref) < 1e-5, key
+    with torch.no_grad():
+        x = data[0][0]
+        assert rel_err(fused.eval()(x), ref.eval()(x)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+def test_train_mode_under_no_grad_updates_running_stats(backend):
+    ref, fused = pair(TINY, backend=backend)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    with torch.no_grad():
+        assert rel_err(fused.train()(x), ref.train()(x)) < 1e-5
     for (key, b), b_ref in zip(fused.named_buffers(), ref.buffers()):
         assert rel_err(b, b_ref) < 1e-6, key
 
@@ -84,16 +133,94 @@ def test_fuse_and_unfuse_keep_parameters():
         assert rel_err(fused_out, model(x)) < 1e-5
 
 
-def test_eval_with_grad_warns():
+def test_eval_with_grad_runs_the_reference_forward():
+    """The fused eval ops do not differentiate: gradients through running-statistics BN
+    come from the reference forward (with a warning), equal to the reference's."""
+    ref, fused = pair(TINY)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="unfused reference forward"):
+        out = fused.eval()(x_fused)
+    out_ref = ref.eval()(x_ref)
+    out.sum().backward()
+    out_ref.sum().backward()
+    assert torch.equal(out, out_ref) and torch.equal(x_fused.grad, x_ref.grad)
+    assert_grads_and_buffers_match(fused, ref, tol=0)
+
+
+def test_frozen_batchnorm_detection_style():
+    """model.train() with every BN in eval mode and frozen: gradients match the
+    reference (its forward), and without autograd the fused eval ops run."""
+    ref, fused = pair(TINY)
+    for model in (ref, fused):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval().requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    with pytest.warns(UserWarning, match="eval-mode .*BatchNorm"):
+        out = fused(x)
+    out_ref = ref(x)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    assert torch.equal(out, out_ref)
+    assert_grads_and_buffers_match(fused, ref, tol=0)
+    assert fused_ops_used(fused, x) != set()  # no_grad: the fused eval ops
+    with torch.no_grad():
+        assert rel_err(fused(x), ref(x)) < 1e-5
+
+
+def test_bad_inputs_are_clear_errors():
     _, fused = pair(TINY)
-    x = torch.randn(1, 3, 32, 32).to(DEVICE)
-    with pytest.warns(UserWarning, match="does not backpropagate"):
-        fused.eval()(x)
+    fused.eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError,
+                           match=r"takes \(N, 3, H, W\) images, got shape \(2, 4, 32, 32\)"):
+            fused(torch.randn(2, 4, 32, 32).to(DEVICE))
+        with pytest.raises(ValueError, match=r"got shape \(3, 32, 32\)"):
+            fused(torch.randn(3, 32, 32).to(DEVICE))
+
+
+def test_float64_model_on_triton():
+    """A float64 model computes in float64 end to end on the Triton kernels."""
+    ref, _ = pair(TINY)
+    ref = ref.double().eval()
+    fused = fuse(copy.deepcopy(ref), backend="triton")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        assert rel_err(fused(x.to(DEVICE)), ref(x.to(DEVICE))) < 1e-12
+
+
+def test_nchw_and_channels_last_inputs():
+    ref, fused = pair(TINY)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    with torch.no_grad():
+        expected = ref.eval()(x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert rel_err(fused.eval()(x.contiguous(memory_format=layout)), expected) < 1e-5
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'cuda_graphs'"):
         fused_model(TINY, backend="cuda_graphs")
+
+
+def test_available_backends():
+    status = rk.available_backends()
+    assert set(status) == {"triton", "cpu", "cuda"}
+    assert status["cpu"].usable, status["cpu"].reason  # CI builds the C++ extension
+    assert status["triton"].usable == (torch.cuda.is_available() or interpreting())
+    assert status["cuda"].usable or status["cuda"].reason
+    assert torch.cuda.is_available() or not status["cuda"].usable
+
+
+def test_backend_and_device_mismatch_is_a_clear_error():
+    other = "cuda" if DEVICE == "cpu" else "cpu"
+    fused = fused_model(TINY, backend=other).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"backend='{other}' runs"):
+        fused(torch.randn(1, 3, 32, 32).to(DEVICE))
+    with pytest.raises(NotImplementedError, match="no CUDA training kernels"):
+        fused_model(TINY, backend="cuda").train()(torch.randn(2, 3, 32, 32).to(DEVICE))
 
 
 def fused_ops_used(model, x):
@@ -116,7 +243,49 @@ def test_eval_backends_on_cpu(backend, namespace):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU backend runs CPU tensors")
-def test_cpu_backend_training_is_a_clear_error():
-    fused = fused_model(TINY, backend="cpu").train()
-    with pytest.raises(NotImplementedError, match="training on the C\\+\\+ CPU backend"):
-        fused(torch.randn(2, 3, 32, 32))
+def test_autocast_bf16_on_cpu():
+    """Under torch.autocast the convs run in bf16 (the C++ CPU ops); the output has the
+    reference's dtype and is within bf16 accuracy of the float64 reference."""
+    ref, fused = pair(TINY, backend="cpu")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = copy.deepcopy(ref).double().eval()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_ref = ref.eval()(x)
+            with OpRecorder() as rec:
+                out = fused.eval()(x)
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    assert "regnet_kernels.conv_bn_act" in rec.ops
+    assert rel_err(out, expected) < 3e-2
+    assert rel_err(out_ref, expected) < 3e-2
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU backend runs CPU tensors")
+def test_torch_compile_fullgraph_on_cpu():
+    ref, fused = pair(TINY, backend="cpu")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    compiled = torch.compile(fused.eval(), fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x), ref.eval()(x)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_eval_forward_in_a_cuda_graph():
+    ref, fused = pair(TINY)
+    fused.eval()
+    static_x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        fused(static_x)  # warm-up: compiles the kernels, fills the fold cache
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fused(static_x)
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        static_x.copy_(x)
+        graph.replay()
+        assert rel_err(static_out, ref.eval()(x)) < 1e-5
+        compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # recorded on the second call, replayed after
+            out = compiled(x)
+        assert rel_err(out, ref.eval()(x)) < 1e-5

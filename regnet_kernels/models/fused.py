@@ -17,7 +17,6 @@ from torch import nn
 
 from .. import ops
 from ..design import RegNetParams
-from ..ops._implicit_gemm import interpreting
 from ..zoo import resolve_params
 from .reference import RegNet, ResBottleneckBlock, Stem
 
@@ -32,9 +31,11 @@ class FoldedConv:
     groups: int
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FoldedConv":
+    def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+           dtype: Optional[torch.dtype] = None) -> "FoldedConv":
+        """dtype: the weight's compute dtype (autocast), None to keep it."""
         scale, shift = ops.fold_bn(bn)
-        return cls(conv.weight.detach(), scale, shift, conv.stride[0], conv.groups)
+        return cls(_cast(conv.weight.detach(), dtype), scale, shift, conv.stride[0], conv.groups)
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,20 @@ class FoldedBlock:
     se: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def fold_block(block: nn.Module) -> FoldedBlock:
-    """Fold a reference ResBottleneckBlock (torchvision layout) for eval."""
+def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def fold_block(block: nn.Module, dtype: Optional[torch.dtype] = None) -> FoldedBlock:
+    """Fold a reference ResBottleneckBlock (torchvision layout) for eval; conv
+    weights cast to dtype (the autocast dtype) unless it is None."""
     f = block.f
     se = getattr(f, "se", None)
     return FoldedBlock(
-        a=FoldedConv.of(f.a[0], f.a[1]),
-        b=FoldedConv.of(f.b[0], f.b[1]),
-        c=FoldedConv.of(f.c[0], f.c[1]),
-        proj=None if block.proj is None else FoldedConv.of(block.proj[0], block.proj[1]),
+        a=FoldedConv.of(f.a[0], f.a[1], dtype),
+        b=FoldedConv.of(f.b[0], f.b[1], dtype),
+        c=FoldedConv.of(f.c[0], f.c[1], dtype),
+        proj=None if block.proj is None else FoldedConv.of(block.proj[0], block.proj[1], dtype),
         se=None if se is None else tuple(
             t.detach() for t in (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)),
     )
@@ -83,17 +89,22 @@ def block_forward_eval(x: torch.Tensor, fb: FoldedBlock, block_ops=ops) -> torch
                                            **proj)
 
 
-def block_forward_train(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+def block_forward_train(x: torch.Tensor, block: nn.Module, block_ops=ops,
+                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """One training-mode X/Y block through the fused ops, differentiable.
 
     BN uses batch statistics and updates the running statistics of `block`'s BN
     modules as nn.BatchNorm2d does. Each conv writes its raw output; its BN's
     scale/shift are applied by the next kernel as it loads (no normalized tensor
     is written). Gradients reach x and every parameter of the block.
+
+    block_ops: the module providing conv_bn_train, se_squeeze, se_excite and bn_add_relu.
+    dtype: the conv weights' compute dtype (autocast; a differentiable cast), None to keep it.
     """
     f = block.f
-    a = ops.conv_bn_train(x, f.a[0].weight, f.a[1])
-    b = ops.conv_bn_train(a.y, f.b[0].weight, f.b[1], stride=f.b[0].stride[0],
+    ops = block_ops
+    a = ops.conv_bn_train(x, _cast(f.a[0].weight, dtype), f.a[1])
+    b = ops.conv_bn_train(a.y, _cast(f.b[0].weight, dtype), f.b[1], stride=f.b[0].stride[0],
                           groups=f.b[0].groups, in_scale=a.scale, in_shift=a.shift, in_relu=True)
     gate = None
     se = getattr(f, "se", None)
@@ -101,11 +112,12 @@ def block_forward_train(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
         sums = ops.se_squeeze(b.y, b.scale, b.shift)
         gate = ops.se_excite(sums, b.y.shape[2] * b.y.shape[3], se.fc1.weight, se.fc1.bias,
                              se.fc2.weight, se.fc2.bias)
-    c = ops.conv_bn_train(b.y, f.c[0].weight, f.c[1], in_scale=b.scale, in_shift=b.shift,
-                          in_relu=True, gate=gate)
+    c = ops.conv_bn_train(b.y, _cast(f.c[0].weight, dtype), f.c[1], in_scale=b.scale,
+                          in_shift=b.shift, in_relu=True, gate=gate)
     if block.proj is None:
         return ops.bn_add_relu(c.y, c.scale, c.shift, x)
-    p = ops.conv_bn_train(x, block.proj[0].weight, block.proj[1], stride=block.proj[0].stride[0])
+    p = ops.conv_bn_train(x, _cast(block.proj[0].weight, dtype), block.proj[1],
+                          stride=block.proj[0].stride[0])
     return ops.bn_add_relu(c.y, c.scale, c.shift, p.y, p.scale, p.shift)
 
 
@@ -114,7 +126,7 @@ def block_forward_train(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
 # with forwards through the fused ops (so the reference builder builds fused models)
 # ---------------------------------------------------------------------------
 
-BACKENDS = ("triton", "cpu")
+BACKENDS = ("triton", "cpu", "cuda")
 
 
 def _state_key(module: nn.Module) -> tuple:
@@ -123,44 +135,65 @@ def _state_key(module: nn.Module) -> tuple:
                  for t in itertools.chain(module.parameters(), module.buffers()))
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs convolutions in for x's device, or None."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 class _FusedModule:
-    """What the fused stem and blocks share: the backend choice, and eval-mode BN
-    folding cached until a parameter or buffer changes, so an eval forward
-    launches only the fused kernels (4 per Y block, 3 per X)."""
+    """What the fused stem and blocks share: the backend choice; the mode (eval
+    fusion, training fusion, or the reference forward for what the fused ops do
+    not cover); autocast; and eval-mode BN folding cached until a parameter or
+    buffer changes, so an eval forward launches only the fused kernels."""
 
     backend = "auto"  # "auto": CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops
 
-    def _eval_ops(self, x: torch.Tensor):
-        """The module of eval ops (conv_bn_act, se_excite, conv1x1_gate_residual) for x."""
-        if self.backend == "cpu" or (self.backend == "auto" and x.device.type == "cpu"):
+    def _ops(self, x: torch.Tensor, training: bool = False):
+        """The module of fused ops for x: `regnet_kernels.ops` (Triton) or `.ops.cpp` (the
+        C++ extension: CPU kernels, and CUDA kernels for the eval ops)."""
+        if self.backend == "cuda" and training:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the C++ extension has no CUDA training kernels yet; "
+                "train with backend='triton' (or 'auto') on CUDA tensors")
+        if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
+            raise RuntimeError(f"{type(self).__name__}: backend={self.backend!r} runs "
+                               f"{self.backend.upper()} tensors, got a tensor on {x.device}")
+        if self.backend in ("cpu", "cuda") or (self.backend == "auto" and x.device.type == "cpu"):
             from ..ops import cpp
             return cpp
         return ops
 
-    def _check_training(self, x: torch.Tensor) -> None:
-        cpu = self.backend == "cpu" or (self.backend == "auto" and x.device.type == "cpu"
-                                        and not interpreting())
-        if cpu:
-            raise NotImplementedError(
-                f"{type(self).__name__}: training on the C++ CPU backend is not implemented yet "
-                "(it has the eval ops); train on a CUDA device, or with backend='triton' under "
-                "TRITON_INTERPRET=1 (slow)")
-
-    def _folded(self, fold):
-        if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
-            return fold(self)
-        key = _state_key(self)
-        if getattr(self, "_fold_cache", (None,))[0] != key:
-            self._fold_cache = (key, fold(self))
-        return self._fold_cache[1]
-
-    def _warn_if_grad(self, x: torch.Tensor) -> None:
-        if torch.is_grad_enabled() and not getattr(self, "_warned", False) and (
-                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+    def _mode(self, x: torch.Tensor) -> str:
+        """"train" (batch statistics), "eval" (running statistics, no autograd) or
+        "reference": BN modules in mixed modes (e.g. frozen BN in a training model),
+        or gradients needed through running-statistics BN, which the fused eval ops
+        do not differentiate; those run the reference forward, as the reference would."""
+        bn_training = {m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)}
+        if bn_training == {True}:
+            return "train"
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if bn_training == {False} and not needs_grad:
+            return "eval"
+        if not getattr(self, "_warned", False) and not torch.compiler.is_compiling():
             self._warned = True
-            warnings.warn(f"{type(self).__name__}: the eval-mode fused forward does not "
-                          "backpropagate (no gradients reach its input or parameters); use "
-                          "torch.no_grad() for inference, or .train() to train", stacklevel=3)
+            why = ("BatchNorm modules in both train and eval mode" if len(bn_training) > 1
+                   else "gradients needed through eval-mode (running statistics) BatchNorm")
+            warnings.warn(f"{type(self).__name__}: {why}: this module runs its unfused "
+                          "reference forward (use torch.no_grad() for fused inference, "
+                          ".train() for fused training)", stacklevel=3)
+        return "reference"
+
+    def _folded(self, fold, dtype: torch.dtype):
+        if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
+            return fold(self, dtype)
+        key = (_state_key(self), dtype)
+        if getattr(self, "_fold_cache", (None,))[0] != key:
+            self._fold_cache = (key, fold(self, dtype))
+        return self._fold_cache[1]
 
 
 class FusedBlock(_FusedModule, ResBottleneckBlock):
@@ -168,11 +201,14 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
     statistics (3 or 4 launches), train = batch statistics with autograd."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self._check_training(x)
-            return block_forward_train(x, self)
-        self._warn_if_grad(x)
-        return block_forward_eval(x, self._folded(fold_block), self._eval_ops(x))
+        mode = self._mode(x)
+        if mode == "reference":
+            return super().forward(x)
+        dtype = _autocast_dtype(x)
+        x = _cast(x, dtype)
+        if mode == "train":
+            return block_forward_train(x, self, self._ops(x, training=True), dtype)
+        return block_forward_eval(x, self._folded(fold_block, dtype), self._ops(x))
 
 
 class FusedStem(_FusedModule, Stem):
@@ -181,14 +217,21 @@ class FusedStem(_FusedModule, Stem):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self[0], self[1]
-        if self.training:
-            self._check_training(x)
-            out = ops.conv_bn_train(x, conv.weight, bn, stride=conv.stride[0])
-            return ops.bn_add_relu(out.y, out.scale, out.shift)
-        self._warn_if_grad(x)
-        folded = self._folded(lambda stem: FoldedConv.of(stem[0], stem[1]))
-        return self._eval_ops(x).conv_bn_act(x, folded.weight, folded.scale, folded.shift,
-                                             stride=folded.stride)
+        if x.dim() != 4 or x.shape[1] != conv.in_channels:
+            raise ValueError(f"the model takes (N, {conv.in_channels}, H, W) images, got shape "
+                             f"{tuple(x.shape)}")
+        mode = self._mode(x)
+        if mode == "reference":
+            return super().forward(x)
+        dtype = _autocast_dtype(x)
+        x = _cast(x, dtype)
+        if mode == "train":
+            fused_ops = self._ops(x, training=True)
+            out = fused_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0])
+            return fused_ops.bn_add_relu(out.y, out.scale, out.shift)
+        folded = self._folded(lambda stem, dt: FoldedConv.of(stem[0], stem[1], dt), dtype)
+        return self._ops(x).conv_bn_act(x, folded.weight, folded.scale, folded.shift,
+                                        stride=folded.stride)
 
 
 _FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}
@@ -211,9 +254,16 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     """A RegNet built by the reference builder with fused stem and blocks: the same
     state_dict keys and shapes as `reference_model`, so checkpoints load into it.
 
-    backend: "auto" (CUDA tensors -> Triton; CPU tensors -> the C++ CPU ops in eval, and
-    in training the Triton interpreter when TRITON_INTERPRET=1), "triton" (CUDA tensors,
-    or CPU tensors under TRITON_INTERPRET=1) or "cpu" (the C++ CPU ops; eval only so far).
+    backend: "auto" (CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops), "triton"
+    (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpu" (the C++ CPU ops) or
+    "cuda" (the C++ extension's CUDA kernels; eval only so far);
+    `regnet_kernels.available_backends()` says which can run here.
+
+    Eval mode runs BN folded from the running statistics, training mode BN with batch
+    statistics (running statistics updated as nn.BatchNorm2d does); a module whose BN
+    modules are in mixed modes, or that needs gradients through eval-mode BN (frozen
+    BN), runs the reference forward. Under torch.autocast the convs run in the autocast
+    dtype.
     """
     _check_backend(backend)
     model = RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
