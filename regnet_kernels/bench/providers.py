@@ -1,0 +1,129 @@
+"""Providers: the implementations a case is timed with, in one process.
+
+Baselines (the reference modules): ``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile``
+and ``compile_max`` (torch.compile default / max-autotune, NCHW as the reference is written).
+cuDNN autotuning (``torch.backends.cudnn.benchmark``) is on for every provider on CUDA.
+Fused: ``triton`` (CUDA), ``cuda`` (the C++ extension's CUDA kernels; eval only), ``cpu``
+(the C++ CPU ops, CPU only).
+Fused providers get channels_last inputs, their fast path.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..ops import _extension
+from .cases import Case
+
+BASELINES = ("eager", "eager_cl", "compile", "compile_max")
+FUSED = ("triton", "cuda", "cpu")
+PROVIDERS = BASELINES + FUSED
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+def unavailable_reason(provider: str, device: str) -> str | None:
+    """Why ``provider`` cannot run on ``device`` ("cuda" or "cpu"), or None when it can."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    if provider == "triton" and device != "cuda":
+        return ("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (numpy, far "
+                "too slow to benchmark)")
+    if provider == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "TRITON_INTERPRET=1 is set: the kernels would run in the interpreter"
+    if provider == "cuda":
+        if device != "cuda":
+            return "needs a CUDA device"
+        ok, reason = _extension.available(cuda=True)
+        if not ok:
+            return f"CUDA kernels unavailable: {reason.splitlines()[0]}"
+    if provider == "cpu":
+        if device != "cpu":
+            return "the C++ CPU backend runs CPU tensors only"
+        from ..ops import cpp
+        ok, reason = cpp.available()
+        if not ok:
+            return f"C++ extension unavailable: {reason.splitlines()[0]}"
+    if provider.startswith("compile") and not hasattr(torch, "compile"):
+        return "torch.compile is missing"
+    return None
+
+
+def _to_device(t, device: str, channels_last: bool):
+    """Move an input to the device; activations (4-D, floating) get the memory format."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t.to(device)
+    if channels_last and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+@dataclass
+class Prepared:
+    """A provider's module/function for one case, dtype and mode, ready for inputs."""
+
+    provider: str
+    fn: Callable
+    fused_inputs: bool
+    channels_last: bool
+    module: torch.nn.Module | None
+
+
+def prepare(case: Case, provider: str, dtype: str, mode: str, device: str) -> Prepared:
+    """Build ``provider``'s callable for ``case``; raises Unavailable with the reason."""
+    reason = unavailable_reason(provider, device)
+    if reason:
+        raise Unavailable(reason)
+    with torch.random.fork_rng(devices=[]):  # the same weights for every provider
+        torch.manual_seed(0)
+        module = case.make_module().to(device, DTYPES[dtype])
+    if mode == "train":
+        module.train()
+    if provider in FUSED:
+        fn = case.fused_fn(module, provider)
+        return Prepared(provider, fn, True, True, fn if isinstance(fn, torch.nn.Module) else None)
+    channels_last = provider == "eager_cl"
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    fn = module
+    if provider.startswith("compile"):
+        torch._dynamo.reset()  # a fresh cache per case
+        # compile and compile_max share the module's forward code, one graph per batch size
+        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+        options = {"mode": "max-autotune"} if provider == "compile_max" else {}
+        fn = torch.compile(module, dynamic=False, **options)
+    return Prepared(provider, fn, False, channels_last, module)
+
+
+def make_step(prepared: Prepared, case: Case, batch: int, dtype: str, mode: str,
+              device: str) -> Callable[[], object]:
+    """A zero-argument call of one eval forward, or one training step (forward, backward)."""
+    inputs = tuple(_to_device(t, device, prepared.channels_last)
+                   for t in case.make_inputs(batch, DTYPES[dtype], prepared.fused_inputs))
+    fn = prepared.fn
+    if mode == "eval":
+        return lambda: fn(*inputs)
+    module = prepared.module
+    # A block inside a network also computes its input's gradient; a network's image does not.
+    needs_grad = [t for t in inputs if case.level != "model" and isinstance(t, torch.Tensor)
+                  and t.is_floating_point()]
+    for t in needs_grad:
+        t.requires_grad_()
+    out = fn(*inputs)  # once for the output's shape (and to compile)
+    grad = torch.randn_like(out)
+
+    def train_step():
+        module.zero_grad(set_to_none=True)
+        for t in needs_grad:
+            t.grad = None
+        fn(*inputs).backward(grad)
+
+    return train_step

@@ -1,0 +1,176 @@
+"""The benchmark harness: the traffic / roofline arithmetic by hand, and the CPU smoke mode
+end to end in a tiny configuration (rows, CSV, markdown, providers). Not a timing test."""
+import contextlib
+import csv
+import io
+import sys
+
+import pytest
+import torch
+
+from regnet_kernels.__main__ import build_parser, main
+from regnet_kernels.bench import cli, report, traffic
+from regnet_kernels.bench.cases import block_cases, op_cases
+from regnet_kernels.bench.providers import make_step, prepare
+from regnet_kernels.bench.shapes import BlockShape, block_shapes
+from regnet_kernels.bench.timing import Timing
+from regnet_kernels.complexity import complexity
+from regnet_kernels.design import BlockSpec
+
+
+THREADS = torch.get_num_threads()
+
+
+def block(w_in, w_out, stride, se_width, size, w_b=64, group_width=16):
+    spec = BlockSpec(0, 1, w_in, w_out, stride, group_width, se_width)
+    return BlockShape("test", "rest", spec, w_b, size, 1)
+
+
+def test_fused_conv_a_bytes_and_flops_by_hand():
+    shape = block(64, 64, 1, 0, 8)
+    # reads x (64 x 8 x 8) and writes a (64 x 8 x 8): 8192 elements per image; batch 2 in
+    # fp16; weights 64 x 64 fp16 plus fp32 scale and shift for 64 channels.
+    cost = traffic.fused_layer_cost(shape, "a", batch=2, elem=2)
+    assert cost.bytes == 8192 * 2 * 2 + 64 * 64 * 2 + 8 * 64
+    assert cost.flops == 2 * (64 * 64 * 8 * 8) * 2
+    assert cost.launches == 1
+
+
+def test_grouped_conv_b_macs_by_hand():
+    shape = block(64, 64, 2, 0, 8)  # 4 groups of 16, stride 2: 4 x 4 output
+    assert traffic.layer_macs(shape, "b") == 9 * 16 * 64 * 4 * 4
+
+
+def test_x_block_identity_eager_vs_fused_by_hand():
+    shape = block(64, 64, 1, 0, 8)
+    t = 64 * 8 * 8  # every tensor of this block has 4096 elements per image
+    # eager: conv a (2t), BN (2t), ReLU (2t), conv b, BN, ReLU (6t), conv c (2t), BN (2t),
+    # add (3t), ReLU (2t); fused: conv a (x, a), conv b (a, b), conv c (b, x, out)
+    assert traffic.eager_block_elements(shape) == (21 * t, 10)
+    assert traffic.fused_block_elements(shape) == (7 * t, 3)
+
+
+def test_y_block_projection_launches_and_strided_shortcut():
+    shape = block(32, 64, 2, 8, 8)
+    ho = 4
+    _, eager_launches = traffic.eager_block_elements(shape)
+    elements, fused_launches = traffic.fused_block_elements(shape)
+    assert (eager_launches, fused_launches) == (18, 4)
+    # conv c reads b, x at the projection's stride, and writes the output
+    assert traffic.fused_layer_elements(shape, "c") == 64 * ho * ho + 32 * ho * ho + 64 * ho * ho
+
+
+def test_regnety_8gf_traffic_near_fusion_md():
+    t = traffic.model_traffic("regnety_8gf", 224, "bf16")
+    assert 230e6 < t.eager_bytes < 290e6  # fusion.md: ~260 MB / image eager
+    assert 65e6 < t.fused_bytes < 85e6    # ~75 MB / image fused
+    depth = sum(s.count for s in block_shapes("regnety_8gf"))
+    assert t.fused_launches == 1 + 4 * depth + 2  # stem, 4 per Y block, pool and classifier
+    assert t.flops == 2 * complexity("regnety_8gf")["flops"]
+    assert t.weight_bytes == 2 * complexity("regnety_8gf")["params"]
+
+
+def test_roofline_floor():
+    cost = traffic.Cost(bytes=4_300_000_000, flops=1_000_000_000_000)
+    # 1 ms to move the bytes at 4.3 TB/s, 1.27 ms to do the FLOP at 790 TFLOP/s
+    assert traffic.roofline_floor_s(cost, 4.3e12, 790e12) == pytest.approx(1e12 / 790e12)
+    assert traffic.roofline_floor_s(cost, 4.3e12, None) == pytest.approx(1e-3)
+    assert traffic.roofline_floor_s(cost, None, None) is None
+
+
+def test_speedup_against_best_baseline_and_reasons():
+    group = dict(level="op", case="c", mode="eval", dtype="fp32", batch=1)
+    rows = [dict(group, provider="eager", status="ok", ms=4.0),
+            dict(group, provider="eager_cl", status="ok", ms=2.0),
+            dict(group, provider="cpu", status="ok", ms=1.0),
+            dict(group, provider="triton", status="unavailable", reason="no GPU")]
+    report.add_speedups(rows)
+    assert [r.get("speedup") for r in rows] == [0.5, 1.0, 2.0, None]
+    assert "[1] triton: no GPU" in report.markdown_table(rows)
+
+
+def test_rounds_combine_to_the_median_and_their_range():
+    rounds = [Timing(ms, ms, ms, None) for ms in (3.0, 1.0, 2.0)]
+    assert cli._combine(rounds) == Timing(2.0, 1.0, 3.0, None)
+
+
+def test_traffic_command(capsys):
+    assert main(["bench", "--traffic", "regnety_8gf"]) == 0
+    out = capsys.readouterr().out
+    assert "| regnety_8gf | 261.3 | 74.5 |" in out
+
+
+def test_printed_command_reproduces_the_config():
+    args = build_parser().parse_args(["bench", "--cpu-smoke", "--batch", "3", "--threads", "1",
+                                      "--cpu-time", "--repeat", "2"])
+    config = cli.make_config(args)
+    again = build_parser().parse_args(config.command().split()[3:])
+    assert cli.make_config(again) == config
+
+
+def test_fused_cpu_cases_compute_what_their_baselines_compute():
+    """The harness times like against like: same weights, same inputs, same results."""
+    from regnet_kernels.ops import cpp
+    ok, reason = cpp.available()
+    if not ok:
+        pytest.skip(reason.splitlines()[0])
+    for case in op_cases("regnety_400mf", 32) + block_cases("regnety_400mf", 32):
+        ref, fused = (prepare(case, p, "fp32", "eval", "cpu") for p in ("eager", "cpu"))
+        with torch.no_grad():
+            want = make_step(ref, case, 2, "fp32", "eval", "cpu")()
+            got = make_step(fused, case, 2, "fp32", "eval", "cpu")()
+        if isinstance(want, tuple):  # conv b with the SE squeeze: the mean vs per-tile sums
+            (want, mean), (got, sums) = want, got
+            hw = got.shape[2] * got.shape[3]
+            torch.testing.assert_close(sums.sum(1) / hw, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-4, atol=1e-5,
+                                   msg=case.name)
+
+
+def test_plot_without_matplotlib_fails_before_the_sweep(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="matplotlib"):
+        main(["bench", "--cpu-smoke", "--plot", "--csv", str(tmp_path / "rows.csv")])
+    assert not (tmp_path / "rows.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The CPU smoke mode, tiny: the SE ops, blocks and whole regnety_400mf at 32x32."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--cpu-smoke", "--model", "regnety_400mf", "--models", "regnety_400mf",
+            "--level", "op,block,model", "--op", "se_excite", "--resolution", "32",
+            "--batch", "1", "--op-batch", "1", "--min-run-time", "0.005", "--repeat", "2",
+            "--threads", "1",
+            "--csv", str(out / "smoke.csv"), "--markdown", str(out / "smoke.md")]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(argv)
+    return status, out, printed.getvalue()
+
+
+def test_smoke_rows_csv_and_table(smoke):
+    status, out, printed = smoke
+    assert status == 0
+    assert torch.get_num_threads() == THREADS  # --threads 1 is restored after the run
+    with open(out / "smoke.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == report.FIELDS
+    assert {r["level"] for r in rows} == {"op", "block", "model"}
+    providers = {r["provider"] for r in rows}
+    assert {"eager", "eager_cl", "cpu", "triton", "cuda"} <= providers
+    for row in rows:
+        if row["provider"] in ("eager", "eager_cl"):
+            assert row["status"] == "ok" and float(row["ms"]) > 0, row
+        if row["provider"] in ("triton", "cuda"):  # no GPU here: a reason, not a crash
+            assert row["status"] == "unavailable" and row["reason"], row
+    assert "| level | case |" in printed and "command: `python -m regnet_kernels bench" in printed
+    assert (out / "smoke.md").read_text().strip() == printed.strip()
+
+
+def test_smoke_plot(smoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, out, _ = smoke
+    written = report.plot(out / "smoke.csv", tmp_path)
+    assert {p.name for p in written} == {"smoke-models.png", "smoke-ops.png"}
+    assert all(p.stat().st_size > 0 for p in written)
