@@ -104,3 +104,22 @@ def grouped_conv_cases(dtypes):
             yield pytest.param(cpg, groups, stride, size, batch, squeeze, dtype,
                                id=f"g{cpg}x{groups}-s{stride}-h{size}-n{batch}-sq{int(squeeze)}-"
                                   f"{str(dtype)[6:]}")
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Every tensor the ops allocate starts as NaN: Python torch.empty (poisoned_outputs)
+    and C++ at::empty (torch's fill_uninitialized_memory, active in deterministic mode;
+    warn_only, so ops without a deterministic CUDA kernel, e.g. cuBLAS without a
+    workspace config, still run)."""
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with poisoned_outputs():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill

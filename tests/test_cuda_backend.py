@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import regnet_kernels as rk
 from blocks import BLOCKS, make_block
-from numerics import (activation, bn_fold, conv_weight, grouped_conv_cases, randomize_bn,
-                      ref_conv_bn, rel_err)
+from numerics import (activation, bn_fold, conv_weight, grouped_conv_cases, nan_filled_empty,
+                      randomize_bn, ref_conv_bn, rel_err)
 from regnet_kernels.models.fused import block_forward_eval, fold_block, fused_model
 from regnet_kernels.ops import cpp
 
@@ -26,13 +26,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.fixture(autouse=True)
 def nan_filled_allocations():
     """at::empty fills new tensors with NaN here, so an unwritten output element fails."""
-    old = (torch.are_deterministic_algorithms_enabled(),
-           torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    torch.utils.deterministic.fill_uninitialized_memory = old[1]
+    with nan_filled_empty():
+        yield
 
 
 def check_conv(n, c_in, c_out, h, k, stride, groups, dtype, squeeze=False, seed=0):

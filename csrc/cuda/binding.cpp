@@ -52,6 +52,21 @@ void check_launch(cudaError_t err, const char* op) {
               cudaGetErrorString(err));
 }
 
+// The fields every conv launcher shares: the input (logical N, C, H, W, read through
+// its strides in NHWC order), its dtype, the weight and the folded BN vectors.
+template <typename Args>
+void set_conv_input(Args& args, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& scale, const at::Tensor& shift) {
+  args.dtype = to_rk(x.scalar_type(), "x");
+  args.x = x.data_ptr();
+  args.n = x.size(0), args.h = x.size(2), args.w = x.size(3), args.c_in = x.size(1);
+  args.sx_n = x.stride(0), args.sx_h = x.stride(2), args.sx_w = x.stride(3);
+  args.sx_c = x.stride(1);
+  args.weight = weight.data_ptr();
+  args.c_out = weight.size(0);
+  args.scale = scale.data_ptr<float>(), args.shift = shift.data_ptr<float>();
+}
+
 at::Tensor new_activation(const at::Tensor& like, int64_t n, int64_t c, int64_t h, int64_t w) {
   return at::empty({n, c, h, w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
@@ -77,16 +92,10 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_act_impl(const at::Tensor& x, const a
   const c10::cuda::CUDAGuard guard(x.device());
 
   rk_conv_bn_act_args args{};
-  args.dtype = to_rk(x.scalar_type(), "x");
-  args.x = x.data_ptr();
-  args.n = x.size(0), args.h = x.size(2), args.w = x.size(3), args.c_in = x.size(1);
-  args.sx_n = x.stride(0), args.sx_h = x.stride(2), args.sx_w = x.stride(3);
-  args.sx_c = x.stride(1);
-  args.weight = weight.data_ptr();
-  args.c_out = c_out, args.k = weight.size(2);
+  set_conv_input(args, x, weight, s, t);
+  args.k = weight.size(2);
   args.sw_o = weight.stride(0), args.sw_i = weight.stride(1);
   args.sw_h = weight.stride(2), args.sw_w = weight.stride(3);
-  args.scale = s.data_ptr<float>(), args.shift = t.data_ptr<float>();
   args.stride = stride, args.groups = groups, args.relu = relu ? 1 : 0;
 
   rk_conv_plan plan{};
@@ -178,14 +187,8 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
 
   rk_conv1x1_gate_residual_args args{};
-  args.dtype = to_rk(x.scalar_type(), "x");
-  args.x = x.data_ptr();
-  args.n = x.size(0), args.h = x.size(2), args.w = x.size(3), args.c_in = x.size(1);
-  args.sx_n = x.stride(0), args.sx_h = x.stride(2), args.sx_w = x.stride(3);
-  args.sx_c = x.stride(1);
-  args.weight = weight.data_ptr();
-  args.c_out = c_out, args.sw_o = weight.stride(0), args.sw_i = weight.stride(1);
-  args.scale = s.data_ptr<float>(), args.shift = t.data_ptr<float>();
+  set_conv_input(args, x, weight, s, t);
+  args.sw_o = weight.stride(0), args.sw_i = weight.stride(1);
 
   at::Tensor gate;
   if (gate_in.has_value()) {

@@ -187,7 +187,21 @@ class _FusedModule:
                           ".train() for fused training)", stacklevel=3)
         return "reference"
 
-    def _folded(self, fold, dtype: torch.dtype):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        mode = self._mode(x)
+        if mode == "reference":  # the reference module's forward (next in the MRO)
+            return super().forward(x)
+        dtype = _autocast_dtype(x)
+        x = _cast(x, dtype)
+        if mode == "train":
+            return self._train_forward(x, self._ops(x, training=True), dtype)
+        return self._eval_forward(x, self._ops(x), dtype)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Model-level input checks (the stem's); the ops check the rest."""
+
+    def _folded(self, fold, dtype: Optional[torch.dtype]):
         if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
             return fold(self, dtype)
         key = (_state_key(self), dtype)
@@ -200,38 +214,32 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
     """ResBottleneckBlock through the fused ops: eval = BN folded from running
     statistics (3 or 4 launches), train = batch statistics with autograd."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self._mode(x)
-        if mode == "reference":
-            return super().forward(x)
-        dtype = _autocast_dtype(x)
-        x = _cast(x, dtype)
-        if mode == "train":
-            return block_forward_train(x, self, self._ops(x, training=True), dtype)
-        return block_forward_eval(x, self._folded(fold_block, dtype), self._ops(x))
+    def _train_forward(self, x, fused_ops, dtype):
+        return block_forward_train(x, self, fused_ops, dtype)
+
+    def _eval_forward(self, x, fused_ops, dtype):
+        return block_forward_eval(x, self._folded(fold_block, dtype), fused_ops)
 
 
 class FusedStem(_FusedModule, Stem):
     """The stem (3x3 stride-2 conv, BN, ReLU) as one conv_bn_act in eval; in training
     conv_bn_train plus one pass that writes relu(BN(y)) (the blocks read a real input)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, bn = self[0], self[1]
-        if x.dim() != 4 or x.shape[1] != conv.in_channels:
-            raise ValueError(f"the model takes (N, {conv.in_channels}, H, W) images, got shape "
+    def _check_input(self, x: torch.Tensor) -> None:
+        channels = self[0].in_channels
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"the model takes (N, {channels}, H, W) images, got shape "
                              f"{tuple(x.shape)}")
-        mode = self._mode(x)
-        if mode == "reference":
-            return super().forward(x)
-        dtype = _autocast_dtype(x)
-        x = _cast(x, dtype)
-        if mode == "train":
-            fused_ops = self._ops(x, training=True)
-            out = fused_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0])
-            return fused_ops.bn_add_relu(out.y, out.scale, out.shift)
+
+    def _train_forward(self, x, fused_ops, dtype):
+        conv, bn = self[0], self[1]
+        out = fused_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0])
+        return fused_ops.bn_add_relu(out.y, out.scale, out.shift)
+
+    def _eval_forward(self, x, fused_ops, dtype):
         folded = self._folded(lambda stem, dt: FoldedConv.of(stem[0], stem[1], dt), dtype)
-        return self._ops(x).conv_bn_act(x, folded.weight, folded.scale, folded.shift,
-                                        stride=folded.stride)
+        return fused_ops.conv_bn_act(x, folded.weight, folded.scale, folded.shift,
+                                     stride=folded.stride)
 
 
 _FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}

@@ -288,10 +288,12 @@ def check_optional_affine(names: tuple[str, str], scale, shift, channels: int,
 
 
 def check_prologue_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int,
-                        in_scale, in_shift, gate) -> int:
+                        in_scale, in_shift, gate, *, device_check=None,
+                        dtypes=TRITON_DTYPES) -> int:
     """The arguments of a conv whose input goes through the prologue
-    relu?(x * in_scale + in_shift) * gate (Triton only). Returns the output channels."""
-    check_activation("x", x, dtypes=TRITON_DTYPES)
+    relu?(x * in_scale + in_shift) * gate (the C++ backend passes its device check and
+    dtypes). Returns the output channels."""
+    check_activation("x", x, device_check=device_check, dtypes=dtypes)
     c_out, _ = check_conv_weight("weight", weight, x, groups)
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")

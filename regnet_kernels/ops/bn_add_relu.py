@@ -109,12 +109,20 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             None for relu(BN(y)) alone (a training stem's materialized output).
     Returns: (N, C, H, W) channels_last, y's dtype.
     """
-    check_activation("y", y, dtypes=TRITON_DTYPES)
+    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift)
+    return _bn_add_relu_op(y, scale, shift, shortcut, sc_scale, sc_shift)
+
+
+def check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift, *, device_check=None,
+                           dtypes=TRITON_DTYPES) -> None:
+    """bn_add_relu's argument checks (shared with the C++ backend, which passes its
+    device check and dtypes)."""
+    check_activation("y", y, device_check=device_check, dtypes=dtypes)
     c = y.shape[1]
     check_channel_vector("scale", scale, c, y)
     check_channel_vector("shift", shift, c, y)
     if shortcut is not None:
-        check_activation("shortcut", shortcut, dtypes=TRITON_DTYPES)
+        check_activation("shortcut", shortcut, device_check=device_check, dtypes=dtypes)
         check_same("shortcut", shortcut, y, "y")
         if shortcut.shape != y.shape:
             raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ "
@@ -122,4 +130,3 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     elif sc_scale is not None:
         raise ValueError("sc_scale/sc_shift given without a shortcut")
     check_optional_affine(("sc_scale", "sc_shift"), sc_scale, sc_shift, c, y)
-    return _bn_add_relu_op(y, scale, shift, shortcut, sc_scale, sc_shift)

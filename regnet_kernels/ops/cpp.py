@@ -28,8 +28,9 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._implicit_gemm import (check_activation, check_channel_vector, check_conv_weight, check_gate,
-                             check_optional_affine, check_same, new_activation)
+from ._implicit_gemm import (SUPPORTED_DTYPES, check_activation, check_channel_vector,
+                             check_prologue_conv, new_activation)
+from .bn_add_relu import check_bn_add_relu_args
 from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count
 from .conv1x1_gate_residual import check_gate_residual_args
 from .conv_bn_act import check_conv_bn_act_args
@@ -270,19 +271,6 @@ def conv1x1_gate_residual(
 # ---------------------------------------------------------------------------
 
 
-def _check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate) -> int:
-    """The Triton conv_bn_train's checks (`check_prologue_conv`), with the CPU device
-    check. Returns the output channels."""
-    check_activation("x", x, device_check=_check_device)
-    c_out, _ = check_conv_weight("weight", weight, x, groups)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    check_optional_affine(("in_scale", "in_shift"), in_scale, in_shift, x.shape[1], x)
-    if gate is not None:
-        check_gate(gate, x.shape[0], x.shape[1], x)
-    return c_out
-
-
 def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
@@ -296,7 +284,8 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     BN's weight and bias.
     """
     args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
-    c_out = _check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
+    c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate,
+                                device_check=_check_device, dtypes=SUPPORTED_DTYPES)
     n, _, h, w = x.shape
     count = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
     check_count(count)
@@ -329,19 +318,8 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
 
     As `regnet_kernels.ops.bn_add_relu`: y and a projection shortcut are lazy BN outputs.
     """
-    check_activation("y", y, device_check=_check_device)
-    c = y.shape[1]
-    check_channel_vector("scale", scale, c, y)
-    check_channel_vector("shift", shift, c, y)
-    if shortcut is not None:
-        check_activation("shortcut", shortcut, device_check=_check_device)
-        check_same("shortcut", shortcut, y, "y")
-        if shortcut.shape != y.shape:
-            raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ "
-                             "in shape")
-    elif sc_scale is not None:
-        raise ValueError("sc_scale/sc_shift given without a shortcut")
-    check_optional_affine(("sc_scale", "sc_shift"), sc_scale, sc_shift, c, y)
+    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift,
+                           device_check=_check_device, dtypes=SUPPORTED_DTYPES)
     return _ops().bn_add_relu(y, scale, shift, shortcut, sc_scale, sc_shift)
 
 
