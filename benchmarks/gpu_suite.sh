@@ -10,6 +10,9 @@
 #   SUITE_BENCH=full    every provider and batch size, and fp16 / fp32 whole models too
 #   SUITE_BENCH=0       no benchmarks
 #   BENCH_TIMEOUT=...   seconds per benchmark invocation (default 900)
+# Where one call may run at most 10 minutes (the device tool), split the session:
+#   SUITE_BENCH=0 bash benchmarks/gpu_suite.sh, then
+#   SUITE_TESTS=0 BENCH_TIMEOUT=150 bash benchmarks/gpu_suite.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"

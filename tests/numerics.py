@@ -91,9 +91,10 @@ GROUP_WIDTHS = [8, 16, 24, 40, 48, 56, 64, 72, 80, 112, 120, 128, 168, 232, 264]
 SIZES = [7, 13, 16, 1]
 
 
-def grouped_conv_cases(dtypes):
+def grouped_conv_cases(dtypes) -> list:
     """Every group width, with 1 to 3 groups, and stride, size, batch, squeeze varied
     so that each value of each is met with several widths, in each dtype."""
+    cases = []
     for i, cpg in enumerate(GROUP_WIDTHS):
         for j, dtype in enumerate(dtypes):
             groups = (i + j) % 3 + 1
@@ -101,9 +102,11 @@ def grouped_conv_cases(dtypes):
             size = SIZES[(i + 2 * j) % len(SIZES)]
             batch = 3 if (i + j) % 2 else 1
             squeeze = (i + j) % 3 != 1
-            yield pytest.param(cpg, groups, stride, size, batch, squeeze, dtype,
-                               id=f"g{cpg}x{groups}-s{stride}-h{size}-n{batch}-sq{int(squeeze)}-"
-                                  f"{str(dtype)[6:]}")
+            cases.append(pytest.param(
+                cpg, groups, stride, size, batch, squeeze, dtype,
+                id=f"g{cpg}x{groups}-s{stride}-h{size}-n{batch}-sq{int(squeeze)}-"
+                   f"{str(dtype)[6:]}"))
+    return cases
 
 
 @contextlib.contextmanager

@@ -33,9 +33,12 @@ class FoldedConv:
     @classmethod
     def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
            dtype: Optional[torch.dtype] = None) -> "FoldedConv":
-        """dtype: the weight's compute dtype (autocast), None to keep it."""
+        """dtype: the weight's compute dtype (autocast), None to keep it. The weight is
+        kept channels_last ((kh, kw, c_in) contiguous, the order of the implicit GEMM's
+        reduction and of oneDNN's NHWC convs, which otherwise reorder it every call)."""
         scale, shift = ops.fold_bn(bn)
-        return cls(_cast(conv.weight.detach(), dtype), scale, shift, conv.stride[0], conv.groups)
+        weight = _cast(conv.weight.detach(), dtype).contiguous(memory_format=torch.channels_last)
+        return cls(weight, scale, shift, conv.stride[0], conv.groups)
 
 
 @dataclass(frozen=True)

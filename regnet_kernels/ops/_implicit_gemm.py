@@ -149,7 +149,7 @@ def conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
         else:
             b_off = (ci * swi + kh * swh + kw * sww)[:, None] + w_col[None, :]
         b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 

@@ -174,7 +174,7 @@ def _conv_dgrad_kernel(
         b_off = (co * swo + (kh0 + th * stride) * swh + (kw0 + tw * stride) * sww)[:, None] \
             + w_col[None, :]
         b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & ci_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     dx_off = (((n_rows.to(tl.int64) * H + ih) * W + iw) * Cin)[:, None] + ci[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
@@ -226,7 +226,8 @@ def _conv_wgrad_kernel(
                      row_ok[:, None] & co_ok[None, :],
                      sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
                      PROLOGUE, HAS_MASK, ACC_DTYPE)
-        acc = tl.dot(tl.trans(u), d, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(u), d, acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
 
     # dw is (C_out, C_in / groups, k, k) contiguous: kc = (tap, ci) lands at ci * k * k + tap
     tap = kk // Cin_g
