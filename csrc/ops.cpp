@@ -36,18 +36,21 @@ TORCH_LIBRARY(regnet_kernels, m) {
   // ---- Training (BN from batch statistics); see regnet_kernels/ops/conv_bn_train.py ----
   // Lazy BN output: raw y = conv(relu?(x * in_scale + in_shift) * gate, weight), channels_last,
   // and the (5, C_out) fp32 statistics rows mean, inv_std, scale, shift, var (biased);
-  // the BN output is v = y * scale + shift. Autograd (Python) treats y as v.
+  // the BN output is v = y * scale + shift. Autograd (Python) treats y as v. With
+  // frozen_stats (an eval-mode BN: those rows from its running statistics) they are returned
+  // instead of the batch's, and the backward (frozen = true) treats them as constants.
   m.def(
       "conv_bn_train(Tensor x, Tensor weight, SymInt stride, SymInt groups, Tensor? in_scale, "
       "Tensor? in_shift, bool in_relu, Tensor? gate, Tensor? bn_weight, Tensor? bn_bias, "
-      "float eps) -> (Tensor, Tensor)");
+      "float eps, Tensor? frozen_stats) -> (Tensor, Tensor)");
   // Its backward from grad = dL/dv: (grad_x, grad_weight, grad_gate, grad_gamma, grad_beta);
   // grad_x is dL/dv_prev when x is a lazy BN output. output_mask = (x and gate, weight);
   // masked-off gradients, and grad_gate without a gate, are empty (0,) tensors.
   m.def(
       "conv_bn_train_backward(Tensor grad, Tensor x, Tensor weight, Tensor y, Tensor stats, "
       "SymInt stride, SymInt groups, Tensor? in_scale, Tensor? in_shift, bool in_relu, "
-      "Tensor? gate, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? gate, bool frozen, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   // nn.BatchNorm2d's running-statistics update (momentum None: cumulative average), in place.
   m.def(
       "bn_update_running(Tensor stats, SymInt count, Tensor(a!) running_mean, "

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs, rel_err,
-                      tol, vector_dtype)
+from numerics import (DEVICE, DTYPES, activation, bn_fold, conv_weight, poisoned_outputs,
+                      randomize_bn, rel_err, tol, vector_dtype)
 from regnet_kernels import ops
 
 CASES = {  # c_in, c_out, k, stride, groups, H, prologue, gate
@@ -88,6 +88,40 @@ def check_forward_backward(case, batch, dtype):
         assert rel_err(gate_g.grad, gate64.grad) < grad_tol
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp"] if DEVICE == "cpu" else ["triton"])
+def test_frozen_bn(backend):
+    """frozen=True (an eval-mode BN): normalized with the running statistics, which stay
+    unchanged; gradients of x, the weight, gamma and beta as eval-mode F.batch_norm's.
+    Batch 1 at 1x1 output is allowed (no batch statistics are needed)."""
+    from regnet_kernels.ops import cpp
+    conv_bn_train = (ops if backend == "triton" else cpp).conv_bn_train
+    gen = torch.Generator().manual_seed(7)
+    for n, h in ((2, 7), (1, 1)):
+        x = activation(n, 16, h, h, torch.float32, gen)
+        w = conv_weight(24, 8, 3, torch.float32, gen)
+        bn = torch.nn.BatchNorm2d(24).to(DEVICE)
+        randomize_bn(bn, gen)
+        bn.eval()
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+        g64, b64 = (p.double().detach().requires_grad_() for p in (bn.weight, bn.bias))
+        v_ref = F.batch_norm(F.conv2d(x64, w64, padding=1, groups=2), bn.running_mean.double(),
+                             bn.running_var.double(), g64, b64, training=False, eps=bn.eps)
+        grad = torch.randn(v_ref.shape, generator=gen).to(DEVICE)
+        v_ref.backward(grad)
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+        with poisoned_outputs():
+            out = conv_bn_train(xg, wg, bn, groups=2, frozen=True)
+            out.y.backward(grad.float())
+        v = out.y.double() * out.scale.double()[:, None, None] + out.shift.double()[:, None, None]
+        assert rel_err(v, v_ref) < 1e-5
+        for key, value in bn.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        for got, want in ((xg.grad, x64.grad), (wg.grad, w64.grad), (bn.weight.grad, g64.grad),
+                          (bn.bias.grad, b64.grad)):
+            assert rel_err(got, want) < 1e-5
+
+
 def test_no_affine_no_running_stats():
     gen = torch.Generator().manual_seed(0)
     x = activation(2, 16, 7, 7, torch.float32, gen)
@@ -117,4 +151,8 @@ def test_opcheck(dtype):
     gate = torch.rand(2, 16, generator=gen).to(DEVICE, vec)
     torch.library.opcheck(torch.ops.regnet_triton.conv_bn_train.default,
                           (x, w, 1, 2, s, t, True, gate, torch.rand(24, device=DEVICE, dtype=vec),
-                           torch.randn(24, device=DEVICE, dtype=vec), 1e-5))
+                           torch.randn(24, device=DEVICE, dtype=vec), 1e-5, None))
+    frozen = torch.randn(5, 24, device=DEVICE, dtype=vec)  # given running-statistics rows
+    torch.library.opcheck(torch.ops.regnet_triton.conv_bn_train.default,
+                          (x, w, 1, 2, s, t, True, gate, torch.rand(24, device=DEVICE, dtype=vec),
+                           torch.randn(24, device=DEVICE, dtype=vec), 1e-5, frozen))

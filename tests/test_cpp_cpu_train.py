@@ -419,7 +419,7 @@ def _opcheck_cases():
     gate = torch.rand(2, 16, generator=gen)
     gamma, beta = torch.rand(24, generator=gen) + 0.5, torch.randn(24, generator=gen)
     ops = cpp._ops()
-    y, stats = ops.conv_bn_train(x, w, 1, 2, s, t, True, gate, gamma, beta, 1e-5)
+    y, stats = ops.conv_bn_train(x, w, 1, 2, s, t, True, gate, gamma, beta, 1e-5, None)
     scale, shift = stats[2], stats[3]
     g = activation(2, 24, 7, 7, torch.float32, gen)
     r = activation(2, 24, 7, 7, torch.float32, gen)
@@ -428,12 +428,16 @@ def _opcheck_cases():
         return [v.clone().requires_grad_() for v in tensors]
 
     return [
-        ("conv_bn_train", (*grad(x, w), 2, 2, s, t, True, *grad(gate, gamma, beta), 1e-5)),
-        ("conv_bn_train", (*grad(x, w), 1, 2, None, None, False, None, None, None, 1e-3)),
-        ("conv_bn_train_backward", (g, x, w, y, stats, 1, 2, s, t, True, gate, [True, True])),
-        ("conv_bn_train_backward", (g, x, w, y, stats, 1, 2, None, None, False, None,
+        ("conv_bn_train", (*grad(x, w), 2, 2, s, t, True, *grad(gate, gamma, beta), 1e-5, None)),
+        ("conv_bn_train", (*grad(x, w), 1, 2, None, None, False, None, None, None, 1e-3, None)),
+        ("conv_bn_train", (*grad(x, w), 1, 2, s, t, True, *grad(gate, gamma, beta), 1e-5,
+                           stats)),  # frozen (eval-mode) BN
+        ("conv_bn_train_backward", (g, x, w, y, stats, 1, 2, s, t, True, gate, False,
+                                    [True, True])),
+        ("conv_bn_train_backward", (g, x, w, y, stats, 1, 2, None, None, False, None, False,
                                     [True, False])),
-        ("conv_bn_train_backward", (g, x, w, y, stats, 1, 2, s, t, True, gate, [False, True])),
+        ("conv_bn_train_backward", (g, x, w, y, stats, 1, 2, s, t, True, gate, True,
+                                    [False, True])),
         ("bn_update_running", (stats, 98, torch.zeros(24), torch.ones(24),
                                torch.tensor(3, dtype=torch.long), None)),
         ("bn_update_running", (stats, 98, torch.zeros(24), torch.ones(24), None, 0.1)),
@@ -450,8 +454,8 @@ def _opcheck_cases():
 
 
 # Built inside the test (building the extension at collection time would slow every run).
-OPCHECK_IDS = ["conv_bn_train-prologue", "conv_bn_train-plain", "backward-all",
-               "backward-x-only", "backward-w-only", "bn_update_running-cumulative",
+OPCHECK_IDS = ["conv_bn_train-prologue", "conv_bn_train-plain", "conv_bn_train-frozen",
+               "backward-all", "backward-x-only", "backward-w-only-frozen", "bn_update_running-cumulative",
                "bn_update_running-momentum", "se_squeeze", "se_squeeze_backward", "se_excite",
                "bn_add_relu-projection", "bn_add_relu-identity", "bn_add_relu-none",
                "bn_add_relu_backward"]
@@ -544,18 +548,21 @@ def test_cpp_checks_behind_the_python_ones():
     ops = cpp._ops()
     x, w = torch.randn(2, 16, 7, 7), torch.randn(16, 8, 3, 3)
     with pytest.raises(RuntimeError, match="gate must be float32"):
-        ops.conv_bn_train(x, w, 1, 2, None, None, False, torch.rand(2, 15), None, None, 1e-5)
+        ops.conv_bn_train(x, w, 1, 2, None, None, False, torch.rand(2, 15), None, None, 1e-5,
+                          None)
     with pytest.raises(RuntimeError, match="more than 1 value"):
-        ops.conv_bn_train(x[:1, :, :1, :1], w, 1, 2, None, None, False, None, None, None, 1e-5)
-    y, stats = ops.conv_bn_train(x, w, 1, 2, None, None, False, None, None, None, 1e-5)
+        ops.conv_bn_train(x[:1, :, :1, :1], w, 1, 2, None, None, False, None, None, None, 1e-5,
+                          None)
+    y, stats = ops.conv_bn_train(x, w, 1, 2, None, None, False, None, None, None, 1e-5, None)
     with pytest.raises(RuntimeError, match="grad must have y's shape"):
         ops.conv_bn_train_backward(y[:, :, :6], x, w, y, stats, 1, 2, None, None, False, None,
-                                   [True, True])
+                                   False, [True, True])
     with pytest.raises(RuntimeError, match="y must be the conv output"):
-        ops.conv_bn_train_backward(y, x, w, y, stats, 2, 2, None, None, False, None, [True, True])
+        ops.conv_bn_train_backward(y, x, w, y, stats, 2, 2, None, None, False, None, False,
+                                   [True, True])
     with pytest.raises(RuntimeError, match="stats must be float32"):
         ops.conv_bn_train_backward(y, x, w, y, stats[:4], 1, 2, None, None, False, None,
-                                   [True, True])
+                                   False, [True, True])
     with pytest.raises(RuntimeError, match="needs num_batches_tracked"):
         ops.bn_update_running(stats, 98, torch.zeros(16), torch.ones(16), None, None)
     with pytest.raises(RuntimeError, match="running_mean and running_var must have shape"):

@@ -113,6 +113,20 @@ def test_conv_bn_train(case):
     gradcheck(f, (x, w, *inp.bn(c_out)))
 
 
+def test_conv_bn_train_frozen():
+    """relu(BN(conv(x))) with a frozen (eval-mode) BN: running statistics as constants."""
+    inp = Inputs(5)
+    x, w = inp.x(2, 8, 5, 5), inp.weight(8, 4, 3)
+    running_mean = torch.randn(8, dtype=torch.float64, device=x.device) * 0.2
+    running_var = torch.rand(8, dtype=torch.float64, device=x.device) + 0.5
+
+    def f(x, w, gamma, beta):
+        bn = BatchNormArgs(gamma, beta, running_mean, running_var, None, 1e-5, 0.1)
+        return bn_relu(ops.conv_bn_train(x, w, bn, groups=2, frozen=True))
+
+    gradcheck(f, (x, w, *inp.bn(8)))
+
+
 def test_conv_bn_train_gate_only():
     """relu(BN(conv(x * gate))): a gate without an input affine (x is a real tensor)."""
     inp = Inputs(3)

@@ -188,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t groups,
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
     bool in_relu, const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias, double eps) {
+    const std::optional<at::Tensor>& bn_bias, double eps,
+    const std::optional<at::Tensor>& frozen_stats) {
   const int64_t c_out = check_conv(x, weight, stride, groups);
   const Prologue prologue(x, in_scale, in_shift, in_relu, gate);
   TORCH_CHECK(bn_weight.has_value() == bn_bias.has_value(),
@@ -204,6 +205,14 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
   const int64_t pad = weight.size(2) / 2;
   at::Tensor y = nhwc(at::convolution(conv_input(x, prologue), weight, std::nullopt,
                                       {stride, stride}, {pad, pad}, {1, 1}, false, {0, 0}, groups));
+  if (frozen_stats) {  // an eval-mode BN: the running statistics, given as (5, C) rows
+    check_cpu(*frozen_stats, "frozen_stats");
+    TORCH_CHECK(frozen_stats->sizes() == at::IntArrayRef({kStatRows, c_out}) &&
+                    frozen_stats->scalar_type() == at::kFloat,
+                "regnet_kernels: frozen_stats must be float32 (5, ", c_out, "), got ",
+                frozen_stats->sizes());
+    return {y, frozen_stats->clone()};
+  }
   const int64_t rows = y.size(0) * y.size(2) * y.size(3);
   TORCH_CHECK(rows > 1, "regnet_kernels: BatchNorm in training needs more than 1 value per "
               "channel, got ", rows);
@@ -272,7 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
     const at::Tensor& stats, int64_t stride, int64_t groups,
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
-    bool in_relu, const std::optional<at::Tensor>& gate, std::array<bool, 2> output_mask) {
+    bool in_relu, const std::optional<at::Tensor>& gate, bool frozen,
+    std::array<bool, 2> output_mask) {
   const int64_t c_out = check_conv(x, weight, stride, groups);
   const Prologue prologue(x, in_scale, in_shift, in_relu, gate);
   check_cpu(grad_v, "grad");
@@ -292,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
                   stats.scalar_type() == at::kFloat,
               "regnet_kernels: stats must be float32 (5, ", c_out, "), got ", stats.sizes());
   const int64_t rows = y.size(0) * ho * wo;
-  TORCH_CHECK(rows > 1, "regnet_kernels: BatchNorm statistics need more than 1 value per channel");
+  TORCH_CHECK(frozen || rows > 1,
+              "regnet_kernels: BatchNorm statistics need more than 1 value per channel");
 
   const at::Tensor g = nhwc(grad_v), yc = nhwc(y), st = stats.contiguous();
   const float* mean = st.data_ptr<float>() + kMean * c_out;
@@ -311,12 +322,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     return {empty(x), empty(weight), empty(stats), d_gamma, d_beta};
   }
 
-  // BN's backward: dy = a * dv + b * (y - mean) + k, per channel.
-  std::vector<float> b(c_out), kk(c_out);
+  // BN's backward: dy = a * dv + b * (y - mean) + k, per channel; frozen (running)
+  // statistics are constants: b = k = 0.
+  std::vector<float> b(c_out, 0.f), kk(c_out, 0.f);
   const float* dg = d_gamma.data_ptr<float>();
   const float* db = d_beta.data_ptr<float>();
   const float inv_rows = 1.f / static_cast<float>(rows);
-  for (int64_t c = 0; c < c_out; ++c) {
+  for (int64_t c = 0; c < c_out && !frozen; ++c) {
     b[c] = -scale[c] * inv_std[c] * dg[c] * inv_rows;
     kk[c] = -scale[c] * db[c] * inv_rows;
   }

@@ -8,7 +8,6 @@ the conv epilogues, differentiable (`block_forward_train`).
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -96,32 +95,35 @@ def block_forward_train(x: torch.Tensor, block: nn.Module, block_ops=ops,
                         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """One training-mode X/Y block through the fused ops, differentiable.
 
-    BN uses batch statistics and updates the running statistics of `block`'s BN
-    modules as nn.BatchNorm2d does. Each conv writes its raw output; its BN's
-    scale/shift are applied by the next kernel as it loads (no normalized tensor
-    is written). Gradients reach x and every parameter of the block.
+    Each BN module does what its own mode says, as nn.BatchNorm2d would: in training
+    mode batch statistics and a running-statistics update; in eval mode (frozen BN)
+    the running statistics, unchanged. Each conv writes its raw output; its BN's
+    scale/shift are applied by the next kernel as it loads (no normalized tensor is
+    written). Gradients reach x and every parameter of the block.
 
     block_ops: the module providing conv_bn_train, se_squeeze, se_excite and bn_add_relu.
     dtype: the conv weights' compute dtype (autocast; a differentiable cast), None to keep it.
     """
     f = block.f
-    ops = block_ops
-    a = ops.conv_bn_train(x, _cast(f.a[0].weight, dtype), f.a[1])
-    b = ops.conv_bn_train(a.y, _cast(f.b[0].weight, dtype), f.b[1], stride=f.b[0].stride[0],
-                          groups=f.b[0].groups, in_scale=a.scale, in_shift=a.shift, in_relu=True)
+
+    def conv_bn(x, layers, **kwargs):  # layers: (conv, BN[, ReLU]); the ReLU is fused later
+        conv, bn = layers[0], layers[1]
+        return block_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0],
+                                       groups=conv.groups, frozen=not bn.training, **kwargs)
+
+    a = conv_bn(x, f.a)
+    b = conv_bn(a.y, f.b, in_scale=a.scale, in_shift=a.shift, in_relu=True)
     gate = None
     se = getattr(f, "se", None)
     if se is not None:
-        sums = ops.se_squeeze(b.y, b.scale, b.shift)
-        gate = ops.se_excite(sums, b.y.shape[2] * b.y.shape[3], se.fc1.weight, se.fc1.bias,
-                             se.fc2.weight, se.fc2.bias)
-    c = ops.conv_bn_train(b.y, _cast(f.c[0].weight, dtype), f.c[1], in_scale=b.scale,
-                          in_shift=b.shift, in_relu=True, gate=gate)
+        sums = block_ops.se_squeeze(b.y, b.scale, b.shift)
+        gate = block_ops.se_excite(sums, b.y.shape[2] * b.y.shape[3], se.fc1.weight, se.fc1.bias,
+                                   se.fc2.weight, se.fc2.bias)
+    c = conv_bn(b.y, f.c, in_scale=b.scale, in_shift=b.shift, in_relu=True, gate=gate)
     if block.proj is None:
-        return ops.bn_add_relu(c.y, c.scale, c.shift, x)
-    p = ops.conv_bn_train(x, _cast(block.proj[0].weight, dtype), block.proj[1],
-                          stride=block.proj[0].stride[0])
-    return ops.bn_add_relu(c.y, c.scale, c.shift, p.y, p.scale, p.shift)
+        return block_ops.bn_add_relu(c.y, c.scale, c.shift, x)
+    p = conv_bn(x, block.proj)
+    return block_ops.bn_add_relu(c.y, c.scale, c.shift, p.y, p.scale, p.shift)
 
 
 # ---------------------------------------------------------------------------
@@ -147,10 +149,10 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 
 class _FusedModule:
-    """What the fused stem and blocks share: the backend choice; the mode (eval
-    fusion, training fusion, or the reference forward for what the fused ops do
-    not cover); autocast; and eval-mode BN folding cached until a parameter or
-    buffer changes, so an eval forward launches only the fused kernels."""
+    """What the fused stem and blocks share: the backend choice; the path (the eval
+    fusion, or the differentiable training path in which each BN follows its mode);
+    autocast; and eval-mode BN folding cached until a parameter or buffer changes, so
+    an eval forward launches only the fused kernels."""
 
     backend = "auto"  # "auto": CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops
 
@@ -169,37 +171,22 @@ class _FusedModule:
             return cpp
         return ops
 
-    def _mode(self, x: torch.Tensor) -> str:
-        """"train" (batch statistics), "eval" (running statistics, no autograd) or
-        "reference": BN modules in mixed modes (e.g. frozen BN in a training model),
-        or gradients needed through running-statistics BN, which the fused eval ops
-        do not differentiate; those run the reference forward, as the reference would."""
-        bn_training = {m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)}
-        if bn_training == {True}:
-            return "train"
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if bn_training == {False} and not needs_grad:
-            return "eval"
-        if not getattr(self, "_warned", False) and not torch.compiler.is_compiling():
-            self._warned = True
-            why = ("BatchNorm modules in both train and eval mode" if len(bn_training) > 1
-                   else "gradients needed through eval-mode (running statistics) BatchNorm")
-            warnings.warn(f"{type(self).__name__}: {why}: this module runs its unfused "
-                          "reference forward (use torch.no_grad() for fused inference, "
-                          ".train() for fused training)", stacklevel=3)
-        return "reference"
+    def _eval_fusion(self, x: torch.Tensor) -> bool:
+        """The eval fusion (BN folded, no autograd) when every BN is in eval mode and no
+        gradient is needed; otherwise the differentiable path, in which each BN follows
+        its own mode (frozen BN in a training model, or gradients through eval BN)."""
+        if any(m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
+            return False
+        return not (torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        mode = self._mode(x)
-        if mode == "reference":  # the reference module's forward (next in the MRO)
-            return super().forward(x)
         dtype = _autocast_dtype(x)
         x = _cast(x, dtype)
-        if mode == "train":
-            return self._train_forward(x, self._ops(x, training=True), dtype)
-        return self._eval_forward(x, self._ops(x), dtype)
+        if self._eval_fusion(x):
+            return self._eval_forward(x, self._ops(x), dtype)
+        return self._train_forward(x, self._ops(x, training=True), dtype)
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Model-level input checks (the stem's); the ops check the rest."""
@@ -236,7 +223,8 @@ class FusedStem(_FusedModule, Stem):
 
     def _train_forward(self, x, fused_ops, dtype):
         conv, bn = self[0], self[1]
-        out = fused_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0])
+        out = fused_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0],
+                                      frozen=not bn.training)
         return fused_ops.bn_add_relu(out.y, out.scale, out.shift)
 
     def _eval_forward(self, x, fused_ops, dtype):
@@ -270,11 +258,11 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     "cuda" (the C++ extension's CUDA kernels; eval only so far);
     `regnet_kernels.available_backends()` says which can run here.
 
-    Eval mode runs BN folded from the running statistics, training mode BN with batch
-    statistics (running statistics updated as nn.BatchNorm2d does); a module whose BN
-    modules are in mixed modes, or that needs gradients through eval-mode BN (frozen
-    BN), runs the reference forward. Under torch.autocast the convs run in the autocast
-    dtype.
+    Eval mode without autograd runs BN folded from the running statistics (3-4
+    launches per block); otherwise the training kernels run, each BN as its mode says:
+    batch statistics with the running-statistics update in training mode, the running
+    statistics in eval mode (frozen BN in a training model, or gradients through an
+    eval-mode model). Under torch.autocast the convs run in the autocast dtype.
     """
     _check_backend(backend)
     model = RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
@@ -298,7 +286,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     reference = {fused: ref for ref, fused in _FUSED.items()}
     for module in model.modules():
         if type(module) in reference:
-            for attr in ("_fold_cache", "backend", "_warned"):
+            for attr in ("_fold_cache", "backend"):
                 module.__dict__.pop(attr, None)
             module.__class__ = reference[type(module)]
     return model

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import acc_constexpr, check_device, check_same
+from ._implicit_gemm import acc_constexpr, acc_dtype, check_device, check_same
 
 BLOCK_C = 128
 STAT_ROWS = ("mean", "inv_std", "scale", "shift", "var")
@@ -163,6 +163,20 @@ class BatchNormArgs(NamedTuple):
         return cls(bn.weight, bn.bias, bn.running_mean if track else None,
                    bn.running_var if track else None, bn.num_batches_tracked if track else None,
                    float(bn.eps), None if bn.momentum is None else float(bn.momentum))
+
+    def frozen_stats(self, channels: int, ref: torch.Tensor) -> torch.Tensor:
+        """(5, C) STAT_ROWS from the running statistics (an eval-mode BN: frozen), in
+        ref's accumulation dtype, detached: BN's gamma/beta gradients come from the
+        conv op's backward, not through these."""
+        if self.running_mean is None:
+            raise ValueError("a frozen (eval-mode) BatchNorm needs running statistics")
+        dtype = acc_dtype(ref.dtype)
+        with torch.no_grad():
+            mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
+            inv_std = torch.rsqrt(var + self.eps)
+            scale = inv_std if self.weight is None else inv_std * self.weight.to(dtype)
+            shift = -mean * scale if self.bias is None else self.bias.to(dtype) - mean * scale
+            return torch.stack([mean, inv_std, scale, shift, var]).reshape(5, channels)
 
     def update_running(self, stats: torch.Tensor, count: int) -> None:
         """Update the running statistics (if tracked) from (5, C) finalize output."""

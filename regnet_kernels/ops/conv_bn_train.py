@@ -50,10 +50,12 @@ def _conv_bn_train_op(
     x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int,
     in_scale: Optional[torch.Tensor], in_shift: Optional[torch.Tensor], in_relu: bool,
     gate: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
-    bn_bias: Optional[torch.Tensor], eps: float,
+    bn_bias: Optional[torch.Tensor], eps: float, frozen_stats: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, partials = _conv_launch(x, weight, stride, groups, stats=True, in_scale=in_scale,
                                 in_shift=in_shift, in_relu=in_relu, gate=gate)
+    if frozen_stats is not None:  # eval-mode BN: the running statistics, given
+        return y, frozen_stats.clone()
     rows_per_tile = _conv_geometry(x, weight, stride, groups, False)[2][0]
     count = y.shape[0] * y.shape[2] * y.shape[3]
     stats = finalize_launch(partials[0], partials[1], count, rows_per_tile, bn_weight, bn_bias,
@@ -62,7 +64,8 @@ def _conv_bn_train_op(
 
 
 @_conv_bn_train_op.register_fake
-def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps):
+def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps,
+      frozen_stats):
     y, _ = _conv_fake(x, weight, stride, groups)
     return y, x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=acc_dtype(x.dtype))
 
@@ -73,6 +76,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats)  # decoding parameters of the lazy BN output y
     ctx.save_for_backward(x, weight, in_scale, in_shift, gate, bn_weight, y, stats)
     ctx.conv = (stride, groups, in_relu)
+    ctx.frozen = inputs[-1] is not None
 
 
 def _backward(ctx, grad_v, _grad_stats):
@@ -83,8 +87,11 @@ def _backward(ctx, grad_v, _grad_stats):
     sums = bn_act_backward(grad_v, y, relu=False, write_dv=False, reduce=True)
     d_beta = sums.sum_dv
     d_gamma = inv_std * (sums.sum_dv_y - mean * sums.sum_dv)
-    b = -scale * inv_std / count * d_gamma
-    dy = DyPrologue(y, scale, b, -scale / count * d_beta - b * mean)
+    if ctx.frozen:  # constant statistics: dy = scale * dv
+        dy = DyPrologue(y, scale, torch.zeros_like(scale), torch.zeros_like(scale))
+    else:
+        b = -scale * inv_std / count * d_gamma
+        dy = DyPrologue(y, scale, b, -scale / count * d_beta - b * mean)
 
     grad_x = grad_w = grad_gate = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[7]:
@@ -106,7 +113,8 @@ def _backward(ctx, grad_v, _grad_stats):
     grad_gamma = grad_beta = None
     if bn_weight is not None:
         grad_gamma, grad_beta = d_gamma.to(bn_weight.dtype), d_beta.to(bn_weight.dtype)
-    return (grad_x, grad_w, None, None, None, None, None, grad_gate, grad_gamma, grad_beta, None)
+    return (grad_x, grad_w, None, None, None, None, None, grad_gate, grad_gamma, grad_beta, None,
+            None)
 
 
 _conv_bn_train_op.register_autograd(_backward, setup_context=_setup_context)
@@ -115,7 +123,7 @@ _conv_bn_train_op.register_autograd(_backward, setup_context=_setup_context)
 def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
-                  gate: Optional[torch.Tensor] = None) -> TrainOutput:
+                  gate: Optional[torch.Tensor] = None, frozen: bool = False) -> TrainOutput:
     """Training-mode conv + BN with batch statistics, differentiable.
 
     Args:
@@ -126,6 +134,9 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
         bn: the BatchNorm2d (or its BatchNormArgs): gamma, beta, running statistics
             (updated in place, as nn.BatchNorm2d in train mode), eps, momentum.
         in_relu: ReLU after the input affine. gate: (N, C_in) SE gate.
+        frozen: BN as in eval mode (e.g. frozen BN while fine-tuning): normalize with the
+            running statistics, leave them unchanged; still differentiable (dy = scale * dv,
+            and gamma/beta get their gradients).
         x may be float32/float16/bfloat16 or float64; in_scale, in_shift, the gate and
         the statistics are float32, float64 for a float64 x (computed in float64
         throughout: `acc_dtype`).
@@ -137,9 +148,12 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
     c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
     n, _, h, w = x.shape
-    check_count(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1))
+    if not frozen:
+        check_count(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1))
     args.check(c_out, x)
+    frozen_stats = args.frozen_stats(c_out, x) if frozen else None
     y, stats = _conv_bn_train_op(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,
-                                 args.weight, args.bias, args.eps)
-    args.update_running(stats, y.shape[0] * y.shape[2] * y.shape[3])
+                                 args.weight, args.bias, args.eps, frozen_stats)
+    if not frozen:
+        args.update_running(stats, y.shape[0] * y.shape[2] * y.shape[3])
     return TrainOutput(y, *stats.unbind(0))

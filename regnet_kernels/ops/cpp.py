@@ -75,6 +75,7 @@ def _conv_bn_train_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, in_scale, in_shift, gate, y, stats)
     ctx.conv = (stride, groups, in_relu)
     ctx.bn_dtype = None if bn_weight is None else bn_weight.dtype
+    ctx.frozen = inputs[-1] is not None
 
 
 def _conv_bn_train_backward(ctx, grad_v, _grad_stats):
@@ -85,14 +86,14 @@ def _conv_bn_train_backward(ctx, grad_v, _grad_stats):
     need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[7]
     grad_x, grad_w, grad_gate, d_gamma, d_beta = torch.ops.regnet_kernels.conv_bn_train_backward(
         grad_v, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate,
-        [need_x, ctx.needs_input_grad[1]])
+        ctx.frozen, [need_x, ctx.needs_input_grad[1]])
     grad_gamma = grad_beta = None
     if ctx.bn_dtype is not None:
         grad_gamma, grad_beta = d_gamma.to(ctx.bn_dtype), d_beta.to(ctx.bn_dtype)
     return (grad_x if ctx.needs_input_grad[0] else None,
             grad_w if ctx.needs_input_grad[1] else None, None, None, None, None, None,
             grad_gate if gate is not None and ctx.needs_input_grad[7] else None,
-            grad_gamma, grad_beta, None)
+            grad_gamma, grad_beta, None, None)
 
 
 def _se_squeeze_setup(ctx, inputs, output):
@@ -147,12 +148,13 @@ def _register() -> None:
         return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
 
     @torch.library.register_fake("regnet_kernels::conv_bn_train")
-    def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps):
+    def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps,
+          frozen_stats):
         return (_conv_out(x, weight, stride),
                 x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=torch.float32))
 
     @torch.library.register_fake("regnet_kernels::conv_bn_train_backward")
-    def _(grad, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate,
+    def _(grad, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate, frozen,
           output_mask):
         need_x, need_w = output_mask
         none = stats.new_empty((0,))
@@ -274,26 +276,28 @@ def conv1x1_gate_residual(
 def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
-                  gate: Optional[torch.Tensor] = None) -> TrainOutput:
+                  gate: Optional[torch.Tensor] = None, frozen: bool = False) -> TrainOutput:
     """Training-mode conv + BN with batch statistics, differentiable, on the CPU.
 
     As `regnet_kernels.ops.conv_bn_train`: the conv reads relu?(x * in_scale + in_shift)
     * gate, y is the raw conv output (channels_last) standing for the BN output in
     autograd, the BN's running statistics are updated in place as nn.BatchNorm2d does,
     and gradients flow to x (dL/dv_prev when in_scale is given), weight, gate and the
-    BN's weight and bias.
+    BN's weight and bias. frozen: BN as in eval mode (running statistics, not updated).
     """
     args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
     c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate,
                                 device_check=_check_device, dtypes=SUPPORTED_DTYPES)
     n, _, h, w = x.shape
     count = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
-    check_count(count)
+    if not frozen:
+        check_count(count)
     args.check(c_out, x)
     ops = _ops()
     y, stats = ops.conv_bn_train(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,
-                                 args.weight, args.bias, args.eps)
-    if args.running_mean is not None:
+                                 args.weight, args.bias, args.eps,
+                                 args.frozen_stats(c_out, x) if frozen else None)
+    if args.running_mean is not None and not frozen:
         ops.bn_update_running(stats.detach(), count, args.running_mean, args.running_var,
                               args.num_batches_tracked, args.momentum)
     return TrainOutput(y, *stats.unbind(0))
