@@ -126,3 +126,38 @@ def nan_filled_empty():
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Within the dtype's bound in norm (rel_err also asserts every element is finite,
+    i.e. written), and no single element off by more than 20 x that bound x max |ref|."""
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err = rel_err(out, ref)
+    assert err < tol(dtype), err
+    worst = (out.detach().double() - ref.detach().double()).abs().max()
+    assert worst <= 20 * tol(dtype) * ref.detach().abs().max().double().clamp_min(1e-30), worst
+
+
+def check_conv_bn_act_op(conv_bn_act, n, c_in, c_out, h, k, stride, groups, dtype, relu=True,
+                      squeeze=False, channels_last=True, seed=0):
+    """One backend's conv_bn_act (the Triton or the C++ function) against float64
+    F.conv2d + BN (+ ReLU), on NaN-filled allocations; H x (H + 1) inputs. Returns
+    (y, squeeze sums or None) for backend-specific checks."""
+    gen = torch.Generator().manual_seed(seed)
+    x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen, channels_last)
+    w = conv_weight(c_out, c_in // groups, k, dtype, gen)
+    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(c_out, gen))
+    with nan_filled_empty():
+        out = conv_bn_act(x, w, scale, shift, stride=stride, groups=groups, relu=relu,
+                          squeeze=squeeze)
+    y, sums = out if squeeze else (out, None)
+    ref = ref_conv_bn(x, w, scale, shift, stride, groups)
+    if relu:
+        ref = ref.relu()
+    assert y.dtype == dtype and y.device == x.device
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    check_close(y, ref, dtype)
+    if squeeze:
+        assert sums.dtype == vector_dtype(dtype) and sums.shape[0] == n and sums.shape[2] == c_out
+        check_close(sums.sum(1), ref.sum((2, 3)), dtype)
+    return y, sums

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, activation, bn_fold, conv_weight,
-                      grouped_conv_cases, poisoned_outputs, ref_conv_bn, rel_err, tol,
-                      vector_dtype)
+                      check_conv_bn_act_op, grouped_conv_cases, poisoned_outputs, ref_conv_bn,
+                      rel_err, tol, vector_dtype)
 from bad_inputs import CONV_BN_ACT_CASES, conv_bn_act_args
 from regnet_kernels import list_models, model_params, ops
 from regnet_kernels.ops import _implicit_gemm
@@ -16,25 +16,8 @@ def test_group_widths_are_the_standard_models():
     assert sorted(widths) == GROUP_WIDTHS
 
 
-def check_conv_bn_act(n, c_in, c_out, h, k, stride, groups, dtype, relu=True, squeeze=False,
-                      channels_last=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen, channels_last)
-    w = conv_weight(c_out, c_in // groups, k, dtype, gen)
-    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(c_out, gen))
-    with poisoned_outputs():
-        out = ops.conv_bn_act(x, w, scale, shift, stride=stride, groups=groups, relu=relu,
-                              squeeze=squeeze)
-    y, sums = out if squeeze else (out, None)
-    ref = ref_conv_bn(x, w, scale, shift, stride, groups)
-    if relu:
-        ref = ref.relu()
-    assert y.dtype == dtype
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert rel_err(y, ref) < tol(dtype)
-    if squeeze:
-        assert sums.dtype == vector_dtype(dtype) and sums.shape[0] == n and sums.shape[2] == c_out
-        assert rel_err(sums.sum(1), ref.sum((2, 3))) < tol(dtype)
+def check_conv_bn_act(*args, **kwargs):
+    return check_conv_bn_act_op(ops.conv_bn_act, *args, **kwargs)
 
 
 @pytest.mark.parametrize("cpg,groups,stride,size,batch,squeeze,dtype", grouped_conv_cases(DTYPES))

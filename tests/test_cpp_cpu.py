@@ -12,14 +12,12 @@ import torch
 from bad_inputs import (CONV_BN_ACT_CASES, GATE_RESIDUAL_CASES, conv_bn_act_args,
                         gate_residual_args)
 from blocks import BLOCKS, make_block
-from numerics import (activation, bn_fold, conv_weight, grouped_conv_cases,
-                      ref_conv_bn, rel_err)
+from numerics import (activation, bn_fold, check_close, check_conv_bn_act_op, conv_weight,
+                      grouped_conv_cases, ref_conv_bn, rel_err)
 from regnet_kernels.models.fused import block_forward_eval, fold_block
 from regnet_kernels.ops import _extension, cpp
 
 DTYPES = [torch.float32, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-CPU = "cpu"
 
 _BUILD_SCRIPT = textwrap.dedent("""
     import torch
@@ -93,35 +91,10 @@ def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 
 
-def check_finite_and_close(out, ref, dtype):
-    """No element left unwritten (at::empty is not NaN-poisoned: every element is
-    compared instead) and the relative error within the dtype's bound."""
-    assert out.shape == ref.shape
-    assert torch.isfinite(out).all()
-    err = rel_err(out, ref)
-    assert err < TOL[dtype], err
-    # every element, not only the norm: no element off by more than the bound x max |ref|
-    assert ((out.double() - ref).abs().max() <= 20 * TOL[dtype] * ref.abs().max().clamp_min(1e-30))
-
-
-def check_conv_bn_act(n, c_in, c_out, h, k, stride, groups, dtype, relu=True, squeeze=False,
-                      channels_last=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen, channels_last)
-    w = conv_weight(c_out, c_in // groups, k, dtype, gen)
-    scale, shift = bn_fold(c_out, gen)
-    out = cpp.conv_bn_act(x, w, scale, shift, stride=stride, groups=groups, relu=relu,
-                          squeeze=squeeze)
-    y, sums = out if squeeze else (out, None)
-    ref = ref_conv_bn(x, w, scale, shift, stride, groups)
-    if relu:
-        ref = ref.relu()
-    assert y.dtype == dtype and y.device.type == CPU
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    check_finite_and_close(y, ref, dtype)
-    if squeeze:
-        assert sums.dtype == torch.float32 and sums.shape == (n, 1, c_out)
-        check_finite_and_close(sums.sum(1), ref.sum((2, 3)), dtype)
+def check_conv_bn_act(*args, **kwargs):
+    """The shared conv_bn_act check, plus: the squeeze sums have one tile per image."""
+    _, sums = check_conv_bn_act_op(cpp.conv_bn_act, *args, **kwargs)
+    assert sums is None or sums.shape[1] == 1
 
 
 @pytest.mark.parametrize("cpg,groups,stride,size,batch,squeeze,dtype", grouped_conv_cases(DTYPES))
@@ -226,7 +199,7 @@ def test_se_excite(n, t, c, s, conv_shaped, wdtype):
     b1, b2 = (torch.randn(s, generator=gen) * 0.1).to(wdtype), (torch.randn(c, generator=gen) * 0.1).to(wdtype)
     gate = cpp.se_excite(sums if t > 1 else sums[:, 0], hw, w1, b1, w2, b2)
     assert gate.dtype == torch.float32 and gate.shape == (n, c)
-    check_finite_and_close(gate, ref_se(sums, hw, w1, b1, w2, b2), torch.float32)
+    check_close(gate, ref_se(sums, hw, w1, b1, w2, b2), torch.float32)
 
 
 @pytest.mark.parametrize("over,err,match", [
@@ -275,7 +248,7 @@ def check_gate_residual(n, c_b, c_out, c_in, h, stride, gated, project, dtype,
     ref = ref.relu()
     y = cpp.conv1x1_gate_residual(x, w, scale, shift, shortcut, **kwargs)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    check_finite_and_close(y, ref, dtype)
+    check_close(y, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -363,4 +336,4 @@ def test_block_eval(name):
         y = block_forward_eval(x, fold_block(block), block_ops=cpp)
         ref = block.double()(x.double())
     assert y.is_contiguous(memory_format=torch.channels_last)
-    check_finite_and_close(y, ref, torch.float32)
+    check_close(y, ref, torch.float32)

@@ -32,20 +32,8 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_act_impl(const at::Tensor& x, const a
 
   REGNET_DISPATCH(y.scalar_type(), "conv_bn_act", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
-    if (!squeeze) {
-      at::parallel_for(0, n * hw, rows_grain(c_out), [&](int64_t begin, int64_t end) {
-        std::vector<float> buf;
-        for (int64_t r = begin; r < end; ++r) {
-          scalar_t* row = yp + r * c_out;
-          float* v = row_as_float(row, c_out, buf);
-          affine_row(v, s, t, c_out, relu, nullptr, v);
-          store_row(row, v, c_out);
-        }
-      });
-      return;
-    }
-    // Squeeze: per-(image, chunk) partial sums, reduced in chunk order.
-    const auto partial = chunk_partials(n, hw, c_out, [&](int64_t r0, int64_t r1, float* acc) {
+    // The epilogue over rows [r0, r1), in place; acc (the squeeze) gets their sums.
+    const auto epilogue = [&](int64_t r0, int64_t r1, float* acc) {
       std::vector<float> buf;
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = yp + r * c_out;
@@ -53,7 +41,14 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_act_impl(const at::Tensor& x, const a
         affine_row(v, s, t, c_out, relu, acc, v);
         store_row(row, v, c_out);
       }
-    });
+    };
+    if (!squeeze) {
+      at::parallel_for(0, n * hw, rows_grain(c_out),
+                       [&](int64_t begin, int64_t end) { epilogue(begin, end, nullptr); });
+      return;
+    }
+    // Squeeze: per-(image, chunk) partial sums, reduced in chunk order.
+    const auto partial = chunk_partials(n, hw, c_out, epilogue);
     sum_partials(partial, n, chunks_of(hw), c_out, sums.data_ptr<float>());
   });
   return {y, sums};

@@ -162,6 +162,11 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
 
 
+def conv_output_size(size: int, k: int, stride: int) -> int:
+    """Output height (or width) of a k x k conv with padding k // 2."""
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
 def conv_tiles(rows: int, cout_g: int, k: int,
                dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` output pixels per tiling unit,

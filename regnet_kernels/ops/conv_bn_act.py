@@ -31,6 +31,7 @@ from ._implicit_gemm import (
     check_conv_weight,
     check_prologue_conv,
     conv_accumulate,
+    conv_output_size,
     conv_tiles,
     dot_precision,
     group_channels,
@@ -96,8 +97,7 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int, s
     impls use it)."""
     n, c_in, h, w = x.shape
     c_out, cin_g, k, _ = weight.shape
-    ho = (h + 2 * (k // 2) - k) // stride + 1
-    wo = (w + 2 * (k // 2) - k) // stride + 1
+    ho, wo = conv_output_size(h, k, stride), conv_output_size(w, k, stride)
     rows = ho * wo if squeeze else n * ho * wo
     block_m, block_n, block_k = conv_tiles(rows, c_out // groups, k * k * cin_g, x.dtype)
     tiles_per_image = triton.cdiv(ho * wo, block_m)

@@ -28,7 +28,7 @@ from .conv_bn_act import _fake as _conv_fake, _geometry as _conv_geometry, _laun
 from .bn_act_backward import bn_act_backward
 from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count, finalize_launch
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
-from ._implicit_gemm import acc_dtype, check_prologue_conv
+from ._implicit_gemm import acc_dtype, check_prologue_conv, conv_output_size
 
 
 class TrainOutput(NamedTuple):
@@ -149,7 +149,8 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
     n, _, h, w = x.shape
     if not frozen:
-        check_count(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1))
+        k = weight.shape[-1]
+        check_count(n * conv_output_size(h, k, stride) * conv_output_size(w, k, stride))
     args.check(c_out, x)
     frozen_stats = args.frozen_stats(c_out, x) if frozen else None
     y, stats = _conv_bn_train_op(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,

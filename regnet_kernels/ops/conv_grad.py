@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ._implicit_gemm import (
     TRITON_DTYPES,
+    _pow2_clamp,
     acc_constexpr,
     acc_dtype,
     check_activation,
@@ -45,6 +46,7 @@ from ._implicit_gemm import (
     check_gate,
     check_same,
     check_weight,
+    conv_output_size,
     conv_tiles,
     dot_precision,
     fp64_tiles,
@@ -54,7 +56,6 @@ from ._implicit_gemm import (
     new_activation,
     nhwc_strides,
     output_rows,
-    _pow2_clamp,
 )
 
 
@@ -419,10 +420,6 @@ def _(u, dy, kernel_size, stride, groups, in_scale, in_shift, in_relu, gate, y, 
 # ---------------------------------------------------------------------------
 
 
-def _output_size(size: int, k: int, stride: int) -> int:
-    return (size + 2 * (k // 2) - k) // stride + 1
-
-
 def _check_stride(stride: int) -> None:
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
@@ -482,7 +479,7 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_hw: Sequence[int], 
     if len(input_hw) != 2:
         raise ValueError(f"input_hw must be (H, W), got {tuple(input_hw)}")
     h, w = (int(s) for s in input_hw)
-    expect = (_output_size(h, k, stride), _output_size(w, k, stride))
+    expect = (conv_output_size(h, k, stride), conv_output_size(w, k, stride))
     if h < 1 or w < 1 or tuple(dy.shape[2:]) != expect:
         raise ValueError(f"a {k}x{k} stride-{stride} conv of a {h}x{w} input gives "
                          f"{expect[0]}x{expect[1]}, dy is {dy.shape[2]}x{dy.shape[3]}")
@@ -520,7 +517,7 @@ def conv_wgrad(u: torch.Tensor, dy: torch.Tensor, kernel_size: int, stride: int 
     for name, c in (("input", c_in), ("output", dy.shape[1])):
         if c % groups:
             raise ValueError(f"groups={groups} does not divide the {c} {name} channels")
-    expect = (n, _output_size(h, kernel_size, stride), _output_size(w, kernel_size, stride))
+    expect = (n, conv_output_size(h, kernel_size, stride), conv_output_size(w, kernel_size, stride))
     if (dy.shape[0], *dy.shape[2:]) != expect:
         raise ValueError(
             f"a {kernel_size}x{kernel_size} stride-{stride} conv of u {tuple(u.shape)} gives "

@@ -29,7 +29,7 @@ import torch
 
 from . import _extension
 from ._implicit_gemm import (SUPPORTED_DTYPES, check_activation, check_channel_vector,
-                             check_prologue_conv, new_activation)
+                             check_prologue_conv, conv_output_size, new_activation)
 from .bn_add_relu import check_bn_add_relu_args
 from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count
 from .conv1x1_gate_residual import check_gate_residual_args
@@ -63,8 +63,7 @@ def available() -> tuple[bool, str]:
 
 def _conv_out(x, weight, stride):
     k = weight.shape[-1]
-    ho = (x.shape[2] + 2 * (k // 2) - k) // stride + 1
-    wo = (x.shape[3] + 2 * (k // 2) - k) // stride + 1
+    ho, wo = conv_output_size(x.shape[2], k, stride), conv_output_size(x.shape[3], k, stride)
     return new_activation(x.shape[0], weight.shape[0], ho, wo, x)
 
 
@@ -289,7 +288,8 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate,
                                 device_check=_check_device, dtypes=SUPPORTED_DTYPES)
     n, _, h, w = x.shape
-    count = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    k = weight.shape[-1]
+    count = n * conv_output_size(h, k, stride) * conv_output_size(w, k, stride)
     if not frozen:
         check_count(count)
     args.check(c_out, x)
