@@ -91,9 +91,8 @@ cudaError_t launch_tile(const GateParams<T>& p, int64_t m_total, cudaStream_t st
   const int64_t grid_x = (m_total + TL::BM - 1) / TL::BM;
   const int64_t grid_y = (p.cout + TL::BN - 1) / TL::BN;
   if (grid_x > 0x7fffffffLL || grid_y > 65535) return cudaErrorInvalidValue;
-  conv1x1_gate_residual_kernel<T, TL, PROJECT>
-      <<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), TL::kThreads, 0,
-         stream>>>(p);
+  RK_LAUNCH(dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), TL::kThreads, 0,
+            stream, conv1x1_gate_residual_kernel<T, TL, PROJECT>)(p);
   return cudaGetLastError();
 }
 
@@ -105,55 +104,17 @@ cudaError_t launch_project(const GateParams<T>& p, int64_t m_total, cudaStream_t
 }
 
 template <typename T>
-AOperand<T> a_operand(const void* x, int64_t sn, int64_t sh, int64_t sw, int64_t sc, int64_t h,
-                      int64_t w, int64_t c, int64_t stride) {
-  constexpr int V = Layout<T>::kVec;
-  AOperand<T> a;
-  a.x = static_cast<const T*>(x);
-  a.sn = sn;
-  a.sh = sh;
-  a.sw = sw;
-  a.sc = sc;
-  a.h = static_cast<int>(h);
-  a.w = static_cast<int>(w);
-  a.cin_g = static_cast<int>(c);
-  a.ci0 = 0;
-  a.ks = 1;
-  a.stride = static_cast<int>(stride);
-  a.pad = 0;
-  a.gate = nullptr;
-  a.sg = 0;
-  a.vec = sc == 1 && c % V == 0 && sn % V == 0 && sh % V == 0 && sw % V == 0 && aligned16(x);
-  return a;
-}
-
-template <typename T>
-BOperand<T> b_operand(const void* w, int64_t so, int64_t si, int64_t k) {
-  constexpr int V = Layout<T>::kVec;
-  BOperand<T> b;
-  b.w = static_cast<const T*>(w);
-  b.so = so;
-  b.si = si;
-  b.sh = 0;
-  b.sw = 0;
-  b.co0 = 0;
-  b.n_valid = 0;
-  b.vec = si == 1 && k % V == 0 && so % V == 0 && aligned16(w);
-  return b;
-}
-
-template <typename T>
 cudaError_t launch(const rk_conv1x1_gate_residual_args& a, cudaStream_t stream) {
   GateParams<T> p;
-  p.a = a_operand<T>(a.x, a.sx_n, a.sx_h, a.sx_w, a.sx_c, a.h, a.w, a.c_in, 1);
+  p.a = a_operand<T>(a.x, a.sx_n, a.sx_h, a.sx_w, a.sx_c, a.h, a.w, a.c_in, 1, 1);
   p.a.gate = a.gate;
   p.a.sg = a.s_gate_n;
-  p.b = b_operand<T>(a.weight, a.sw_o, a.sw_i, a.c_in);
+  p.b = b_operand<T>(a.weight, a.sw_o, a.sw_i, 0, 0, a.c_in, 1);
   const bool project = a.proj_weight != nullptr;
   if (project) {
-    p.ra = a_operand<T>(a.res, a.sr_n, a.sr_h, a.sr_w, a.sr_c, a.res_h, a.res_w, a.res_c,
+    p.ra = a_operand<T>(a.res, a.sr_n, a.sr_h, a.sr_w, a.sr_c, a.res_h, a.res_w, a.res_c, 1,
                         a.proj_stride);
-    p.rb = b_operand<T>(a.proj_weight, a.sp_o, a.sp_i, a.res_c);
+    p.rb = b_operand<T>(a.proj_weight, a.sp_o, a.sp_i, 0, 0, a.res_c, 1);
   } else {
     p.ra = p.a;
     p.rb = p.b;

@@ -27,6 +27,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "launch.cuh"
+#include "launchers.h"
+
 namespace rk {
 
 // ---------------------------------------------------------------------------
@@ -71,21 +74,29 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                   const uint32_t (&b)[2]) {
+#ifdef RK_CUDA_EMULATION
+  __trap();  // the CPU emulation runs the fp32 (FMA) kernels only
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          const uint32_t (&b)[2]) {
+#ifdef RK_CUDA_EMULATION
+  __trap();
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -105,7 +116,35 @@ struct Tile {
 // Operands
 // ---------------------------------------------------------------------------
 
-// A = im2col of an NHWC input u = x * gate[n, ci] (gate optional), zero outside.
+// Output pixel of a row of the tile: image, top-left input corner, validity.
+struct RowPos {
+  int n, ih0, iw0;
+  bool ok;
+};
+
+// Position k = (kh, kw, ci) of the flattened reduction. A thread's k offset inside a K
+// step is the same for all its A and B chunks, so this runs once per element column
+// per K step, not once per chunk.
+struct KPos {
+  int ci, kh, kw;
+  bool ok;
+};
+
+__device__ __forceinline__ KPos decompose(int k, int K, int cin_g, int ks) {
+  KPos q;
+  const int tap = k / cin_g;
+  q.ci = k - tap * cin_g;
+  q.kh = tap / ks;
+  q.kw = tap - q.kh * ks;
+  q.ok = k < K;
+  return q;
+}
+
+// A = im2col of the NHWC input transformed by the conv's prologue,
+//   u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]   (each part optional),
+// computed in fp32 and rounded once to T; zero outside the image (padding is zero
+// after the transform). The interface gemm() needs from an A operand: k_total(),
+// at(k), row(n, oh, ow, ok), load(pos, q), load_vec(pos, q) and vec.
 template <typename T>
 struct AOperand {
   const T* x;
@@ -113,9 +152,57 @@ struct AOperand {
   int h, w;                 // input size
   int cin_g, ci0;           // channels of this group, first channel of the group
   int ks, stride, pad;      // kernel size (odd), conv stride, padding
+  const float* in_scale;    // nullptr, or (C,) with in_shift
+  const float* in_shift;
+  bool in_relu;
   const float* gate;        // nullptr, or (N, C) fp32 with row stride sg
   int64_t sg;
   bool vec;                 // 16-byte chunks: sc == 1, cin_g % kVec == 0, aligned
+
+  __device__ __forceinline__ int k_total() const { return ks * ks * cin_g; }
+  __device__ __forceinline__ KPos at(int k) const { return decompose(k, k_total(), cin_g, ks); }
+  __device__ __forceinline__ RowPos row(int n, int oh, int ow, bool ok) const {
+    return RowPos{n, oh * stride - pad, ow * stride - pad, ok};
+  }
+  __device__ __forceinline__ bool transforms() const {
+    return in_scale != nullptr || in_relu || gate != nullptr;
+  }
+  // u of one element of image n, channel c (global index).
+  __device__ __forceinline__ float prologue(float v, int n, int c) const {
+    if (in_scale != nullptr) v = fmaf(v, __ldg(in_scale + c), __ldg(in_shift + c));
+    if (in_relu) v = fmaxf(v, 0.0f);
+    if (gate != nullptr) v *= __ldg(gate + static_cast<int64_t>(n) * sg + c);
+    return v;
+  }
+  __device__ __forceinline__ bool inside(const RowPos& r, const KPos& q, int& ih, int& iw) const {
+    ih = r.ih0 + q.kh;
+    iw = r.iw0 + q.kw;
+    return r.ok && q.ok && ih >= 0 && ih < h && iw >= 0 && iw < w;
+  }
+  // One element u[n, ih0 + kh, iw0 + kw, ci0 + ci] of the im2col tile.
+  __device__ __forceinline__ T load(const RowPos& r, const KPos& q) const {
+    int ih, iw;
+    if (!inside(r, q, ih, iw)) return Elem<T>::from_float(0.0f);
+    const int c = ci0 + q.ci;
+    const T v = x[static_cast<int64_t>(r.n) * sn + ih * sh + iw * sw + c * sc];
+    return transforms() ? Elem<T>::from_float(prologue(Elem<T>::to_float(v), r.n, c)) : v;
+  }
+  // kVec consecutive elements along k (same tap, contiguous channels: the vector path).
+  __device__ __forceinline__ uint4 load_vec(const RowPos& r, const KPos& q) const {
+    uint4 out = make_uint4(0u, 0u, 0u, 0u);
+    int ih, iw;
+    if (!inside(r, q, ih, iw)) return out;
+    const int c = ci0 + q.ci;
+    out = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(r.n) * sn + ih * sh +
+                                               iw * sw + c));
+    if (transforms()) {
+      T* e = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int j = 0; j < Layout<T>::kVec; ++j)
+        e[j] = Elem<T>::from_float(prologue(Elem<T>::to_float(e[j]), r.n, c + j));
+    }
+    return out;
+  }
 };
 
 // B[k, co] = w[co0 + co, ci, kh, kw] for the flattened k = (kh, kw, ci).
@@ -126,12 +213,6 @@ struct BOperand {
   int co0;                  // first output channel of this tile
   int n_valid;              // output channels of the tile that exist (<= BN)
   bool vec;                 // k contiguous in memory (channels_last weight), aligned
-};
-
-// Output pixel of a row of the tile: image, top-left input corner, validity.
-struct RowPos {
-  int n, ih0, iw0;
-  bool ok;
 };
 
 // Rows of the tile: per-image tiles (the SE squeeze; tiles_per_image > 0) cover
@@ -163,58 +244,6 @@ struct RowMap {
     return ok;
   }
 };
-
-// Position k = (kh, kw, ci) of the flattened reduction. A thread's k offset inside a K
-// step is the same for all its A and B chunks, so this runs once per element column
-// per K step, not once per chunk.
-struct KPos {
-  int ci, kh, kw;
-  bool ok;
-};
-
-__device__ __forceinline__ KPos decompose(int k, int K, int cin_g, int ks) {
-  KPos q;
-  const int tap = k / cin_g;
-  q.ci = k - tap * cin_g;
-  q.kh = tap / ks;
-  q.kw = tap - q.kh * ks;
-  q.ok = k < K;
-  return q;
-}
-
-// One element u[n, ih0 + kh, iw0 + kw, ci0 + ci] of the im2col tile (zero outside).
-template <typename T>
-__device__ __forceinline__ T load_a_elem(const AOperand<T>& op, const RowPos& r, const KPos& q) {
-  const int ih = r.ih0 + q.kh, iw = r.iw0 + q.kw;
-  if (!(r.ok && q.ok && ih >= 0 && ih < op.h && iw >= 0 && iw < op.w))
-    return Elem<T>::from_float(0.0f);
-  const int c = op.ci0 + q.ci;
-  T v = op.x[static_cast<int64_t>(r.n) * op.sn + ih * op.sh + iw * op.sw + c * op.sc];
-  if (op.gate != nullptr)
-    v = Elem<T>::from_float(Elem<T>::to_float(v) *
-                            __ldg(op.gate + static_cast<int64_t>(r.n) * op.sg + c));
-  return v;
-}
-
-// kVec consecutive elements along k (same tap, contiguous channels: the vector path).
-template <typename T>
-__device__ __forceinline__ uint4 load_a_vec(const AOperand<T>& op, const RowPos& r,
-                                            const KPos& q) {
-  constexpr int V = Layout<T>::kVec;
-  uint4 out = make_uint4(0u, 0u, 0u, 0u);
-  const int ih = r.ih0 + q.kh, iw = r.iw0 + q.kw;
-  if (!(r.ok && q.ok && ih >= 0 && ih < op.h && iw >= 0 && iw < op.w)) return out;
-  const int c = op.ci0 + q.ci;
-  out = __ldg(reinterpret_cast<const uint4*>(op.x + static_cast<int64_t>(r.n) * op.sn +
-                                             ih * op.sh + iw * op.sw + c));
-  if (op.gate != nullptr) {
-    T* e = reinterpret_cast<T*>(&out);
-    const float* g = op.gate + static_cast<int64_t>(r.n) * op.sg + c;
-#pragma unroll
-    for (int j = 0; j < V; ++j) e[j] = Elem<T>::from_float(Elem<T>::to_float(e[j]) * __ldg(g + j));
-  }
-  return out;
-}
 
 template <typename T, class TL>
 struct Smem {
@@ -333,10 +362,11 @@ __device__ __forceinline__ void zero(float (&acc)[TL::MI][TL::NJ][4]) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 }
 
-// acc += A B over the whole reduction K = ks * ks * cin_g. Ends with a barrier, so
+// acc += A B over the whole reduction K = a.k_total(). A is an AOperand<T> or any type
+// with its interface (the dgrad's operand in conv_train.cu). Ends with a barrier, so
 // the shared memory may be reused (a second GEMM, the epilogue) right after.
-template <typename T, class TL>
-__device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const AOperand<T>& a,
+template <typename T, class TL, class A>
+__device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const A& a,
                                      const BOperand<T>& b, const RowMap& rows, Smem<T, TL>& sm) {
   constexpr int V = Layout<T>::kVec, BK = Layout<T>::kBK;
   constexpr int kChunksRow = BK / V;
@@ -346,7 +376,7 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const AOpe
   constexpr int kBTotal = TL::BN * kChunksRow;
   constexpr int kB = (kBTotal + TL::kThreads - 1) / TL::kThreads;
   const int tid = threadIdx.x;
-  const int K = a.ks * a.ks * a.cin_g;
+  const int K = a.k_total();
   const int kc = (tid % kChunksRow) * V;  // this thread's k offset inside a K step
 
   RowPos pos[kA];
@@ -355,10 +385,8 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const AOpe
     const int r = (tid + i * TL::kThreads) / kChunksRow;
     int64_t m;
     int n, oh, ow;
-    pos[i].ok = rows.decode<TL::BM>(r, m, n, oh, ow);
-    pos[i].n = n;
-    pos[i].ih0 = oh * a.stride - a.pad;
-    pos[i].iw0 = ow * a.stride - a.pad;
+    const bool ok = rows.decode<TL::BM>(r, m, n, oh, ow);
+    pos[i] = a.row(n, oh, ow, ok);
   }
 
   uint4 ra[kA], rb[kB];
@@ -375,9 +403,9 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const AOpe
   auto fetch = [&](int k0) {
     const int k = k0 + kc;
     if (a.vec) {
-      const KPos q = decompose(k, K, a.cin_g, a.ks);
+      const KPos q = a.at(k);
 #pragma unroll
-      for (int i = 0; i < kA; ++i) ra[i] = load_a_vec(a, pos[i], q);
+      for (int i = 0; i < kA; ++i) ra[i] = a.load_vec(pos[i], q);
     }
     if (b.vec) {  // K % kVec == 0 and k contiguous: a chunk is all in or all out
 #pragma unroll
@@ -400,11 +428,11 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const AOpe
     } else {
 #pragma unroll 1
       for (int j = 0; j < V; ++j) {
-        const KPos q = decompose(k + j, K, a.cin_g, a.ks);
+        const KPos q = a.at(k + j);
 #pragma unroll
         for (int i = 0; i < kA; ++i) {
           const int r = (tid + i * TL::kThreads) / kChunksRow;
-          sm.a[buf][r][kc + j] = load_a_elem(a, pos[i], q);
+          sm.a[buf][r][kc + j] = a.load(pos[i], q);
         }
       }
     }
@@ -417,7 +445,7 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const AOpe
     } else {
 #pragma unroll 1
       for (int j = 0; j < V; ++j) {
-        const KPos q = decompose(k + j, K, a.cin_g, a.ks);
+        const KPos q = a.at(k + j);
         const int64_t off = q.ci * b.si + q.kh * b.sh + q.kw * b.sw;
 #pragma unroll
         for (int i = 0; i < kB; ++i) {
@@ -444,6 +472,35 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const AOpe
   }
 }
 
+// Sums each column of the CTA tile over its rows, from per-thread partials colsum[j][e]
+// (of column f.col(j, e)): over the warp's 8 row groups with shuffles, then over the
+// WARPS_M warps in order (deterministic, no atomics). out[c] holds column c's sum after
+// the call. Every thread of the CTA must call it; it starts and ends with a barrier-safe
+// use of `red`, so it may be called again right away.
+template <class TL>
+__device__ __forceinline__ void sum_columns(const float (&colsum)[TL::NJ][2], const Frag<TL>& f,
+                                            float (&red)[TL::WARPS_M][TL::BN],
+                                            float (&out)[TL::BN]) {
+#pragma unroll
+  for (int j = 0; j < TL::NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float s = colsum[j][e];
+      s += __shfl_xor_sync(0xffffffffu, s, 4);
+      s += __shfl_xor_sync(0xffffffffu, s, 8);
+      s += __shfl_xor_sync(0xffffffffu, s, 16);
+      if (f.g == 0) red[f.wm0 / TL::WM][f.col(j, e)] = s;
+    }
+  __syncthreads();
+  for (int c = threadIdx.x; c < TL::BN; c += TL::kThreads) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < TL::WARPS_M; ++w) s += red[w][c];
+    out[c] = s;
+  }
+  __syncthreads();
+}
+
 // Stores two adjacent output channels (one 4- or 8-byte store when aligned).
 template <typename T>
 __device__ __forceinline__ void store_pair(T* y, int64_t idx, float v0, float v1, bool ok0,
@@ -463,6 +520,93 @@ __device__ __forceinline__ void store_pair(T* y, int64_t idx, float v0, float v1
 
 // Host-side: whether a pointer and strides allow 16-byte chunk loads.
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// An A operand over x (N, H, W, C) read through its element strides, for a k x k conv
+// with padding k / 2 and no prologue; the vector path when the layout allows.
+template <typename T>
+inline AOperand<T> a_operand(const void* x, int64_t sn, int64_t sh, int64_t sw, int64_t sc,
+                             int64_t h, int64_t w, int64_t cin_g, int64_t ks, int64_t stride) {
+  constexpr int V = Layout<T>::kVec;
+  AOperand<T> a{};
+  a.x = static_cast<const T*>(x);
+  a.sn = sn, a.sh = sh, a.sw = sw, a.sc = sc;
+  a.h = static_cast<int>(h), a.w = static_cast<int>(w);
+  a.cin_g = static_cast<int>(cin_g), a.ci0 = 0;
+  a.ks = static_cast<int>(ks), a.stride = static_cast<int>(stride), a.pad = a.ks / 2;
+  a.vec = sc == 1 && cin_g % V == 0 && sn % V == 0 && sh % V == 0 && sw % V == 0 && aligned16(x);
+  return a;
+}
+
+// A B operand over a (C_out, cin_g, k, k) weight read through its element strides; the
+// vector path when k = (kh, kw, ci) is contiguous (a channels_last weight) and aligned.
+template <typename T>
+inline BOperand<T> b_operand(const void* w, int64_t so, int64_t si, int64_t sh, int64_t sw,
+                             int64_t cin_g, int64_t ks) {
+  constexpr int V = Layout<T>::kVec;
+  BOperand<T> b{};
+  b.w = static_cast<const T*>(w);
+  b.so = so, b.si = si, b.sh = sh, b.sw = sw;
+  const bool k_contiguous = si == 1 && (ks == 1 || (sw == cin_g && sh == ks * cin_g));
+  b.vec = k_contiguous && (ks * ks * cin_g) % V == 0 && so % V == 0 && aligned16(w);
+  return b;
+}
+
+// ---------------------------------------------------------------------------
+// Host side: tile shapes and dispatch
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kInt32Max = 0x7fffffffLL;
+
+// Tile shapes: BN follows the GEMM's N width per group (one group per CTA); BM = 64
+// for small row counts (7x7 maps when tiling per image), for narrow groups (BN <= 16)
+// and for fp32, else 128.
+using T128x32 = Tile<128, 32, 4, 1>;
+using T128x64 = Tile<128, 64, 2, 2>;
+using T128x128 = Tile<128, 128, 2, 4>;
+using T64x8 = Tile<64, 8, 4, 1>;
+using T64x16 = Tile<64, 16, 4, 1>;
+using T64x32 = Tile<64, 32, 4, 1>;
+using T64x64 = Tile<64, 64, 2, 2>;
+using T64x128 = Tile<64, 128, 2, 2>;
+
+inline void pick_tiles(rk_dtype dtype, int64_t n_g, int64_t rows, int64_t* bm, int64_t* bn) {
+  *bn = n_g <= 8 ? 8 : n_g <= 16 ? 16 : n_g <= 32 ? 32 : n_g <= 64 ? 64 : 128;
+  *bm = rows <= 64 || *bn <= 16 || dtype == RK_FLOAT32 ? 64 : 128;
+}
+
+// fn(TL{}) for the tile shape (bm, bn) of pick_tiles (fp32 only has BM = 64).
+template <typename T, class Fn>
+cudaError_t with_tile(int64_t bm, int64_t bn, Fn&& fn) {
+  if (sizeof(T) == 4 && bm != 64) return cudaErrorInvalidValue;
+  switch (bm * 1000 + bn) {
+    case 64008: return fn(T64x8{});
+    case 64016: return fn(T64x16{});
+    case 64032: return fn(T64x32{});
+    case 64064: return fn(T64x64{});
+    case 64128: return fn(T64x128{});
+    default: break;
+  }
+  if constexpr (sizeof(T) == 2) {
+    switch (bm * 1000 + bn) {
+      case 128032: return fn(T128x32{});
+      case 128064: return fn(T128x64{});
+      case 128128: return fn(T128x128{});
+      default: break;
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+// fn(T{}) for the element type of an rk_dtype.
+template <class Fn>
+cudaError_t with_dtype(rk_dtype dtype, Fn&& fn) {
+  switch (dtype) {
+    case RK_FLOAT32: return fn(float{});
+    case RK_FLOAT16: return fn(__half{});
+    case RK_BFLOAT16: return fn(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 }  // namespace rk
 

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
 #include "launchers.h"
 
 namespace rk {
@@ -52,7 +53,7 @@ struct SeParams {
 
 template <typename TW>
 __global__ void __launch_bounds__(kThreads) se_excite_kernel(const SeParams<TW> p) {
-  extern __shared__ float smem[];
+  RK_DYNAMIC_SMEM(float, smem);
   float* mean = smem;         // [C]
   float* hidden = smem + p.c; // [S]
   const int64_t n = blockIdx.x;
@@ -106,7 +107,7 @@ cudaError_t launch(const rk_se_excite_args& a, cudaStream_t stream) {
                                            static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  se_excite_kernel<TW><<<static_cast<unsigned>(a.n), kThreads, smem, stream>>>(p);
+  RK_LAUNCH(static_cast<unsigned>(a.n), kThreads, smem, stream, se_excite_kernel<TW>)(p);
   return cudaGetLastError();
 }
 
