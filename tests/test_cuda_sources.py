@@ -41,7 +41,7 @@ CSRC = ROOT / "csrc"
 SOURCES = sorted(CSRC.rglob("*.cu"))
 ARCHS = ("sm_90", "sm_80")
 # Kernels whose 16-bit variants must run on tensor cores.
-GEMM_SOURCES = {"conv_bn_act.cu", "conv1x1_gate_residual.cu"}
+GEMM_SOURCES = {"conv_bn_act.cu", "conv1x1_gate_residual.cu", "conv_train.cu"}
 
 
 def _nvcc() -> str | None:
@@ -117,7 +117,8 @@ def _ids():
 
 def test_sources_exist():
     names = {s.name for s in SOURCES}
-    assert {"conv_bn_act.cu", "se_excite.cu", "conv1x1_gate_residual.cu"} <= names, names
+    assert {"conv_bn_act.cu", "se_excite.cu", "conv1x1_gate_residual.cu", "conv_train.cu",
+            "bn_train.cu"} <= names, names
 
 
 @pytest.mark.parametrize("name,arch", [(s.name, a) for s in SOURCES for a in ARCHS], ids=_ids())
@@ -148,8 +149,9 @@ def test_half_precision_gemms_use_tensor_cores(builds, name, arch):
     assert b["returncode"] == 0, b["log"]
     entries = _ptx_entries(b["ptx"])
     assert set(entries) == set(b["kernels"]), "PTX entries and ptxas report disagree"
-    half = {k: body for k, body in entries.items() if "6__half" in k or "13__nv_bfloat16" in k}
-    fp32 = {k: body for k, body in entries.items() if k not in half}
+    gemms = {k: body for k, body in entries.items() if "reduce" not in k}  # not the wgrad sum
+    half = {k: body for k, body in gemms.items() if "6__half" in k or "13__nv_bfloat16" in k}
+    fp32 = {k: body for k, body in gemms.items() if k not in half}
     assert half and fp32, sorted(entries)
     missing = [k for k, body in half.items() if "mma.sync.aligned.m16n8k16" not in body]
     assert not missing, f"fp16/bf16 kernels without mma.sync m16n8k16: {missing}"
@@ -175,17 +177,19 @@ def _host_compiler(*names: str) -> str:
     return found
 
 
-def test_launchers_header_is_plain_c():
-    """csrc/cuda/launchers.h is a C header over the CUDA runtime types only."""
+@pytest.mark.parametrize("header", ["launchers.h", "train_launchers.h"])
+def test_launchers_header_is_plain_c(header):
+    """The launcher headers are C headers over the CUDA runtime types only."""
     cc = _host_compiler("cc", "gcc")
     proc = subprocess.run([cc, "-x", "c", "-std=c99", "-fsyntax-only", "-Wall", "-Werror",
-                           f"-I{_cuda_include()}", str(CSRC / "cuda" / "launchers.h")],
+                           f"-I{_cuda_include()}", str(CSRC / "cuda" / header)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
-def test_cuda_binding_compiles_against_torch_headers(tmp_path):
-    """csrc/cuda/binding.cpp (the CUDA TORCH_LIBRARY_IMPL) type-checks against this torch's
+@pytest.mark.parametrize("binding", sorted(p.name for p in (CSRC / "cuda").glob("*.cpp")))
+def test_cuda_binding_compiles_against_torch_headers(tmp_path, binding):
+    """csrc/cuda/*.cpp (the CUDA TORCH_LIBRARY_IMPLs) type-check against this torch's
     headers, warning-free. A CPU build of torch lacks one generated CUDA header,
     c10/cuda/impl/cuda_cmake_macros.h (a single #define for shared-library builds):
     a stand-in is written for it. Linking needs a CUDA torch and runs on GPU machines."""
@@ -200,6 +204,6 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
         torch_includes = [str(tmp_path)] + torch_includes
     system = [arg for p in torch_includes + [str(_cuda_include())] for arg in ("-isystem", p)]
     proc = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-                           *system, f"-I{CSRC / 'cuda'}", str(CSRC / "cuda" / "binding.cpp")],
+                           *system, f"-I{CSRC / 'cuda'}", f"-I{CSRC}", str(CSRC / "cuda" / binding)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]

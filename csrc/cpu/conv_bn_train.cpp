@@ -18,6 +18,8 @@
 // Autograd saves the inputs, y and the statistics: no transformed or normalized tensor.
 #include "common.h"
 
+#include "bn_update_running.h"
+
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -384,43 +386,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   return {grad_x, grad_w, grad_gate, d_gamma, d_beta};
 }
 
-// nn.BatchNorm2d's running-statistics update from the (5, C) batch statistics:
-//   f = momentum, or 1 / num_batches_tracked (after its increment) when momentum is None
-//   running_mean = (1 - f) * running_mean + f * mean
-//   running_var  = (1 - f) * running_var  + f * var * count / (count - 1)
-// computed in fp32 and rounded once into the buffers' dtype.
-void bn_update_running(const at::Tensor& stats, int64_t count, at::Tensor& running_mean,
-                       at::Tensor& running_var,
-                       const std::optional<at::Tensor>& num_batches_tracked,
-                       std::optional<double> momentum) {
-  check_cpu(stats, "stats");
-  check_cpu(running_mean, "running_mean");
-  check_cpu(running_var, "running_var");
-  const int64_t c = stats.size(-1);
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({kStatRows, c}) && stats.scalar_type() == at::kFloat,
-              "regnet_kernels: stats must be float32 (5, C), got ", stats.sizes());
-  TORCH_CHECK(running_mean.sizes() == at::IntArrayRef({c}) &&
-                  running_var.sizes() == at::IntArrayRef({c}),
-              "regnet_kernels: running_mean and running_var must have shape (", c, ",)");
-  TORCH_CHECK(count > 1, "regnet_kernels: count must be > 1, got ", count);
-  TORCH_CHECK(momentum || num_batches_tracked,
-              "regnet_kernels: momentum=None (cumulative average) needs num_batches_tracked");
-  if (num_batches_tracked) {
-    check_cpu(*num_batches_tracked, "num_batches_tracked");
-    num_batches_tracked->add_(1);
-  }
-  const double f = momentum ? *momentum : 1.0 / num_batches_tracked->item<double>();
-  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-  running_mean.copy_(running_mean.to(at::kFloat).mul(1.0 - f).add_(stats[kMean], f));
-  running_var.copy_(running_var.to(at::kFloat).mul(1.0 - f).add_(stats[kVar], f * unbias));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regnet_kernels, CPU, m) {
   m.impl("conv_bn_train", &conv_bn_train);
   m.impl("conv_bn_train_backward", &conv_bn_train_backward);
-  m.impl("bn_update_running", &bn_update_running);
+  m.impl("bn_update_running", &bn_update_running<check_cpu>);
 }
 
 }  // namespace regnet_kernels::cpu

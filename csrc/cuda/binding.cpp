@@ -4,88 +4,16 @@
 // pointers, sizes and strides (launchers.h). Compiled only where torch has CUDA
 // (regnet_kernels/ops/_extension.py), as its own library loaded after the CPU one,
 // so a CUDA build problem never takes the CPU backend down with it.
-#include "launchers.h"
-
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <optional>
+#include "binding.h"
 
 namespace regnet_kernels::cuda {
 namespace {
-
-rk_dtype to_rk(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return RK_FLOAT32;
-    case at::kHalf: return RK_FLOAT16;
-    case at::kBFloat16: return RK_BFLOAT16;
-    default:
-      TORCH_CHECK(false, "regnet_kernels (CUDA): ", name, " has dtype ", t,
-                  "; supported: float32, float16, bfloat16");
-  }
-}
-
-void check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "regnet_kernels (CUDA): ", name,
-              " must be on ", ref.device(), ", got ", t.device());
-}
-
-// A dense fp32 per-channel vector on x's device.
-at::Tensor channel_vector(const at::Tensor& t, int64_t c, const at::Tensor& x, const char* name) {
-  check_on(t, x, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, "regnet_kernels (CUDA): ", name,
-              " must have shape (", c, ",), got ", t.sizes());
-  return t.to(at::kFloat).contiguous();
-}
-
-void check_activation(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), "regnet_kernels (CUDA): ", name, " must be a CUDA tensor, got ",
-              x.device());
-  TORCH_CHECK(x.dim() == 4, "regnet_kernels (CUDA): ", name, " must be 4-D (N, C, H, W), got ",
-              x.sizes());
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "regnet_kernels (CUDA): ", op, " failed: ",
-              cudaGetErrorString(err));
-}
-
-// The fields every conv launcher shares: the input (logical N, C, H, W, read through
-// its strides in NHWC order), its dtype, the weight and the folded BN vectors.
-template <typename Args>
-void set_conv_input(Args& args, const at::Tensor& x, const at::Tensor& weight,
-                    const at::Tensor& scale, const at::Tensor& shift) {
-  args.dtype = to_rk(x.scalar_type(), "x");
-  args.x = x.data_ptr();
-  args.n = x.size(0), args.h = x.size(2), args.w = x.size(3), args.c_in = x.size(1);
-  args.sx_n = x.stride(0), args.sx_h = x.stride(2), args.sx_w = x.stride(3);
-  args.sx_c = x.stride(1);
-  args.weight = weight.data_ptr();
-  args.c_out = weight.size(0);
-  args.scale = scale.data_ptr<float>(), args.shift = shift.data_ptr<float>();
-}
-
-at::Tensor new_activation(const at::Tensor& like, int64_t n, int64_t c, int64_t h, int64_t w) {
-  return at::empty({n, c, h, w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
-}
 
 std::tuple<at::Tensor, at::Tensor> conv_bn_act_impl(const at::Tensor& x, const at::Tensor& weight,
                                                     const at::Tensor& scale,
                                                     const at::Tensor& shift, int64_t stride,
                                                     int64_t groups, bool relu, bool squeeze) {
-  check_activation(x, "x");
-  check_on(weight, x, "weight");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-              "regnet_kernels (CUDA): weight must be (C_out, C_in / groups, k, k) with odd k, got ",
-              weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "regnet_kernels (CUDA): weight has dtype ",
-              weight.scalar_type(), ", x has ", x.scalar_type());
-  TORCH_CHECK(stride >= 1 && groups >= 1 && x.size(1) % groups == 0 &&
-                  weight.size(0) % groups == 0 && weight.size(1) * groups == x.size(1),
-              "regnet_kernels (CUDA): weight ", weight.sizes(), " does not fit x ", x.sizes(),
-              " with groups=", groups, ", stride=", stride);
+  check_conv(x, weight, stride, groups);
   const int64_t c_out = weight.size(0);
   const at::Tensor s = channel_vector(scale, c_out, x, "scale");
   const at::Tensor t = channel_vector(shift, c_out, x, "shift");

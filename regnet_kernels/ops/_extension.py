@@ -72,7 +72,7 @@ def _sources(csrc: Path, cuda: bool) -> list[Path]:
 
 def _build_key(csrc: Path, sources: list[Path], flags: list[str], cuda: bool) -> str:
     h = hashlib.sha256()
-    dirs = [csrc / "cuda"] if cuda else [csrc, csrc / "cpu"]
+    dirs = [csrc, csrc / "cuda"] if cuda else [csrc, csrc / "cpu"]
     headers = sorted(p for d in dirs for p in d.glob("*") if p.suffix in (".h", ".cuh", ".hpp"))
     for p in sorted(sources) + headers:
         h.update(str(p.relative_to(csrc)).encode() + b"\0" + p.read_bytes() + b"\0")

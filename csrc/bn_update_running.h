@@ -1,0 +1,46 @@
+// nn.BatchNorm2d's running-statistics update from the (5, C) batch statistics of
+// conv_bn_train, shared by the CPU and the CUDA registrations (ATen ops on a few
+// per-channel vectors: nothing here is worth a kernel):
+//   f = momentum, or 1 / num_batches_tracked (after its increment) when momentum is None
+//   running_mean = (1 - f) * running_mean + f * mean
+//   running_var  = (1 - f) * running_var  + f * var * count / (count - 1)
+// computed in fp32 and rounded once into the buffers' dtype. `Check(t, name)` rejects
+// a tensor on the wrong device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace regnet_kernels {
+
+template <void (*Check)(const at::Tensor&, const char*)>
+void bn_update_running(const at::Tensor& stats, int64_t count, at::Tensor& running_mean,
+                       at::Tensor& running_var,
+                       const std::optional<at::Tensor>& num_batches_tracked,
+                       std::optional<double> momentum) {
+  constexpr int64_t kMeanRow = 0, kVarRow = 4;  // rows of the (5, C) statistics
+  Check(stats, "stats");
+  Check(running_mean, "running_mean");
+  Check(running_var, "running_var");
+  const int64_t c = stats.size(-1);
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({5, c}) && stats.scalar_type() == at::kFloat,
+              "regnet_kernels: stats must be float32 (5, C), got ", stats.sizes());
+  TORCH_CHECK(running_mean.sizes() == at::IntArrayRef({c}) &&
+                  running_var.sizes() == at::IntArrayRef({c}),
+              "regnet_kernels: running_mean and running_var must have shape (", c, ",)");
+  TORCH_CHECK(count > 1, "regnet_kernels: count must be > 1, got ", count);
+  TORCH_CHECK(momentum || num_batches_tracked,
+              "regnet_kernels: momentum=None (cumulative average) needs num_batches_tracked");
+  if (num_batches_tracked) {
+    Check(*num_batches_tracked, "num_batches_tracked");
+    num_batches_tracked->add_(1);
+  }
+  const double f = momentum ? *momentum : 1.0 / num_batches_tracked->item<double>();
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  running_mean.copy_(running_mean.to(at::kFloat).mul(1.0 - f).add_(stats[kMeanRow], f));
+  running_var.copy_(running_var.to(at::kFloat).mul(1.0 - f).add_(stats[kVarRow], f * unbias));
+}
+
+}  // namespace regnet_kernels

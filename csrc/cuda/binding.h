@@ -1,0 +1,93 @@
+// Shared by the CUDA bindings (binding.cpp: eval ops, binding_train.cpp: training ops):
+// argument checks and the tensor -> launcher-struct plumbing. Torch-facing; the kernels
+// themselves see only pointers and sizes (launchers.h, train_launchers.h).
+#pragma once
+
+#include "launchers.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace regnet_kernels::cuda {
+
+inline rk_dtype to_rk(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return RK_FLOAT32;
+    case at::kHalf: return RK_FLOAT16;
+    case at::kBFloat16: return RK_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "regnet_kernels (CUDA): ", name, " has dtype ", t,
+                  "; supported: float32, float16, bfloat16");
+  }
+}
+
+inline void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "regnet_kernels (CUDA): ", name, " must be a CUDA tensor, got ",
+              t.device());
+}
+
+inline void check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "regnet_kernels (CUDA): ", name,
+              " must be on ", ref.device(), ", got ", t.device());
+}
+
+// A dense fp32 per-channel vector on x's device.
+inline at::Tensor channel_vector(const at::Tensor& t, int64_t c, const at::Tensor& x,
+                                 const char* name) {
+  check_on(t, x, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, "regnet_kernels (CUDA): ", name,
+              " must have shape (", c, ",), got ", t.sizes());
+  return t.to(at::kFloat).contiguous();
+}
+
+inline void check_activation(const at::Tensor& x, const char* name) {
+  check_cuda(x, name);
+  TORCH_CHECK(x.dim() == 4, "regnet_kernels (CUDA): ", name, " must be 4-D (N, C, H, W), got ",
+              x.sizes());
+}
+
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "regnet_kernels (CUDA): ", op, " failed: ",
+              cudaGetErrorString(err));
+}
+
+// The fields every conv launcher shares: the input (logical N, C, H, W, read through
+// its strides in NHWC order), its dtype, the weight and the folded BN vectors.
+template <typename Args>
+inline void set_conv_input(Args& args, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& scale, const at::Tensor& shift) {
+  args.dtype = to_rk(x.scalar_type(), "x");
+  args.x = x.data_ptr();
+  args.n = x.size(0), args.h = x.size(2), args.w = x.size(3), args.c_in = x.size(1);
+  args.sx_n = x.stride(0), args.sx_h = x.stride(2), args.sx_w = x.stride(3);
+  args.sx_c = x.stride(1);
+  args.weight = weight.data_ptr();
+  args.c_out = weight.size(0);
+  args.scale = scale.data_ptr<float>(), args.shift = shift.data_ptr<float>();
+}
+
+// x (N, C_in, H, W) and a (C_out, C_in / groups, k, k) weight (odd k) of x's dtype.
+inline void check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                       int64_t groups) {
+  check_activation(x, "x");
+  check_on(weight, x, "weight");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+              "regnet_kernels (CUDA): weight must be (C_out, C_in / groups, k, k) with odd k, got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "regnet_kernels (CUDA): weight has dtype ",
+              weight.scalar_type(), ", x has ", x.scalar_type());
+  TORCH_CHECK(stride >= 1 && groups >= 1 && x.size(1) % groups == 0 &&
+                  weight.size(0) % groups == 0 && weight.size(1) * groups == x.size(1),
+              "regnet_kernels (CUDA): weight ", weight.sizes(), " does not fit x ", x.sizes(),
+              " with groups=", groups, ", stride=", stride);
+}
+
+inline at::Tensor new_activation(const at::Tensor& like, int64_t n, int64_t c, int64_t h, int64_t w) {
+  return at::empty({n, c, h, w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+}  // namespace regnet_kernels::cuda
