@@ -2,7 +2,7 @@
 
     triton  the Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow)
     cpu     the C++ extension's CPU kernels (built with ninja on first use)
-    cuda    the C++ extension's CUDA kernels (eval ops)
+    cuda    the C++ extension's CUDA kernels
 
 `available_backends()` answers for this process; `environment_report()` is what
 `python -m regnet_kernels env` prints.
@@ -49,8 +49,7 @@ def _cuda_status() -> BackendStatus:
         return BackendStatus(False, "no CUDA device")
     from .ops import _extension
     usable, reason = _extension.available(cuda=True)  # builds the CUDA kernels on first use
-    return BackendStatus(usable, reason or "CUDA kernels built and loaded (eval ops; training: "
-                                           "use 'triton')")
+    return BackendStatus(usable, reason or "CUDA kernels built and loaded")
 
 
 def available_backends() -> dict[str, BackendStatus]:

@@ -1,7 +1,11 @@
-"""The C++ extension's CPU training ops (regnet_kernels.ops.cpp: conv_bn_train, se_squeeze,
+"""The C++ extension's training ops (regnet_kernels.ops.cpp: conv_bn_train, se_squeeze,
 se_excite's backward, bn_add_relu) against float64 autograd references: forward, running
 statistics and the gradient of every input; determinism; whole X/Y block train steps
 through block_forward_train(..., block_ops=cpp); opcheck; bad inputs.
+
+The parity tests take the `device` fixture: the CPU kernels (csrc/cpu) everywhere, and
+the CUDA kernels (csrc/cuda) too where a GPU is present. On CPU machines the CUDA
+kernels' fp32 paths run in the CPU emulation instead (tests/test_cuda_emulation.py).
 
 Lazy BN outputs (see regnet_kernels.ops.conv_bn_train): the raw conv output y stands
 for v = y * scale + shift in autograd, so the float64 references take v (and, with an
@@ -20,23 +24,52 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import numerics
 from bad_inputs import CONV_BN_ACT_CASES
 from blocks import make_block
-from numerics import GROUP_WIDTHS, activation, conv_weight, nan_filled_empty, randomize_bn, rel_err
+from numerics import GROUP_WIDTHS, nan_filled_empty, randomize_bn, rel_err
 from regnet_kernels.models.fused import block_forward_train
-from regnet_kernels.ops import cpp
+from regnet_kernels.ops import _extension, cpp
 
 DTYPES = [torch.float32, torch.bfloat16]
-# ||out - ref|| / ||ref|| against float64, for outputs and gradients alike. Measured:
-# fp32 below 3e-6 (the convs through oneDNN, statistics and BN backward sums in fp32,
-# centered, chunked), bf16 below 5e-3 (y, u, dy, du each rounded to 8 bits once).
+# ||out - ref|| / ||ref|| against float64, for outputs and gradients alike. Measured on
+# the CPU: fp32 below 3e-6 (the convs through oneDNN, statistics and BN backward sums in
+# fp32, centered, chunked), bf16 below 5e-3 (y, u, dy, du each rounded to 8 bits once).
+# The CUDA kernels accumulate in fp32 without TF32 and round the same tensors once.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEV = "cpu"  # the device of the running parity test (set by the `device` fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
     ok, reason = cpp.available()
     assert ok, reason
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Runs a parity test on each device the extension has kernels for here."""
+    global DEV
+    if request.param == "cuda":
+        ok, reason = _extension.available(cuda=True)
+        assert ok, reason  # a GPU machine must build the CUDA kernels
+    DEV = request.param
+    yield DEV
+    DEV = "cpu"
+
+
+def activation(*args, **kwargs):
+    return numerics.activation(*args, **kwargs).to(DEV)
+
+
+def conv_weight(*args, **kwargs):
+    return numerics.conv_weight(*args, **kwargs).to(DEV)
+
+
+def rand(*shape, gen, normal=False):
+    """A random tensor from `gen` (CPU), on the test's device."""
+    return (torch.randn if normal else torch.rand)(*shape, generator=gen).to(DEV)
 
 
 def close(out, ref, bound):
@@ -60,12 +93,12 @@ def lazy_value(y, scale, shift):
 def random_bn(c, gen, momentum=0.1):
     bn = torch.nn.BatchNorm2d(c, momentum=momentum)
     randomize_bn(bn, gen)
-    return bn
+    return bn.to(DEV)
 
 
 def random_affine(c, gen):
     """A folded BN of a previous layer: scale in [0.5, 1.5], shift ~ N(0, 0.5)."""
-    return torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
+    return rand(c, gen=gen) + 0.5, rand(c, gen=gen, normal=True) * 0.5
 
 
 # ---------------------------------------------------------------------------
@@ -119,7 +152,7 @@ def train_inputs(c_in, c_out, k, groups, h, batch, prologue, dtype, gen):
     x = activation(batch, c_in, h, h + 1, dtype, gen)
     w = conv_weight(c_out, c_in // groups, k, dtype, gen)
     s, t = random_affine(c_in, gen) if affine else (None, None)
-    gate = torch.rand(batch, c_in, generator=gen) if gated else None
+    gate = rand(batch, c_in, gen=gen) if gated else None
     return x, w, s, t, gate
 
 
@@ -187,28 +220,29 @@ def check_conv_bn_train(c_in, c_out, k, stride, groups, h, batch, prologue, dtyp
 
 @pytest.mark.parametrize("c_in,c_out,k,stride,groups,h,batch,prologue,dtype",
                          grouped_train_cases())
-def test_conv_bn_train_grouped(c_in, c_out, k, stride, groups, h, batch, prologue, dtype):
+def test_conv_bn_train_grouped(device, c_in, c_out, k, stride, groups, h, batch, prologue,
+                               dtype):
     check_conv_bn_train(c_in, c_out, k, stride, groups, h, batch, prologue, dtype)
 
 
 @pytest.mark.parametrize("c_in,c_out,k,stride,groups,h,batch,prologue,dtype",
                          dense_train_cases())
-def test_conv_bn_train_dense(c_in, c_out, k, stride, groups, h, batch, prologue, dtype):
+def test_conv_bn_train_dense(device, c_in, c_out, k, stride, groups, h, batch, prologue, dtype):
     check_conv_bn_train(c_in, c_out, k, stride, groups, h, batch, prologue, dtype)
 
 
 @pytest.mark.parametrize("case", ["dense3x3-s1", "c-1x1-gated"])
-def test_conv_bn_train_float16(case):
+def test_conv_bn_train_float16(device, case):
     c_in, c_out, k, stride, groups, h, prologue = DENSE_CASES[case]
     check_conv_bn_train(c_in, c_out, k, stride, groups, h, 3, prologue, torch.float16)
 
 
-def test_conv_bn_train_nchw_input_and_grad():
+def test_conv_bn_train_nchw_input_and_grad(device):
     gen = torch.Generator().manual_seed(11)
     x = activation(2, 16, 9, 9, torch.float32, gen, channels_last=False).requires_grad_()
     w = conv_weight(16, 8, 3, torch.float32, gen)
     bn = random_bn(16, gen)
-    grad = torch.randn(2, 16, 9, 9, generator=gen)  # NCHW
+    grad = rand(2, 16, 9, 9, gen=gen, normal=True)  # NCHW
     _, _, _, ref = reference_train(x, w, bn, 1, 2, None, None, False, None, grad)
     out = cpp.conv_bn_train(x, w, bn, groups=2)
     out.y.backward(grad)
@@ -216,7 +250,7 @@ def test_conv_bn_train_nchw_input_and_grad():
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
-def test_running_stats_two_steps(momentum):
+def test_running_stats_two_steps(device, momentum):
     """Running mean/var (unbiased) and num_batches_tracked as nn.BatchNorm2d updates them,
     momentum=None being the cumulative average, over two steps."""
     gen = torch.Generator().manual_seed(12)
@@ -233,22 +267,22 @@ def test_running_stats_two_steps(momentum):
         assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == step
 
 
-def test_bn_without_affine_or_running_stats():
+def test_bn_without_affine_or_running_stats(device):
     gen = torch.Generator().manual_seed(13)
     x = activation(2, 16, 7, 7, torch.float32, gen).requires_grad_()
     w = conv_weight(24, 16, 1, torch.float32, gen)
-    bn = torch.nn.BatchNorm2d(24, affine=False, track_running_stats=False)
+    bn = torch.nn.BatchNorm2d(24, affine=False, track_running_stats=False).to(DEV)
     out = cpp.conv_bn_train(x, w, bn)
     x64 = x.detach().double().requires_grad_()
     ref = F.batch_norm(F.conv2d(x64, w.double()), None, None, training=True, eps=bn.eps)
     close(lazy_value(out.y, out.scale, out.shift), ref, TOL[torch.float32])
-    grad = torch.randn(ref.shape, generator=gen)
+    grad = rand(*ref.shape, gen=gen, normal=True)
     ref.backward(grad.double())
     out.y.backward(grad)
     close(x.grad, x64.grad, TOL[torch.float32])
 
 
-def test_conv_bn_train_is_deterministic():
+def test_conv_bn_train_is_deterministic(device):
     """Two runs (forward, running stats, every gradient) are bit-identical."""
     def run():
         gen = torch.Generator().manual_seed(14)
@@ -257,7 +291,7 @@ def test_conv_bn_train_is_deterministic():
         leaves = [x.requires_grad_(), w.requires_grad_(), gate.requires_grad_()]
         out = cpp.conv_bn_train(x, w, bn, stride=1, groups=4, in_scale=s, in_shift=t,
                                 in_relu=True, gate=gate)
-        out.y.backward(torch.randn(out.y.shape, generator=gen))
+        out.y.backward(rand(*out.y.shape, gen=gen, normal=True))
         return [out.y, *out[1:], bn.running_mean, bn.running_var, bn.weight.grad, bn.bias.grad,
                 *(leaf.grad for leaf in leaves)]
 
@@ -273,13 +307,13 @@ def test_conv_bn_train_is_deterministic():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,h,w", [(1, 56, 7, 7), (3, 24, 13, 14), (2, 232, 1, 1),
                                      (3, 8, 16, 16)])
-def test_se_squeeze(n, c, h, w, dtype):
+def test_se_squeeze(device, n, c, h, w, dtype):
     gen = torch.Generator().manual_seed(c + n)
     y = activation(n, c, h, w, dtype, gen).requires_grad_()
     scale, shift = random_affine(c, gen)
     v = lazy_value(y.detach(), scale, shift).requires_grad_()
     ref = v.relu().sum((2, 3))
-    grad = torch.randn(n, 1, c, generator=gen)
+    grad = rand(n, 1, c, gen=gen, normal=True)
     ref.backward(grad[:, 0].double())
     with nan_filled_empty():
         sums = cpp.se_squeeze(y, scale, shift)
@@ -297,16 +331,16 @@ def ref_se(sums, hw, w1, b1, w2, b2):
 
 @pytest.mark.parametrize("n,t,c,s,conv_shaped", [(1, 1, 24, 6, True), (3, 1, 232, 58, False),
                                                  (2, 3, 56, 14, True)])
-def test_se_excite_backward(n, t, c, s, conv_shaped):
+def test_se_excite_backward(device, n, t, c, s, conv_shaped):
     gen = torch.Generator().manual_seed(c)
     shape1, shape2 = ((s, c, 1, 1), (c, s, 1, 1)) if conv_shaped else ((s, c), (c, s))
-    inputs = [torch.randn(n, t, c, generator=gen) * 49,
-              torch.randn(shape1, generator=gen) / c ** 0.5,
-              torch.randn(s, generator=gen) * 0.1, torch.randn(shape2, generator=gen) / s ** 0.5,
-              torch.randn(c, generator=gen) * 0.1]
+    inputs = [rand(n, t, c, gen=gen, normal=True) * 49,
+              rand(*shape1, gen=gen, normal=True) / c ** 0.5,
+              rand(s, gen=gen, normal=True) * 0.1, rand(*shape2, gen=gen, normal=True) / s ** 0.5,
+              rand(c, gen=gen, normal=True) * 0.1]
     ours = [v.clone().requires_grad_() for v in inputs]
     ref = [v.double().requires_grad_() for v in inputs]
-    grad = torch.randn(n, c, generator=gen)
+    grad = rand(n, c, gen=gen, normal=True)
     gate = cpp.se_excite(ours[0], 49, *ours[1:])
     gate.backward(grad)
     expected = ref_se(ref[0], 49, *ref[1:])
@@ -321,7 +355,7 @@ def test_se_excite_backward(n, t, c, s, conv_shaped):
 @pytest.mark.parametrize("n,c,h,w,shortcut", [
     (1, 56, 7, 7, "projection"), (3, 24, 13, 14, "identity"), (2, 232, 1, 1, "projection"),
     (3, 40, 7, 8, "none"), (1, 8, 16, 16, "identity")])
-def test_bn_add_relu(n, c, h, w, shortcut, dtype):
+def test_bn_add_relu(device, n, c, h, w, shortcut, dtype):
     gen = torch.Generator().manual_seed(c + n)
     y = activation(n, c, h, w, dtype, gen).requires_grad_()
     r = activation(n, c, h, w, dtype, gen, channels_last=False).requires_grad_()
@@ -367,8 +401,9 @@ def run_block(block, x, grad):
     return out, x.grad
 
 
-def test_block_train_is_deterministic():
+def test_block_train_is_deterministic(device):
     block, h = make_block("Y-proj-s2", torch.float32)
+    block = block.to(DEV)
     twin = copy.deepcopy(block)
     gen = torch.Generator().manual_seed(2)
     x = activation(3, block.w_in, h, h, torch.float32, gen)
@@ -416,8 +451,8 @@ def _opcheck_cases():
     x = activation(2, 16, 7, 7, torch.float32, gen)
     w = conv_weight(24, 8, 3, torch.float32, gen)
     s, t = random_affine(16, gen)
-    gate = torch.rand(2, 16, generator=gen)
-    gamma, beta = torch.rand(24, generator=gen) + 0.5, torch.randn(24, generator=gen)
+    gate = rand(2, 16, gen=gen)
+    gamma, beta = rand(24, gen=gen) + 0.5, rand(24, gen=gen, normal=True)
     ops = cpp._ops()
     y, stats = ops.conv_bn_train(x, w, 1, 2, s, t, True, gate, gamma, beta, 1e-5, None)
     scale, shift = stats[2], stats[3]
@@ -426,6 +461,9 @@ def _opcheck_cases():
 
     def grad(*tensors):
         return [v.clone().requires_grad_() for v in tensors]
+
+    def zeros(c):
+        return torch.zeros(c, device=DEV)
 
     return [
         ("conv_bn_train", (*grad(x, w), 2, 2, s, t, True, *grad(gate, gamma, beta), 1e-5, None)),
@@ -438,14 +476,15 @@ def _opcheck_cases():
                                     [True, False])),
         ("conv_bn_train_backward", (g, x, w, y, stats, 1, 2, s, t, True, gate, True,
                                     [False, True])),
-        ("bn_update_running", (stats, 98, torch.zeros(24), torch.ones(24),
-                               torch.tensor(3, dtype=torch.long), None)),
-        ("bn_update_running", (stats, 98, torch.zeros(24), torch.ones(24), None, 0.1)),
+        ("bn_update_running", (stats, 98, zeros(24), zeros(24) + 1,
+                               torch.tensor(3, dtype=torch.long, device=DEV), None)),
+        ("bn_update_running", (stats, 98, zeros(24), zeros(24) + 1, None, 0.1)),
         ("se_squeeze", (*grad(y), scale, shift)),
-        ("se_squeeze_backward", (torch.randn(2, 1, 24, generator=gen), y, scale, shift)),
-        ("se_excite", (*grad(torch.rand(2, 1, 24, generator=gen)), 49,
-                       *grad(torch.randn(6, 24, 1, 1), torch.randn(6), torch.randn(24, 6, 1, 1),
-                             torch.randn(24)))),
+        ("se_squeeze_backward", (rand(2, 1, 24, gen=gen, normal=True), y, scale, shift)),
+        ("se_excite", (*grad(rand(2, 1, 24, gen=gen)), 49,
+                       *grad(rand(6, 24, 1, 1, gen=gen, normal=True),
+                             rand(6, gen=gen, normal=True), rand(24, 6, 1, 1, gen=gen, normal=True),
+                             rand(24, gen=gen, normal=True)))),
         ("bn_add_relu", (*grad(y), scale, shift, *grad(r), scale * 0.5, shift)),
         ("bn_add_relu", (*grad(y), scale, shift, *grad(r), None, None)),
         ("bn_add_relu", (*grad(y), scale, shift, None, None, None)),
@@ -462,7 +501,7 @@ OPCHECK_IDS = ["conv_bn_train-prologue", "conv_bn_train-plain", "conv_bn_train-f
 
 
 @pytest.mark.parametrize("case", range(len(OPCHECK_IDS)), ids=OPCHECK_IDS)
-def test_opcheck(case):
+def test_opcheck(device, case):
     cases = _opcheck_cases()
     assert len(cases) == len(OPCHECK_IDS)
     name, args = cases[case]

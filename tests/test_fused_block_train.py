@@ -16,10 +16,11 @@ from regnet_kernels.ops import cpp
 BN_BUFFERS = ("running_mean", "running_var")
 
 
-# (backend, dtype): the Triton ops in their dtypes; the C++ CPU ops in fp32 and bf16.
+# (backend, dtype): the Triton ops in their dtypes; the C++ extension's ops (its CPU
+# kernels, or its CUDA kernels on a GPU machine) in fp32 and bf16.
 BLOCK_OPS = {"triton": ops, "cpp": cpp}
-BACKEND_DTYPES = [("triton", d) for d in DTYPES] + (
-    [("cpp", torch.float32), ("cpp", torch.bfloat16)] if DEVICE == "cpu" else [])
+BACKEND_DTYPES = [("triton", d) for d in DTYPES] + [("cpp", torch.float32),
+                                                    ("cpp", torch.bfloat16)]
 
 
 def run_block(block, x, grad, backend="triton"):

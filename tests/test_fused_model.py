@@ -42,8 +42,9 @@ def test_eval_matches_reference(params, size):
         assert rel_err(fused.eval()(x), ref.eval()(x)) < 1e-5
 
 
-# On CPU tensors: the Triton kernels under the interpreter, and the C++ CPU ops.
-TRAIN_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton"]
+# On CPU tensors: the Triton kernels under the interpreter, and the C++ CPU ops; on
+# CUDA tensors: the Triton kernels and the C++ extension's CUDA kernels.
+TRAIN_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton", "cuda"]
 
 
 def assert_grads_and_buffers_match(fused, ref, tol=1e-5):
@@ -228,8 +229,8 @@ def test_backend_and_device_mismatch_is_a_clear_error():
     fused = fused_model(TINY, backend=other).eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match=f"backend='{other}' runs"):
         fused(torch.randn(1, 3, 32, 32).to(DEVICE))
-    with pytest.raises(NotImplementedError, match="no CUDA training kernels"):
-        fused_model(TINY, backend="cuda").train()(torch.randn(2, 3, 32, 32).to(DEVICE))
+    with pytest.raises(RuntimeError, match=f"backend='{other}' runs"):
+        fused_model(TINY, backend=other).train()(torch.randn(2, 3, 32, 32).to(DEVICE))
 
 
 def fused_ops_used(model, x):

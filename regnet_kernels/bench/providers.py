@@ -3,7 +3,7 @@
 Baselines (the reference modules): ``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile``
 and ``compile_max`` (torch.compile default / max-autotune, NCHW as the reference is written).
 cuDNN autotuning (``torch.backends.cudnn.benchmark``) is on for every provider on CUDA.
-Fused: ``triton`` (CUDA), ``cuda`` (the C++ extension's CUDA kernels; eval only), ``cpu``
+Fused: ``triton`` (CUDA), ``cuda`` (the C++ extension's CUDA kernels), ``cpu``
 (the C++ CPU ops, CPU only).
 Fused providers get channels_last inputs, their fast path.
 """

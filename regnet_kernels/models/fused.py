@@ -156,13 +156,9 @@ class _FusedModule:
 
     backend = "auto"  # "auto": CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops
 
-    def _ops(self, x: torch.Tensor, training: bool = False):
+    def _ops(self, x: torch.Tensor):
         """The module of fused ops for x: `regnet_kernels.ops` (Triton) or `.ops.cpp` (the
-        C++ extension: CPU kernels, and CUDA kernels for the eval ops)."""
-        if self.backend == "cuda" and training:
-            raise NotImplementedError(
-                f"{type(self).__name__}: the C++ extension has no CUDA training kernels yet; "
-                "train with backend='triton' (or 'auto') on CUDA tensors")
+        C++ extension: its CPU or CUDA kernels, by x's device)."""
         if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
             raise RuntimeError(f"{type(self).__name__}: backend={self.backend!r} runs "
                                f"{self.backend.upper()} tensors, got a tensor on {x.device}")
@@ -186,7 +182,7 @@ class _FusedModule:
         x = _cast(x, dtype)
         if self._eval_fusion(x):
             return self._eval_forward(x, self._ops(x), dtype)
-        return self._train_forward(x, self._ops(x, training=True), dtype)
+        return self._train_forward(x, self._ops(x), dtype)
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Model-level input checks (the stem's); the ops check the rest."""
@@ -255,7 +251,7 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
 
     backend: "auto" (CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops), "triton"
     (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpu" (the C++ CPU ops) or
-    "cuda" (the C++ extension's CUDA kernels; eval only so far);
+    "cuda" (the C++ extension's CUDA kernels);
     `regnet_kernels.available_backends()` says which can run here.
 
     Eval mode without autograd runs BN folded from the running statistics (3-4

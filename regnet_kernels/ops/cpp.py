@@ -1,16 +1,16 @@
-"""The fused ops of the C++ extension (`torch.ops.regnet_kernels.*`): its CPU kernels,
-and for the eval ops also its CUDA kernels (csrc/cuda; the dispatcher picks by device).
+"""The fused ops of the C++ extension (`torch.ops.regnet_kernels.*`): its CPU kernels
+and its CUDA kernels (csrc/cuda; the dispatcher picks by device).
 
 Same Python signatures, argument checks and results as the Triton functions in
 `regnet_kernels.ops` (float32, bfloat16, float16; any input layout, channels_last
 output). The extension is built on the first call (see `_extension.py`; the CUDA
 kernels on the first call with CUDA tensors); importing this module builds nothing.
 
-Eval (BN folded; CPU and CUDA): conv_bn_act, se_excite, conv1x1_gate_residual.
+Eval (BN folded): conv_bn_act, se_excite, conv1x1_gate_residual.
 Training (BN from batch statistics, differentiable, deterministic):
 conv_bn_train, se_squeeze, se_excite, bn_add_relu; with these,
 `regnet_kernels.models.fused.block_forward_train(x, block, block_ops=cpp)` trains
-a block on the CPU. Their autograd follows the Triton ops' lazy BN output
+a block on the CPU or a CUDA device. Their autograd follows the Triton ops' lazy BN output
 convention (see `regnet_kernels.ops.conv_bn_train`): the raw conv output y
 stands for v = y * scale + shift, and its gradient is dL/dv.
 
@@ -206,23 +206,14 @@ if hasattr(torch.ops.regnet_kernels, "conv_bn_act"):
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:
-    """Training ops: CPU kernels only."""
-    if t.device.type not in ("cpu", "meta"):
-        raise RuntimeError(
-            f"{name} is on {t.device}: the C++ extension's training ops run CPU tensors; "
-            "use the Triton ops (regnet_kernels.ops) for CUDA tensors"
-        )
-
-
-def _check_eval_device(name: str, t: torch.Tensor) -> None:
-    """Eval ops: CPU kernels, or the CUDA kernels (built and loaded on first use)."""
+    """CPU kernels, or the CUDA kernels (built and loaded on first use)."""
     if t.device.type == "cuda":
         ok, reason = _extension.available(cuda=True)
         if not ok:
             raise RuntimeError(f"{name} is on {t.device}, and the C++ extension's CUDA kernels "
                                f"cannot run: {reason}")
-    else:
-        _check_device(name, t)
+    elif t.device.type not in ("cpu", "meta"):
+        raise RuntimeError(f"{name} is on {t.device}: the C++ extension runs CPU and CUDA tensors")
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -232,7 +223,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     As `regnet_kernels.ops.conv_bn_act`; with squeeze=True the sums are (N, 1, C_out).
     """
     check_conv_bn_act_args(x, weight, scale, shift, stride, groups,
-                           device_check=_check_eval_device)
+                           device_check=_check_device)
     ops = _ops()
     if squeeze:
         return ops.conv_bn_act_squeeze(x, weight, scale, shift, stride, groups, relu)
@@ -246,7 +237,7 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
     As `regnet_kernels.ops.se_excite`: sums (N, C) or (N, T, C) float32; returns (N, C) float32.
     Differentiable in sums and the SE weights (the Triton op's backward formula).
     """
-    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=_check_eval_device)
+    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=_check_device)
     return _ops().se_excite(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 
@@ -261,7 +252,7 @@ def conv1x1_gate_residual(
     As `regnet_kernels.ops.conv1x1_gate_residual` (identity or projection shortcut).
     """
     check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride, device_check=_check_eval_device)
+                             proj_shift, proj_stride, device_check=_check_device)
     return _ops().conv1x1_gate_residual(x, weight, scale, shift, gate, shortcut, proj_weight,
                                         proj_scale, proj_shift,
                                         proj_stride if proj_weight is not None else 1)
@@ -276,7 +267,7 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
                   gate: Optional[torch.Tensor] = None, frozen: bool = False) -> TrainOutput:
-    """Training-mode conv + BN with batch statistics, differentiable, on the CPU.
+    """Training-mode conv + BN with batch statistics, differentiable (CPU or CUDA).
 
     As `regnet_kernels.ops.conv_bn_train`: the conv reads relu?(x * in_scale + in_shift)
     * gate, y is the raw conv output (channels_last) standing for the BN output in
@@ -304,7 +295,7 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
 
 
 def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Per-image channel sums of relu(y * scale + shift), fp32 (N, 1, C), on the CPU.
+    """Per-image channel sums of relu(y * scale + shift), fp32 (N, 1, C) (CPU or CUDA).
 
     As `regnet_kernels.ops.se_squeeze` (one row tile per image): y is a lazy BN output,
     its gradient is dL/dv, v = y * scale + shift.
@@ -318,7 +309,7 @@ def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tor
 def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 shortcut: Optional[torch.Tensor] = None, sc_scale: Optional[torch.Tensor] = None,
                 sc_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """relu(y * scale + shift + shortcut'), shortcut' = shortcut or its own BN affine, on the CPU.
+    """relu(y * scale + shift + shortcut'), shortcut' = shortcut or its BN affine (CPU or CUDA).
 
     As `regnet_kernels.ops.bn_add_relu`: y and a projection shortcut are lazy BN outputs.
     """
