@@ -148,7 +148,7 @@ typedef struct rk_bn_backward_sums_args {
 int64_t rk_bn_backward_workspace(int64_t rows, int64_t c);
 cudaError_t rk_bn_backward_sums(const rk_bn_backward_sums_args* args, cudaStream_t stream);
 
-// dy = scale * dv - scale * inv_std * (y - mean) * sums[1] / rows - scale * sums[0] / rows
+// dy = scale * dv - scale * inv_std^2 * (y - mean) * sums[1] / rows - scale * sums[0] / rows
 // (stats rows from the forward); frozen: dy = scale * dv (running statistics are constants).
 typedef struct rk_bn_backward_dy_args {
   rk_dtype dtype;
