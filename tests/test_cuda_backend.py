@@ -1,9 +1,12 @@
-"""The C++ extension's CUDA kernels (csrc/cuda, through csrc/cuda/binding.cpp) against
+"""The C++ extension's CUDA eval kernels (csrc/cuda, through csrc/cuda/binding.cpp) against
 float64 references, op by op, per block and per model: `regnet_kernels.ops.cpp`'s
-eval functions on CUDA tensors, and fused_model(backend="cuda").
+eval functions on CUDA tensors, and fused_model(backend="cuda"). The training kernels'
+GPU parity tests are the `device` fixture's CUDA runs in tests/test_cpp_train.py, and
+the "cpp" / "cuda" training runs of tests/test_fused_block_train.py and
+tests/test_fused_model.py.
 
-Needs a CUDA device (the CPU machines compile the sources instead:
-tests/test_cuda_sources.py)."""
+Needs a CUDA device (the CPU machines compile the sources, tests/test_cuda_sources.py,
+and run them in an emulation, tests/test_cuda_emulation.py)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -10,10 +10,24 @@ train_launchers.h) are called through ctypes with CPU tensors' data pointers as 
 What this verifies: the fp32 paths end to end, i.e. index math, tiling and bounds,
 both load paths (16-byte vector and element), padding, groups, strides, the epilogues
 (BN, ReLU, gate, shortcuts, squeeze sums, BN statistics partials) and the
-deterministic reductions; the element-wise training kernels also in fp16 / bf16.
-What it cannot: tensor-core (mma.sync) fragments, i.e. the fp16 / bf16 GEMMs (they
-trap under emulation); GPU memory-model issues and races beyond what the barrier
-semantics expose; launch-resource limits (registers, occupancy); speed.
+deterministic reductions; the element-wise training kernels also in fp16 / bf16; and
+the fp16 / bf16 tensor-core GEMMs of every conv kernel (conv_bn_act,
+conv1x1_gate_residual, rk_conv_train / rk_conv_dgrad / rk_conv_wgrad) over all the
+16-bit tile shapes. mma.sync m16n8k16 is emulated from the PTX ISA's fragment tables
+(rk_emu::mma_m16n8k16 in cuda_emulation.h; checked on its own by
+test_mma_m16n8k16_emulation, with a transposed-fragment negative control), so these
+tests check the fragments igemm.cuh loads (compute_stage) and the accumulator layout
+its epilogues assume against the ISA's layout. Their references are float64 from the
+same 16-bit-rounded inputs, with the kernels' own roundings mirrored (the prologue's
+u rounded to 16 bits before the GEMM); tolerances ||out - ref|| / ||ref|| < 2e-3
+(fp16) and 1.5e-2 (bf16) for 16-bit outputs, 1e-5 for the fp32 side outputs (squeeze
+sums, BN partials, dgate). Swapping two A (or the two B) fragment registers in
+compute_stage made every 16-bit conv test fail and nothing else.
+What it cannot: the tensor core's own arithmetic (the emulation sums the exact
+products in fp32 in k order; the hardware's internal rounding / summation order is
+not modelled, so outputs are not bit-exact to a GPU's); GPU memory-model issues and
+races beyond what the barrier semantics expose; launch-resource limits (registers,
+occupancy); speed.
 
 Barrier placement is checked as far as a deterministic schedule can: the fibers of
 a CTA run in thread order, or reversed in odd CTAs, so a missing __syncthreads
@@ -29,7 +43,6 @@ Skips only when g++ or the CUDA headers (cuda_runtime.h) are missing.
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import functools
 import math
 import os
@@ -297,6 +310,65 @@ extern "C" int rk_emu_bad_launch() {
   RK_LAUNCH(dim3(0), 64, 0, 0, probe)(nullptr, nullptr, 0);
   return cudaGetLastError();
 }
+
+// The emulated mma.sync m16n8k16 alone. Warp w of CTA b multiplies matrix set
+// s = b * warps + w: A (16 x 16, row-major), B (16 x 8, row-major: B[k][n]), C and D
+// (16 x 8, row-major). Each lane builds its fragments from the PTX ISA's tables
+// ("Matrix Fragments for mma.m16n8k16 with floating point type"; g = lane >> 2,
+// t = lane % 4; two 16-bit elements per register, the lower index in the low half):
+//   a_i: row g + 8 * (i in {2, 3, 6, 7}), col 2t + (i & 1) + 8 * (i >= 4)
+//   b_i: row 2t + (i & 1) + 8 * (i >= 2), col g
+//   c_i / d_i: row g + 8 * (i >= 2), col 2t + (i & 1)
+// bad_b = 1 builds B's fragment transposed inside each 8 x 8 block (row g + 8 * (i >= 2),
+// col 2t + (i & 1): B read as if it were stored [n][k]), the negative control.
+namespace {
+template <typename T>
+uint32_t pack2(float lo, float hi) {
+  const T l(lo), h(hi);
+  uint16_t bl, bh;
+  std::memcpy(&bl, &l, 2);
+  std::memcpy(&bh, &h, 2);
+  return static_cast<uint32_t>(bl) | (static_cast<uint32_t>(bh) << 16);
+}
+
+template <typename T>
+__global__ void mma_probe(const float* A, const float* B, const float* C, float* D, int bad_b,
+                          int reps) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int set = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  A += set * 256;
+  B += set * 128;
+  C += set * 128;
+  D += set * 128;
+  uint32_t a[4], b[2];
+  float v[8];
+  for (int i = 0; i < 8; ++i) {
+    const int row = g + ((i == 2 || i == 3 || i == 6 || i == 7) ? 8 : 0);
+    const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+    v[i] = A[row * 16 + col];
+  }
+  for (int r = 0; r < 4; ++r) a[r] = pack2<T>(v[2 * r], v[2 * r + 1]);
+  for (int i = 0; i < 4; ++i) {
+    int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0), col = g;
+    if (bad_b) row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    v[i] = B[row * 8 + col];
+  }
+  for (int r = 0; r < 2; ++r) b[r] = pack2<T>(v[2 * r], v[2 * r + 1]);
+  float d[4];
+  for (int i = 0; i < 4; ++i) d[i] = C[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)];
+  for (int r = 0; r < reps; ++r) rk_emu::mma_m16n8k16<T>(d, a, b);
+  for (int i = 0; i < 4; ++i) D[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)] = d[i];
+}
+}  // namespace
+
+extern "C" int rk_emu_mma_probe(int bf16, const float* A, const float* B, const float* C,
+                                float* D, int blocks, int warps, int bad_b, int reps) {
+  if (bf16)
+    RK_LAUNCH(dim3(blocks), 32 * warps, 0, 0, mma_probe<__nv_bfloat16>)(A, B, C, D, bad_b, reps);
+  else
+    RK_LAUNCH(dim3(blocks), 32 * warps, 0, 0, mma_probe<__half>)(A, B, C, D, bad_b, reps);
+  return cudaGetLastError();
+}
 """
 
 
@@ -334,6 +406,59 @@ def test_harness_barriers_shuffles_smem(selftest_lib):
     assert torch.equal(sh[..., 2], (warp0 + 5).float().expand(blocks, threads))
     # an invalid configuration is reported through cudaGetLastError, not run
     assert selftest_lib.rk_emu_bad_launch() != 0
+
+
+def mma_probe(lib, dtype, A, B, C, bad_b=False, reps=1, warps=2):
+    sets = A.shape[0]
+    D = torch.full((sets, 16, 8), float("nan"))
+    f = lib.rk_emu_mma_probe
+    f.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 4]
+    assert f(int(dtype == torch.bfloat16), A.data_ptr(), B.data_ptr(), C.data_ptr(), D.data_ptr(),
+             sets // warps, warps, int(bad_b), reps) == 0
+    return D
+
+
+def fp32_mma(A, B, C):
+    """D = A B + C as the emulation sums it: exact products, fp32 sums over k in order."""
+    s = torch.zeros(A.shape[0], 16, 8)
+    for k in range(16):
+        s = s + A[:, :, k:k + 1] * B[:, k:k + 1, :]
+    return s + C
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=lambda d: str(d)[6:])
+@isolated
+def test_mma_m16n8k16_emulation(selftest_lib, dtype):
+    """rk_emu::mma_m16n8k16 with fragments built per the PTX ISA tables gives A @ B + C,
+    in every warp of every CTA (4 sets: 2 CTAs x 2 warps); a B fragment transposed in its
+    8 x 8 blocks gives A @ B' + C instead, B' = B with each 8 x 8 block transposed."""
+    torch.manual_seed(7 if dtype == torch.float16 else 8)
+    sets = 4
+    A = torch.randn(sets, 16, 16).to(dtype).float()  # exactly representable in dtype
+    B = torch.randn(sets, 16, 8).to(dtype).float()
+    C = torch.randn(sets, 16, 8)
+    D = mma_probe(selftest_lib, dtype, A, B, C)
+    assert_close("D = A @ B + C", D, A.double() @ B.double() + C.double(), 1e-6)
+    assert torch.equal(D, fp32_mma(A, B, C)), "D != the fp32 sum of the exact products"
+    # twice: D = A B + (A B + C), the fragments (and the warp's slots) reused
+    D2 = mma_probe(selftest_lib, dtype, A, B, C, reps=2)
+    assert_close("D = 2 A @ B + C", D2, 2 * (A.double() @ B.double()) + C.double(), 1e-6)
+    # one lane's element stands for one matrix element: a unit A picks single B rows
+    for r, k in [(0, 0), (9, 3), (15, 12)]:
+        E = torch.zeros(sets, 16, 16)
+        E[:, r, k] = 1
+        De = mma_probe(selftest_lib, dtype, E, B, torch.zeros(sets, 16, 8))
+        expect = torch.zeros(sets, 16, 8)
+        expect[:, r] = B[:, k]
+        assert torch.equal(De, expect), f"A = e_({r},{k}): D is not B's row {k} in row {r}"
+    # negative control: B's fragment transposed
+    Dbad = mma_probe(selftest_lib, dtype, A, B, C, bad_b=True)
+    Bt = B.view(sets, 2, 8, 8).transpose(2, 3).reshape(sets, 16, 8)
+    assert_close("D with a transposed B fragment = A @ B' + C", Dbad,
+                 A.double() @ Bt.double() + C.double(), 1e-6)
+    with pytest.raises(pytest.fail.Exception, match="relative error"):
+        assert_close("D with a transposed B fragment", Dbad, A.double() @ B.double() + C.double(),
+                     TOL[dtype])
 
 
 def test_struct_mirrors_match_headers(tmp_path):
@@ -385,30 +510,35 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}c{}h{}o{}k{}s{}g{}{}{}-{}-{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[5], c[6], "r" if c[7] else "", c[8], c[9],
-    "sq" if c[10] else ""))
-@isolated
-def test_conv_bn_act_fp32(emu, case):
+def conv_ids(c):
+    return "n{}c{}h{}o{}k{}s{}g{}{}{}-{}-{}".format(
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], "r" if c[7] else "", c[8], c[9],
+        "sq" if c[10] else "")
+
+
+def run_conv_bn_act(emu, case, dtype):
+    """x and w rounded to dtype; the reference is float64 from those rounded values (the
+    kernel accumulates in fp32 and rounds y once to dtype; the sums are fp32)."""
     n, c_in, h, c_out, k, stride, groups, relu, xl, wl, squeeze = case
     torch.manual_seed(seed_of(case))
     x64 = torch.randn(n, c_in, h, h, dtype=torch.float64)
     w64 = torch.randn(c_out, c_in // groups, k, k, dtype=torch.float64) / math.sqrt(c_in // groups * k * k)
     scale = torch.rand(c_out) + 0.5
     shift = torch.randn(c_out) * 0.3
-    x = to_layout(x64.float(), xl)
-    w = w64.float().contiguous(memory_format=torch.channels_last) if wl == "cl" else w64.float().contiguous()
+    x = to_layout(x64.to(dtype), xl)
+    w = w64.to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last) if wl == "cl" else w.contiguous()
     expect = F.conv2d(x.double(), w.double(), stride=stride, padding=k // 2, groups=groups)
     expect = expect * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
     if relu:
         expect = expect.clamp_min(0)
     ho = out_hw(h, k, stride)
 
-    args = conv_args(x, w, scale, shift, stride, groups, relu, None, None)
+    args = conv_args(x, w, scale, shift, stride, groups, relu, None, None, dtype=dtype)
     plan = S.rk_conv_plan()
     launch(emu, "rk_conv_bn_act_plan", ref(args), int(squeeze), ref(plan))
     assert (plan.out_h, plan.out_w) == (ho, ho)
-    y = Out((n, ho, ho, c_out))
+    y = Out((n, ho, ho, c_out), dtype)
     args.y = y.ptr
     sums = None
     if squeeze:
@@ -418,13 +548,54 @@ def test_conv_bn_act_fp32(emu, case):
     launch(emu, "rk_conv_bn_act", ref(args), None)
     y.check_guards("y")
     expect_nhwc = expect.permute(0, 2, 3, 1)
-    assert_close("y", y.t, expect_nhwc)
-    if squeeze:
+    assert_close("y", y.t, expect_nhwc, TOL[dtype])
+    if squeeze:  # fp32 sums of the fp32 epilogue values (before y is rounded)
         sums.check_guards("sums")
         assert_close("sums summed over tiles", sums.t.double().sum(1), expect_nhwc.sum((1, 2)))
         per_tile = torch.stack([row_tiles(expect_nhwc[i].reshape(-1, c_out), plan.block_m).sum(1)
                                 for i in range(n)])
         assert_close("sums per row tile", sums.t, per_tile)
+    return plan
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_ids)
+@isolated
+def test_conv_bn_act_fp32(emu, case):
+    run_conv_bn_act(emu, case, torch.float32)
+
+
+# 16-bit only: the tensor-core tiles the fp32 path never uses (BM = 128 when a tile has
+# more than 64 rows and BN > 16; pick_tiles in igemm.cuh).
+CONV_CASES_16 = [
+    (2, 128, 9, 128, 3, 1, 2, True, "nhwc", "cl", False),     # group width 64: 128 x 64 tiles
+    (1, 264, 9, 264, 1, 1, 1, True, "nhwc", "cl", True),      # width 264 > 128: 128 x 128, 3 column tiles
+    (2, 16, 13, 136, 3, 2, 1, False, "nhwc", "cl", False),    # 128 x 128, stride 2, partial column tile
+    (2, 64, 5, 64, 3, 2, 1, True, "nhwc", "cl", True),        # group width 64, 9 rows per image: 64 x 64
+    (2, 16, 13, 40, 3, 1, 1, True, "nchw", "contig", True),   # 169 rows per image, 128 x 64, element paths
+]
+
+# The tile shapes of igemm.cuh's 16-bit table (with_tile).
+TILES_16 = {"64x8", "64x16", "64x32", "64x64", "64x128", "128x32", "128x64", "128x128"}
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", CONV_CASES + CONV_CASES_16, ids=conv_ids)
+@isolated
+def test_conv_bn_act_16bit(emu, case, dtype):
+    run_conv_bn_act(emu, case, dtype)
+
+
+def test_conv_bn_act_16bit_cases_cover_every_tile(emu):
+    """The 16-bit cases above run every tile shape of igemm.cuh's 16-bit table."""
+    seen = set()
+    for case in CONV_CASES + CONV_CASES_16:
+        n, c_in, h, c_out, k, stride, groups, relu, xl, wl, squeeze = case
+        args = S.rk_conv_bn_act_args(dtype=S.RK_FLOAT16, n=n, h=h, w=h, c_in=c_in, c_out=c_out,
+                                     k=k, stride=stride, groups=groups)
+        plan = S.rk_conv_plan()
+        launch(emu, "rk_conv_bn_act_plan", ref(args), int(squeeze), ref(plan))
+        seen.add(f"{plan.block_m}x{plan.block_n}")
+    assert seen == TILES_16, f"16-bit tiles not covered: {sorted(TILES_16 - seen)}"
 
 
 @isolated
@@ -454,31 +625,6 @@ def test_harness_catches_a_wrong_conv_launch(emu):
     assert_close("image 0", y.t[:1], expect[:1])
     with pytest.raises(pytest.fail.Exception, match="not finite"):
         assert_close("y", y.t, expect)
-
-
-def test_fp16_gemm_traps_under_emulation(emu):
-    """The tensor-core path is not emulated: mma.sync traps (abort), it never computes
-    silently wrong numbers. Run in a child process, which must die with SIGABRT."""
-    if not hasattr(os, "fork"):
-        pytest.skip("needs fork")
-    x = torch.randn(1, 16, 5, 5).half().contiguous(memory_format=torch.channels_last)
-    w = torch.randn(16, 16, 1, 1).half().contiguous(memory_format=torch.channels_last)
-    s = torch.ones(16)
-    y = Out((1, 5, 5, 16), torch.float16)
-    args = conv_args(x, w, s, s, 1, 1, False, y.ptr, None, dtype=torch.float16)
-    f = emu.fn("rk_conv_bn_act", *S.LAUNCHERS["rk_conv_bn_act"])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            faulthandler.disable()  # no Python traceback for the expected abort
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # nor the trap message
-            f(ref(args), None)
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGABRT, status
 
 
 SE_CASES = [(2, 3, 48, 12, torch.float32, False), (3, 1, 100, 40, torch.float32, True),
@@ -520,40 +666,45 @@ GATE_CASES = [
     (2, 5, 32, 48, False, (16, 1, 5), "nhwc"),
     (2, 7, 40, 80, True, (24, 2, 13), "nhwc"),
     (2, 7, 16, 24, True, (20, 2, 14), "nchw"),
+    (2, 5, 12, 40, True, (20, 1, 5), "nhwc"),   # widths 12 / 20: element paths in NHWC
 ]
 
 
-@pytest.mark.parametrize("case", GATE_CASES, ids=lambda c: "h{}c{}o{}{}-{}-{}".format(
-    c[1], c[2], c[3], "-gate" if c[4] else "", "id" if c[5] is None else f"proj{c[5][1]}", c[6]))
-@isolated
-def test_conv1x1_gate_residual_fp32(emu, case):
+def gate_ids(c):
+    return "h{}c{}o{}{}-{}-{}".format(c[1], c[2], c[3], "-gate" if c[4] else "",
+                                      "id" if c[5] is None else f"proj{c[5][1]}", c[6])
+
+
+def run_conv1x1_gate_residual(emu, case, dtype):
+    """x, w, res, proj_weight in dtype, scale / shift / gate fp32. The kernel gates x in
+    fp32 and rounds u = x * gate to dtype before the GEMM: so does the reference."""
     n, h, c_in, c_out, use_gate, proj, xl = case
     torch.manual_seed(c_in * 7 + c_out)
-    x = to_layout(torch.randn(n, c_in, h, h), xl)
-    w = torch.randn(c_out, c_in) / math.sqrt(c_in)
+    x = to_layout(torch.randn(n, c_in, h, h), xl).to(dtype)
+    w = (torch.randn(c_out, c_in) / math.sqrt(c_in)).to(dtype)
     scale, shift = torch.rand(c_out) + 0.5, torch.randn(c_out) * 0.3
     gate_full = torch.rand(n, c_in + 5) if use_gate else None  # row stride c_in + 5
     gate = gate_full[:, :c_in] if use_gate else None
-    u = x.double() * (gate.double().view(n, c_in, 1, 1) if use_gate else 1)
-    main = torch.einsum("nchw,oc->nhwo", u, w.double()) * scale.double() + shift.double()
+    u = (x.float() * gate.view(n, c_in, 1, 1)).to(dtype) if use_gate else x
+    main = torch.einsum("nchw,oc->nhwo", u.double(), w.double()) * scale.double() + shift.double()
     if proj is None:
-        res = to_layout(torch.randn(n, c_out, h, h), xl)
+        res = to_layout(torch.randn(n, c_out, h, h), xl).to(dtype)
         short = res.double().permute(0, 2, 3, 1)
         hr, cr = h, c_out
         pw = ps = psh = None
         ps_stride = 1
     else:
         cr, ps_stride, hr = proj
-        res = to_layout(torch.randn(n, cr, hr, hr), xl)
-        pw = torch.randn(c_out, cr) / math.sqrt(cr)
+        res = to_layout(torch.randn(n, cr, hr, hr), xl).to(dtype)
+        pw = (torch.randn(c_out, cr) / math.sqrt(cr)).to(dtype)
         ps, psh = torch.rand(c_out) + 0.5, torch.randn(c_out) * 0.3
         rs = res.double()[:, :, ::ps_stride, ::ps_stride]
         short = torch.einsum("nchw,oc->nhwo", rs, pw.double()) * ps.double() + psh.double()
     expect = (main + short).clamp_min(0)
-    y = Out((n, h, h, c_out))
+    y = Out((n, h, h, c_out), dtype)
     sx, sr = nhwc_strides(x), nhwc_strides(res)
     args = S.rk_conv1x1_gate_residual_args(
-        dtype=S.RK_FLOAT32, x=ptr(x), n=n, h=h, w=h, c_in=c_in, sx_n=sx[0], sx_h=sx[1],
+        dtype=DT[dtype], x=ptr(x), n=n, h=h, w=h, c_in=c_in, sx_n=sx[0], sx_h=sx[1],
         sx_w=sx[2], sx_c=sx[3], weight=ptr(w), c_out=c_out, sw_o=w.stride(0), sw_i=w.stride(1),
         scale=ptr(scale), shift=ptr(shift), gate=ptr(gate), s_gate_n=c_in + 5, res=ptr(res),
         res_h=hr, res_w=hr, res_c=cr, sr_n=sr[0], sr_h=sr[1], sr_w=sr[2], sr_c=sr[3],
@@ -562,7 +713,20 @@ def test_conv1x1_gate_residual_fp32(emu, case):
         proj_stride=ps_stride, y=y.ptr)
     launch(emu, "rk_conv1x1_gate_residual", ref(args), None)
     y.check_guards("y")
-    assert_close("y", y.t, expect)
+    assert_close("y", y.t, expect, TOL[dtype])
+
+
+@pytest.mark.parametrize("case", GATE_CASES, ids=gate_ids)
+@isolated
+def test_conv1x1_gate_residual_fp32(emu, case):
+    run_conv1x1_gate_residual(emu, case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", GATE_CASES, ids=gate_ids)
+@isolated
+def test_conv1x1_gate_residual_16bit(emu, case, dtype):
+    run_conv1x1_gate_residual(emu, case, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -750,7 +914,7 @@ def test_bn_backward_dy(emu, rows, c, frozen, dtype):
     assert_close("dy", dy.t, expect, TOL[dtype] * (1 if dtype == torch.float32 else 2))
 
 
-# ---- conv training kernels (fp32) ----
+# ---- conv training kernels ----
 
 def prologue_parts(parts, n, c_in, seed):
     g = torch.Generator().manual_seed(seed)
@@ -778,6 +942,24 @@ def apply_prologue(x64, parts):
     return u, v, a
 
 
+def gemm_input(x, parts):
+    """u as the kernels' A operand holds it (float64 values): computed in fp32 from x
+    (v = fmaf(x, in_scale, in_shift), ReLU, times the gate) and rounded once to x's
+    dtype; x itself when there is no prologue."""
+    in_scale, in_shift, relu, gate = parts
+    if in_scale is None and not relu and gate is None:
+        return x.double()
+    v = x.float()
+    if in_scale is not None:  # fmaf: one rounding of the exact x * s + t
+        v = (x.double() * in_scale.double().view(1, -1, 1, 1)
+             + in_shift.double().view(1, -1, 1, 1)).float()
+    if relu:
+        v = v.clamp_min(0)
+    if gate is not None:
+        v = v * gate[:, :, None, None]
+    return v.to(x.dtype).double()
+
+
 CONV_TRAIN_CASES = [
     # n, c_in, h, c_out, k, stride, groups, prologue, x layout
     (2, 16, 7, 24, 3, 1, 1, "none", "nhwc"),
@@ -792,29 +974,40 @@ CONV_TRAIN_CASES = [
     (2, 24, 7, 24, 1, 1, 1, "relu", "nhwc"),                 # ReLU alone
 ]
 
+# 16-bit only: BM = 128 tiles with wide columns (forward: 128 x 128 with a partial column
+# tile; dgrad: 128 x 128 per image with the dgate partials).
+CONV_TRAIN_CASES_16 = [
+    (1, 24, 9, 136, 3, 1, 1, "affine_relu", "nhwc"),
+    (1, 136, 9, 24, 3, 1, 1, "all", "nhwc"),
+]
+
+TRAIN_16 = [(c, d) for c in CONV_TRAIN_CASES + CONV_TRAIN_CASES_16 for d in HALF_TYPES]
+
 
 def conv_train_ids(c):
     return "n{}c{}h{}o{}k{}s{}g{}-{}-{}".format(*c)
 
 
-@pytest.mark.parametrize("case", CONV_TRAIN_CASES, ids=conv_train_ids)
-@isolated
-def test_conv_train_fp32(emu, case):
+def train16_ids(cd):
+    return conv_train_ids(cd[0]) + "-" + str(cd[1])[6:]
+
+
+def run_conv_train(emu, case, dtype):
     n, c_in, h, c_out, k, stride, groups, parts_name, xl = case
     seed = seed_of(case)
     torch.manual_seed(seed)
-    x = to_layout(torch.randn(n, c_in, h, h), xl)
+    x = to_layout(torch.randn(n, c_in, h, h), xl).to(dtype)
     w = (torch.randn(c_out, c_in // groups, k, k) / math.sqrt(c_in // groups * k * k)
-         ).contiguous(memory_format=torch.channels_last)
+         ).to(dtype).contiguous(memory_format=torch.channels_last)
     pro, parts, _keep = prologue_parts(parts_name, n, c_in, seed)
-    u, _, _ = apply_prologue(x.double(), parts)
+    u = gemm_input(x, parts)
     expect = F.conv2d(u, w.double(), stride=stride, padding=k // 2, groups=groups)
     expect = expect.permute(0, 2, 3, 1)  # NHWC
     ho = out_hw(h, k, stride)
     sx = nhwc_strides(x)
     swo, swi, swh, sww = w.stride()
     args = S.rk_conv_train_args(
-        dtype=S.RK_FLOAT32, x=ptr(x), n=n, h=h, w=h, c_in=c_in, sx_n=sx[0], sx_h=sx[1], sx_w=sx[2],
+        dtype=DT[dtype], x=ptr(x), n=n, h=h, w=h, c_in=c_in, sx_n=sx[0], sx_h=sx[1], sx_w=sx[2],
         sx_c=sx[3], weight=ptr(w), c_out=c_out, k=k, sw_o=swo, sw_i=swi, sw_h=swh, sw_w=sww,
         stride=stride, groups=groups, prologue=pro)
     plan = S.rk_conv_train_plan_t()
@@ -823,18 +1016,30 @@ def test_conv_train_fp32(emu, case):
     rows = n * ho * ho
     assert plan.tiles_m == -(-rows // plan.block_m), (plan.tiles_m, plan.block_m)
     for with_partials in (True, False):
-        y = Out((n, ho, ho, c_out))
+        y = Out((n, ho, ho, c_out), dtype)
         args.y = y.ptr
         partials = Out((plan.tiles_m, 2, c_out)) if with_partials else None
         args.partials = partials.ptr if with_partials else None
         launch(emu, "rk_conv_train", ref(args), None)
         y.check_guards("y")
-        assert_close(f"y (partials={with_partials})", y.t, expect)
-        if with_partials:
+        assert_close(f"y (partials={with_partials})", y.t, expect, TOL[dtype])
+        if with_partials:  # from the fp32 accumulators, not from the rounded y
             partials.check_guards("partials")
             e = tile_stats(expect.reshape(rows, c_out), plan.block_m)
             assert_close("partials mean", partials.t[:, 0], e[:, 0])
             assert_close("partials M2", partials.t[:, 1], e[:, 1])
+
+
+@pytest.mark.parametrize("case", CONV_TRAIN_CASES, ids=conv_train_ids)
+@isolated
+def test_conv_train_fp32(emu, case):
+    run_conv_train(emu, case, torch.float32)
+
+
+@pytest.mark.parametrize("case_dtype", TRAIN_16, ids=train16_ids)
+@isolated
+def test_conv_train_16bit(emu, case_dtype):
+    run_conv_train(emu, *case_dtype)
 
 
 def dgrad_reference(x, w, dy_nhwc, stride, groups, parts):
@@ -854,32 +1059,32 @@ def dgrad_reference(x, w, dy_nhwc, stride, groups, parts):
     return dx.permute(0, 2, 3, 1), (dgate.permute(0, 2, 3, 1) if dgate is not None else None)
 
 
-@pytest.mark.parametrize("case", CONV_TRAIN_CASES, ids=conv_train_ids)
-@isolated
-def test_conv_dgrad_fp32(emu, case):
+def run_conv_dgrad(emu, case, dtype):
+    """dy, the weight and x in dtype; du accumulates in fp32, dx = du * gate * relu'(v)
+    is rounded once to dtype, the dgate partials stay fp32."""
     n, c_in, h, c_out, k, stride, groups, parts_name, xl = case
     seed = seed_of(case) + 1
     torch.manual_seed(seed)
-    x = to_layout(torch.randn(n, c_in, h, h), xl)
-    w = torch.randn(c_out, c_in // groups, k, k) / math.sqrt(c_in // groups * k * k)
+    x = to_layout(torch.randn(n, c_in, h, h), xl).to(dtype)
+    w = (torch.randn(c_out, c_in // groups, k, k) / math.sqrt(c_in // groups * k * k)).to(dtype)
     cin_g, cout_g = c_in // groups, c_out // groups
     # weight_t[g * cin_g + ci, kh, kw, co] = weight[g * cout_g + co, ci, kh, kw]
     w_t = (w.view(groups, cout_g, cin_g, k, k).permute(0, 2, 3, 4, 1)
            .reshape(c_in, k, k, cout_g).contiguous())
     ho = out_hw(h, k, stride)
-    dy = torch.randn(n, ho, ho, c_out)
+    dy = torch.randn(n, ho, ho, c_out).to(dtype)
     pro, parts, _keep = prologue_parts(parts_name, n, c_in, seed)
     exp_dx, exp_dgate = dgrad_reference(x, w, dy, stride, groups, parts)
     sx = nhwc_strides(x)
     args = S.rk_conv_dgrad_args(
-        dtype=S.RK_FLOAT32, dy=ptr(dy), n=n, out_h=ho, out_w=ho, c_out=c_out, weight_t=ptr(w_t),
+        dtype=DT[dtype], dy=ptr(dy), n=n, out_h=ho, out_w=ho, c_out=c_out, weight_t=ptr(w_t),
         c_in=c_in, k=k, stride=stride, groups=groups,
         x=None if parts_name == "none" else ptr(x),  # read only with a prologue
         h=h, w=h, sx_n=sx[0], sx_h=sx[1],
         sx_w=sx[2], sx_c=sx[3], prologue=pro)
     plan = S.rk_conv_dgrad_plan_t()
     launch(emu, "rk_conv_dgrad_plan", ref(args), ref(plan))
-    dx = Out((n, h, h, c_in))
+    dx = Out((n, h, h, c_in), dtype)
     args.dx = dx.ptr
     dgp = None
     if exp_dgate is not None:
@@ -889,8 +1094,8 @@ def test_conv_dgrad_fp32(emu, case):
         args.dgate_partials = dgp.ptr
     launch(emu, "rk_conv_dgrad", ref(args), None)
     dx.check_guards("dx")
-    assert_close("dx", dx.t, exp_dx)
-    if dgp is not None:
+    assert_close("dx", dx.t, exp_dx, TOL[dtype])
+    if dgp is not None:  # fp32 sums of the fp32 du
         dgp.check_guards("dgate_partials")
         assert_close("dgate (partials summed over t)", dgp.t.double().sum(1), exp_dgate.sum((1, 2)))
         per_tile = torch.stack([row_tiles(exp_dgate[i].reshape(-1, c_in), plan.block_m).sum(1)
@@ -898,38 +1103,63 @@ def test_conv_dgrad_fp32(emu, case):
         assert_close("dgate partials per row tile", dgp.t, per_tile)
 
 
+@pytest.mark.parametrize("case", CONV_TRAIN_CASES, ids=conv_train_ids)
+@isolated
+def test_conv_dgrad_fp32(emu, case):
+    run_conv_dgrad(emu, case, torch.float32)
+
+
+@pytest.mark.parametrize("case_dtype", TRAIN_16, ids=train16_ids)
+@isolated
+def test_conv_dgrad_16bit(emu, case_dtype):
+    run_conv_dgrad(emu, *case_dtype)
+
+
 # Many narrow groups: about 1024 CTAs in all, so each pixel split spans several K
 # steps of the wgrad main loop (the small cases above get one step per split).
 WGRAD_EXTRA_CASES = [(2, 4096, 7, 4096, 1, 1, 512, "all", "nhwc")]
 
 
-@pytest.mark.parametrize("case", CONV_TRAIN_CASES + WGRAD_EXTRA_CASES, ids=conv_train_ids)
-@isolated
-def test_conv_wgrad_fp32(emu, case):
+def run_conv_wgrad(emu, case, dtype):
+    """dy in dtype, u = the prologue of x rounded to dtype (as the kernel loads it);
+    fp32 split partials summed in order, dw rounded once to dtype."""
     n, c_in, h, c_out, k, stride, groups, parts_name, xl = case
     seed = seed_of(case) + 2
     torch.manual_seed(seed)
-    x = to_layout(torch.randn(n, c_in, h, h), xl)
+    x = to_layout(torch.randn(n, c_in, h, h), xl).to(dtype)
     ho = out_hw(h, k, stride)
-    dy = torch.randn(n, ho, ho, c_out)
+    dy = torch.randn(n, ho, ho, c_out).to(dtype)
     pro, parts, _keep = prologue_parts(parts_name, n, c_in, seed)
-    u, _, _ = apply_prologue(x.double(), parts)
+    u = gemm_input(x, parts)
     wshape = (c_out, c_in // groups, k, k)
     expect = torch.nn.grad.conv2d_weight(u, wshape, dy.double().permute(0, 3, 1, 2),
                                          stride=stride, padding=k // 2, groups=groups)
     expect = expect.permute(0, 2, 3, 1)  # (C_out, k, k, C_in / groups)
     sx = nhwc_strides(x)
     args = S.rk_conv_wgrad_args(
-        dtype=S.RK_FLOAT32, dy=ptr(dy), n=n, out_h=ho, out_w=ho, c_out=c_out, x=ptr(x), h=h, w=h,
+        dtype=DT[dtype], dy=ptr(dy), n=n, out_h=ho, out_w=ho, c_out=c_out, x=ptr(x), h=h, w=h,
         c_in=c_in, sx_n=sx[0], sx_h=sx[1], sx_w=sx[2], sx_c=sx[3], k=k, stride=stride,
         groups=groups, prologue=pro)
     ws_n = call(emu, "rk_conv_wgrad_workspace", ref(args))
     assert ws_n >= 0
     ws = Out((max(ws_n, 1),))  # NaN-filled: the kernel must not assume a zeroed workspace
-    dw = Out(tuple(expect.shape))
+    dw = Out(tuple(expect.shape), dtype)
     args.workspace = ws.ptr
     args.dw = dw.ptr
     launch(emu, "rk_conv_wgrad", ref(args), None)
     dw.check_guards("dw")
     ws.check_guards("workspace")
-    assert_close("dw", dw.t, expect)
+    assert_close("dw", dw.t, expect, TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CONV_TRAIN_CASES + WGRAD_EXTRA_CASES, ids=conv_train_ids)
+@isolated
+def test_conv_wgrad_fp32(emu, case):
+    run_conv_wgrad(emu, case, torch.float32)
+
+
+@pytest.mark.parametrize("case_dtype", TRAIN_16 + [(c, torch.bfloat16) for c in WGRAD_EXTRA_CASES],
+                         ids=train16_ids)
+@isolated
+def test_conv_wgrad_16bit(emu, case_dtype):
+    run_conv_wgrad(emu, *case_dtype)

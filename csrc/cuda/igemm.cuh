@@ -75,7 +75,7 @@ template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                   const uint32_t (&b)[2]) {
 #ifdef RK_CUDA_EMULATION
-  __trap();  // the CPU emulation runs the fp32 (FMA) kernels only
+  rk_emu::mma_m16n8k16<__half>(d, a, b);  // tests/cuda_emu/cuda_emulation.h
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -89,7 +89,7 @@ template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          const uint32_t (&b)[2]) {
 #ifdef RK_CUDA_EMULATION
-  __trap();
+  rk_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b);
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "

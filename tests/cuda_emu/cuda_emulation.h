@@ -34,17 +34,29 @@
 // - The handful of runtime API calls the launchers make (cudaGetLastError,
 //   cudaPeekAtLastError, cudaFuncSetAttribute, cudaMemsetAsync, ...) are redirected to
 //   host shims; an invalid launch configuration is reported through cudaGetLastError.
-// - __trap() prints a message and aborts (mma.sync under emulation traps: see
-//   igemm.cuh).
+// - Tensor cores: rk_emu::mma_m16n8k16<T> (T = __half or __nv_bfloat16) emulates
+//   mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, the instruction
+//   igemm.cuh's mma_16816 issues (under RK_CUDA_EMULATION it calls this instead of the
+//   inline PTX). A warp collective like the shuffles: every lane deposits its A / B / C
+//   fragments in per-warp slots, the warp synchronizes, each lane decodes the whole
+//   16x16 A, 16x8 B and 16x8 C from the 32 lanes' fragments with the PTX ISA's tables
+//   ("Matrix Fragments for mma.m16n8k16 with floating point type"; quoted at the
+//   function) and computes its own four D elements (inputs converted to float exactly,
+//   the 16 products summed in fp32 in k order, then C added); the warp synchronizes
+//   again. All 32 lanes must call it.
+// - __trap() prints a message and aborts.
 //
 // What this verifies: index math, tiling, bounds / padding handling, the epilogues and
-// the (deterministic) reductions of the fp32 kernels, barrier placement as far as the
-// barrier semantics go, and the element-wise kernels in fp16 / bf16 (host conversions
-// of cuda_fp16.h / cuda_bf16.h).
-// What it cannot: tensor-core (mma.sync) fragments, i.e. the fp16 / bf16 GEMM kernels;
-// the GPU memory model (races that a barrier does not order, missing __syncwarp on
-// real hardware, the real warp-synchronous behaviour), occupancy / register / shared
-// memory limits, and speed.
+// the (deterministic) reductions of the kernels, barrier placement as far as the
+// barrier semantics go, the element-wise kernels in fp16 / bf16 (host conversions of
+// cuda_fp16.h / cuda_bf16.h), and the fp16 / bf16 tensor-core GEMMs: that the fragments
+// the kernels load for mma.sync (igemm.cuh's compute_stage) and the accumulator layout
+// their epilogues assume match the ISA's m16n8k16 layout.
+// What it cannot: the tensor core's own arithmetic (the emulated D is the in-order fp32
+// sum of the exact products; the hardware's internal rounding and summation order are
+// not modelled, so it is not bit-exact to a GPU); the GPU memory model (races that a
+// barrier does not order, missing __syncwarp on real hardware, the real
+// warp-synchronous behaviour), occupancy / register / shared memory limits, and speed.
 #ifndef RK_CUDA_EMULATION_H_
 #define RK_CUDA_EMULATION_H_
 
@@ -149,6 +161,13 @@ inline uint3 block_index(uint64_t b, dim3 grid) {
                static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
 }
 
+// One lane's operands of an emulated mma.sync (see mma_m16n8k16 below).
+struct MmaLane {
+  uint32_t a[4];
+  uint32_t b[2];
+  float c[4];
+};
+
 struct DynSmem {  // 128-byte aligned, poisoned (0xff) before every CTA
   std::unique_ptr<unsigned char[]> buf;
   unsigned char* p = nullptr;
@@ -168,6 +187,7 @@ struct Cta {
   std::optional<std::barrier<>> bar;                      // __syncthreads
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;  // per warp
   std::vector<uint64_t> slots;                            // 32 per warp
+  std::vector<MmaLane> mma;                               // 32 per warp (mma.sync)
   unsigned char* dyn = nullptr;                           // dynamic shared memory
 };
 
@@ -191,6 +211,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
   c.threads = nt;
   c.warp_bar.resize(nwarps);
   c.slots.assign(static_cast<size_t>(nwarps) * 32, 0);
+  c.mma.assign(static_cast<size_t>(nwarps) * 32, MmaLane{});
   DynSmem dyn(smem);
   c.dyn = dyn.p;
   // Between CTAs: all threads meet here; the completion (one thread, the others
@@ -239,6 +260,7 @@ struct Cta {
   ucontext_t sched;
   unsigned cur = 0;
   std::vector<uint64_t> slots;  // 32 per warp
+  std::vector<MmaLane> mma;     // 32 per warp (mma.sync fragments)
   unsigned char* dyn = nullptr;
   const std::function<void()>* body = nullptr;
 };
@@ -285,6 +307,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
   c.ctx.resize(nt);
   c.state.assign(nt, kDone);
   c.slots.assign(static_cast<size_t>(nwarps) * 32, 0);
+  c.mma.assign(static_cast<size_t>(nwarps) * 32, MmaLane{});
   c.body = &body;
   DynSmem dyn(smem);
   c.dyn = dyn.p;
@@ -374,6 +397,107 @@ inline int seg_base(int width) {
 }
 
 inline void* dynamic_smem() { return cta().dyn; }
+
+// ---- Tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 ----
+//
+// D (16x8, fp32) = A (16x16) * B (16x8) + C (16x8, fp32), a warp collective: every lane
+// of the warp holds a fragment of each matrix. The fragments are decoded as the PTX ISA
+// specifies them, section "Matrix Fragments for mma.m16n8k16 with floating point type"
+// (9.7.14.5.8 in PTX ISA 9.2; 9.7.15.5.8 in some releases; Figures 79, 81 and 83:
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#warp-level-matrix-fragment-mma-16816-float),
+// with groupID = %laneid >> 2 and threadID_in_group = %laneid % 4:
+//   A, .f16 / .bf16: four .f16x2 registers holding a0..a7 (low to high),
+//     row = groupID for ai with 0 <= i < 2 || 4 <= i < 6, groupID + 8 otherwise
+//     col = threadID_in_group * 2 + (i & 0x1)      for ai with i < 4
+//           threadID_in_group * 2 + (i & 0x1) + 8  for ai with i >= 4
+//   B, .f16 / .bf16: two .f16x2 registers holding b0..b3 (low to high),
+//     row = threadID_in_group * 2 + (i & 0x1)      for bi with i < 2
+//           threadID_in_group * 2 + (i & 0x1) + 8  for bi with i >= 2
+//     col = groupID
+//   C / D, .f32: four .f32 registers c0..c3,
+//     row = groupID for ci with i < 2, groupID + 8 for i >= 2
+//     col = threadID_in_group * 2 + (i & 0x1)
+// "Elements (low to high)": element 2r of the list sits in the lower 16 bits of
+// register r, element 2r + 1 in the upper 16 bits.
+//
+// Every lane deposits its A / B / C fragments in the warp's slots, the warp
+// synchronizes, each lane gathers the whole A, B and C from the 32 fragments and
+// computes its own four D elements (the 16-bit inputs converted to float exactly, the
+// 16 products summed in fp32 in k order, then C added), and the warp synchronizes again
+// before a slot may be overwritten. The real tensor core's internal rounding and
+// summation order are not modelled (they differ in the last bits of fp32).
+namespace mma_detail {
+
+inline int a_row(int lane, int i) { return (lane >> 2) + ((i == 2 || i == 3 || i >= 6) ? 8 : 0); }
+inline int a_col(int lane, int i) { return (lane % 4) * 2 + (i & 0x1) + (i >= 4 ? 8 : 0); }
+inline int b_row(int lane, int i) { return (lane % 4) * 2 + (i & 0x1) + (i >= 2 ? 8 : 0); }
+inline int b_col(int lane, int /*i*/) { return lane >> 2; }
+inline int c_row(int lane, int i) { return (lane >> 2) + (i >= 2 ? 8 : 0); }
+inline int c_col(int lane, int i) { return (lane % 4) * 2 + (i & 0x1); }
+
+// Element i of a list packed two per .b32 register, lower index in the lower half.
+inline uint16_t packed(const uint32_t* regs, int i) {
+  return static_cast<uint16_t>(regs[i >> 1] >> (16 * (i & 1)));
+}
+
+template <typename T>
+inline float to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half_raw r;
+    r.x = bits;
+    return __half2float(__half(r));
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "mma.m16n8k16 emulated for f16 / bf16 only");
+    __nv_bfloat16_raw r;
+    r.x = bits;
+    return __bfloat162float(__nv_bfloat16(r));
+  }
+}
+
+}  // namespace mma_detail
+
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  using namespace mma_detail;
+  Cta& c = cta();
+  if (warp_lanes() != 32) fail("mma.sync needs a full warp of 32 threads");
+  MmaLane* lanes = c.mma.data() + (threadIdx.x & ~31u);
+  MmaLane& mine = lanes[lane_id()];
+  for (int r = 0; r < 4; ++r) mine.a[r] = a[r];
+  for (int r = 0; r < 2; ++r) mine.b[r] = b[r];
+  for (int r = 0; r < 4; ++r) mine.c[r] = d[r];
+  warp_sync();
+  float A[16][16], B[16][8], C[16][8];
+  bool seen_a[16][16] = {}, seen_b[16][8] = {}, seen_c[16][8] = {};
+  for (int l = 0; l < 32; ++l) {
+    for (int i = 0; i < 8; ++i) {
+      const int r = a_row(l, i), k = a_col(l, i);
+      if (seen_a[r][k]) fail("mma emulation: A element decoded twice");
+      seen_a[r][k] = true;
+      A[r][k] = to_float<T>(packed(lanes[l].a, i));
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int k = b_row(l, i), n = b_col(l, i);
+      if (seen_b[k][n]) fail("mma emulation: B element decoded twice");
+      seen_b[k][n] = true;
+      B[k][n] = to_float<T>(packed(lanes[l].b, i));
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int r = c_row(l, i), n = c_col(l, i);
+      if (seen_c[r][n]) fail("mma emulation: C element decoded twice");
+      seen_c[r][n] = true;
+      C[r][n] = lanes[l].c[i];
+    }
+  }
+  const int me = static_cast<int>(lane_id());
+  for (int i = 0; i < 4; ++i) {
+    const int r = c_row(me, i), n = c_col(me, i);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += A[r][k] * B[k][n];
+    d[i] = s + C[r][n];
+  }
+  warp_sync();  // nobody overwrites a slot before all have read
+}
 
 template <typename K>
 struct Launcher {
