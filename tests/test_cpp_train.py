@@ -5,7 +5,7 @@ through block_forward_train(..., block_ops=cpp); opcheck; bad inputs.
 
 The parity tests take the `device` fixture: the CPU kernels (csrc/cpu) everywhere, and
 the CUDA kernels (csrc/cuda) too where a GPU is present. On CPU machines the CUDA
-kernels' fp32 paths run in the CPU emulation instead (tests/test_cuda_emulation.py).
+kernels run in the CPU emulation instead (tests/test_cuda_emulation.py).
 
 Lazy BN outputs (see regnet_kernels.ops.conv_bn_train): the raw conv output y stands
 for v = y * scale + shift in autograd, so the float64 references take v (and, with an
@@ -296,6 +296,31 @@ def test_conv_bn_train_is_deterministic(device):
                 *(leaf.grad for leaf in leaves)]
 
     for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """The CPU kernels' reductions are chunked by rows, not by threads (and oneDNN's convs
+    here give the same bits too): forward, statistics and every gradient are identical
+    with 1 and 3 threads."""
+    def run(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            gen = torch.Generator().manual_seed(15)
+            x, w, s, t, gate = train_inputs(96, 96, 3, 4, 28, 4, "bn-relu-gate", torch.float32,
+                                            gen)
+            bn = random_bn(96, gen)
+            leaves = [x.requires_grad_(), w.requires_grad_(), gate.requires_grad_()]
+            out = cpp.conv_bn_train(x, w, bn, groups=4, in_scale=s, in_shift=t, in_relu=True,
+                                    gate=gate)
+            out.y.backward(torch.randn(out.y.shape, generator=gen))
+            return [out.y, *out[1:], bn.running_var, bn.weight.grad,
+                    *(leaf.grad for leaf in leaves)]
+        finally:
+            torch.set_num_threads(previous)
+
+    for a, b in zip(run(1), run(3)):
         assert torch.equal(a, b)
 
 
