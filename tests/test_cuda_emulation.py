@@ -34,8 +34,11 @@ a CTA run in thread order, or reversed in odd CTAs, so a missing __syncthreads
 between a write and another thread's read fails (planting such bugs in igemm.cuh,
 conv_train.cu and bn_train.cu made the tests fail).
 
-Each test runs in a forked child process, so a kernel that crashes (out-of-bounds
-access, __trap) fails that test with the signal instead of killing the session.
+The kernels run in the test process (a crash, e.g. an out-of-bounds access or a
+__trap, ends the session; pytest's faulthandler names the test). RK_EMU_FORK=1 runs
+each test in a forked child instead, so a crash fails just that test with its signal:
+for debugging a kernel only, since a child forked after torch's OpenMP / MKL threads
+have run can deadlock in its first parallel torch op (it did, in a full-suite run).
 Skips only when g++ or the CUDA headers (cuda_runtime.h) are missing.
 
     python -m pytest tests/test_cuda_emulation.py -q
@@ -86,11 +89,12 @@ def emu(request, tmp_path_factory):
 
 
 def isolated(fn):
-    """Runs the test in a forked child; a crash becomes a failure naming the signal."""
+    """With RK_EMU_FORK=1, runs the test in a forked child: a crash becomes a failure
+    naming the signal (see the module docstring for why this is not the default)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if os.environ.get("RK_EMU_NO_FORK") or not hasattr(os, "fork"):
+        if not os.environ.get("RK_EMU_FORK") or not hasattr(os, "fork"):
             return fn(*args, **kwargs)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -20,10 +20,8 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_act_impl(const at::Tensor& x, const a
   const c10::cuda::CUDAGuard guard(x.device());
 
   rk_conv_bn_act_args args{};
-  set_conv_input(args, x, weight, s, t);
-  args.k = weight.size(2);
-  args.sw_o = weight.stride(0), args.sw_i = weight.stride(1);
-  args.sw_h = weight.stride(2), args.sw_w = weight.stride(3);
+  set_kxk_conv_input(args, x, weight);
+  args.scale = s.data_ptr<float>(), args.shift = t.data_ptr<float>();
   args.stride = stride, args.groups = groups, args.relu = relu ? 1 : 0;
 
   rk_conv_plan plan{};
@@ -115,7 +113,8 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
 
   rk_conv1x1_gate_residual_args args{};
-  set_conv_input(args, x, weight, s, t);
+  set_conv_input(args, x, weight);
+  args.scale = s.data_ptr<float>(), args.shift = t.data_ptr<float>();
   args.sw_o = weight.stride(0), args.sw_i = weight.stride(1);
 
   at::Tensor gate;

@@ -56,10 +56,9 @@ inline void check_launch(cudaError_t err, const char* op) {
 }
 
 // The fields every conv launcher shares: the input (logical N, C, H, W, read through
-// its strides in NHWC order), its dtype, the weight and the folded BN vectors.
+// its strides in NHWC order), its dtype and the weight.
 template <typename Args>
-inline void set_conv_input(Args& args, const at::Tensor& x, const at::Tensor& weight,
-                    const at::Tensor& scale, const at::Tensor& shift) {
+inline void set_conv_input(Args& args, const at::Tensor& x, const at::Tensor& weight) {
   args.dtype = to_rk(x.scalar_type(), "x");
   args.x = x.data_ptr();
   args.n = x.size(0), args.h = x.size(2), args.w = x.size(3), args.c_in = x.size(1);
@@ -67,7 +66,15 @@ inline void set_conv_input(Args& args, const at::Tensor& x, const at::Tensor& we
   args.sx_c = x.stride(1);
   args.weight = weight.data_ptr();
   args.c_out = weight.size(0);
-  args.scale = scale.data_ptr<float>(), args.shift = shift.data_ptr<float>();
+}
+
+// The same for a (C_out, C_in / groups, k, k) weight: its size k and four strides.
+template <typename Args>
+inline void set_kxk_conv_input(Args& args, const at::Tensor& x, const at::Tensor& weight) {
+  set_conv_input(args, x, weight);
+  args.k = weight.size(2);
+  args.sw_o = weight.stride(0), args.sw_i = weight.stride(1);
+  args.sw_h = weight.stride(2), args.sw_w = weight.stride(3);
 }
 
 // x (N, C_in, H, W) and a (C_out, C_in / groups, k, k) weight (odd k) of x's dtype.

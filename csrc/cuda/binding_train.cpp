@@ -74,15 +74,7 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
   const c10::cuda::CUDAGuard guard(x.device());
 
   rk_conv_train_args args{};
-  args.dtype = to_rk(x.scalar_type(), "x");
-  args.x = x.data_ptr();
-  args.n = x.size(0), args.h = x.size(2), args.w = x.size(3), args.c_in = x.size(1);
-  args.sx_n = x.stride(0), args.sx_h = x.stride(2), args.sx_w = x.stride(3);
-  args.sx_c = x.stride(1);
-  args.weight = weight.data_ptr();
-  args.c_out = c_out, args.k = weight.size(2);
-  args.sw_o = weight.stride(0), args.sw_i = weight.stride(1);
-  args.sw_h = weight.stride(2), args.sw_w = weight.stride(3);
+  set_kxk_conv_input(args, x, weight);
   args.stride = stride, args.groups = groups;
   args.prologue = prologue.args;
   rk_conv_train_plan_t plan{};

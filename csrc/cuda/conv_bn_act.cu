@@ -32,17 +32,8 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_bn_act_kernel(const Conv
   __shared__ float tile_sums[TL::BN];
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
 
-  const int group = static_cast<int>(blockIdx.y) / p.tiles_n;
-  const int n0 = (static_cast<int>(blockIdx.y) - group * p.tiles_n) * TL::BN;
-  AOperand<T> a = p.a;
-  a.ci0 = group * a.cin_g;
-  BOperand<T> b = p.b;
-  b.co0 = group * p.cout_g + n0;
-  b.n_valid = min(TL::BN, p.cout_g - n0);
-
   float acc[TL::MI][TL::NJ][4];
-  zero<TL>(acc);
-  gemm<T, TL>(acc, a, b, p.rows, sm);
+  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, p.rows, sm);
 
   const Frag<TL> f;
   const ChannelVec<TL> sc(p.scale, f, b.co0, b.n_valid), sh(p.shift, f, b.co0, b.n_valid);

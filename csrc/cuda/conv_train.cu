@@ -45,17 +45,8 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_train_kernel(const Train
   __shared__ float col[TL::BN];
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
 
-  const int group = static_cast<int>(blockIdx.y) / p.tiles_n;
-  const int n0 = (static_cast<int>(blockIdx.y) - group * p.tiles_n) * TL::BN;
-  AOperand<T> a = p.a;
-  a.ci0 = group * a.cin_g;
-  BOperand<T> b = p.b;
-  b.co0 = group * p.cout_g + n0;
-  b.n_valid = min(TL::BN, p.cout_g - n0);
-
   float acc[TL::MI][TL::NJ][4];
-  zero<TL>(acc);
-  gemm<T, TL>(acc, a, b, p.rows, sm);
+  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, p.rows, sm);
 
   const Frag<TL> f;
   float colsum[TL::NJ][2] = {};
@@ -117,6 +108,7 @@ struct DgradA {
   int ks, stride, pad;
   bool vec;                 // 16-byte chunks: cout_g and C_out multiples of kVec, aligned
 
+  __device__ __forceinline__ void set_group(int g) { co0 = g * cout_g; }
   __device__ __forceinline__ int k_total() const { return ks * ks * cout_g; }
   __device__ __forceinline__ KPos at(int k) const { return decompose(k, k_total(), cout_g, ks); }
   __device__ __forceinline__ RowPos row(int n, int ih, int iw, bool ok) const {
@@ -162,17 +154,8 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_dgrad_kernel(const Dgrad
   __shared__ float col[TL::BN];
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
 
-  const int group = static_cast<int>(blockIdx.y) / p.tiles_n;
-  const int n0 = (static_cast<int>(blockIdx.y) - group * p.tiles_n) * TL::BN;
-  DgradA<T> a = p.a;
-  a.co0 = group * a.cout_g;
-  BOperand<T> b = p.b;
-  b.co0 = group * p.cin_g + n0;
-  b.n_valid = min(TL::BN, p.cin_g - n0);
-
   float acc[TL::MI][TL::NJ][4];
-  zero<TL>(acc);
-  gemm<T, TL>(acc, a, b, p.rows, sm);
+  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cin_g, p.tiles_n, p.rows, sm);
 
   // dx = du * gate * relu'(v) and dgate += du * relu?(v), v = x * in_scale + in_shift.
   const Frag<TL> f;
@@ -239,7 +222,7 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_wgrad_kernel(const Wgrad
   const int co0 = group * p.cout_g + co_t;
   const int co_valid = min(TL::BM, p.cout_g - co_t), k_valid = min(TL::BN, p.kdim - k_t);
   AOperand<T> u = p.u;
-  u.ci0 = group * u.cin_g;
+  u.set_group(group);
   const int64_t m_begin = static_cast<int64_t>(blockIdx.x) * p.chunk;
   const int64_t m_end = min(m_begin + p.chunk, p.rows.m_total);
 

@@ -144,7 +144,8 @@ __device__ __forceinline__ KPos decompose(int k, int K, int cin_g, int ks) {
 //   u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]   (each part optional),
 // computed in fp32 and rounded once to T; zero outside the image (padding is zero
 // after the transform). The interface gemm() needs from an A operand: k_total(),
-// at(k), row(n, oh, ow, ok), load(pos, q), load_vec(pos, q) and vec.
+// at(k), row(n, oh, ow, ok), load(pos, q), load_vec(pos, q) and vec (grouped_gemm()
+// also set_group(g)).
 template <typename T>
 struct AOperand {
   const T* x;
@@ -159,6 +160,7 @@ struct AOperand {
   int64_t sg;
   bool vec;                 // 16-byte chunks: sc == 1, cin_g % kVec == 0, aligned
 
+  __device__ __forceinline__ void set_group(int g) { ci0 = g * cin_g; }
   __device__ __forceinline__ int k_total() const { return ks * ks * cin_g; }
   __device__ __forceinline__ KPos at(int k) const { return decompose(k, k_total(), cin_g, ks); }
   __device__ __forceinline__ RowPos row(int n, int oh, int ow, bool ok) const {
@@ -499,6 +501,23 @@ __device__ __forceinline__ void sum_columns(const float (&colsum)[TL::NJ][2], co
     out[c] = s;
   }
   __syncthreads();
+}
+
+// The main loop of a grouped conv's CTA: blockIdx.y = group * tiles_n + the N tile, so
+// A moves to the group and B to the tile's first row group * n_per_group + tile * BN.
+// Returns B as the CTA used it (co0, n_valid) for the epilogue.
+template <typename T, class TL, class A>
+__device__ __forceinline__ BOperand<T> grouped_gemm(float (&acc)[TL::MI][TL::NJ][4], A a,
+                                                    BOperand<T> b, int n_per_group, int tiles_n,
+                                                    const RowMap& rows, Smem<T, TL>& sm) {
+  const int group = static_cast<int>(blockIdx.y) / tiles_n;
+  const int n0 = (static_cast<int>(blockIdx.y) - group * tiles_n) * TL::BN;
+  a.set_group(group);
+  b.co0 = group * n_per_group + n0;
+  b.n_valid = min(TL::BN, n_per_group - n0);
+  zero<TL>(acc);
+  gemm<T, TL>(acc, a, b, rows, sm);
+  return b;
 }
 
 // Stores two adjacent output channels (one 4- or 8-byte store when aligned).
