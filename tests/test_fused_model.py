@@ -304,8 +304,9 @@ def test_torch_compile_fullgraph_on_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_eval_forward_in_a_cuda_graph():
-    ref, fused = pair(TINY)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_eval_forward_in_a_cuda_graph(backend):
+    ref, fused = pair(TINY, backend=backend)
     fused.eval()
     static_x = torch.randn(2, 3, 64, 64, device="cuda")
     with torch.no_grad():
