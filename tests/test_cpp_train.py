@@ -37,7 +37,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 # fp32, centered, chunked), bf16 below 5e-3 (y, u, dy, du each rounded to 8 bits once).
 # The CUDA kernels accumulate in fp32 without TF32 and round the same tensors once.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA kernels' runs need a CUDA device")])]
 DEV = "cpu"  # the device of the running parity test (set by the `device` fixture)
 
 
