@@ -976,6 +976,7 @@ CONV_TRAIN_CASES = [
     (1, 16, 13, 40, 3, 1, 1, "affine_relu", "nchw"),
     (2, 16, 7, 16, 3, 1, 2, "affine", "nhwc"),               # scale + shift, no ReLU
     (2, 24, 7, 24, 1, 1, 1, "relu", "nhwc"),                 # ReLU alone
+    (2, 16, 1, 16, 3, 2, 2, "all", "nhwc"),                  # 1x1 map, stride 2: empty phases
 ]
 
 # 16-bit only: BM = 128 tiles with wide columns (forward: 128 x 128 with a partial column
@@ -1063,6 +1064,20 @@ def dgrad_reference(x, w, dy_nhwc, stride, groups, parts):
     return dx.permute(0, 2, 3, 1), (dgate.permute(0, 2, 3, 1) if dgate is not None else None)
 
 
+def phase_tiles_of(dgate_image, stride, block_m, tiles):
+    """The dgrad's dgate partials of one image (H, W, C): its pixels phase by phase
+    (ih % stride, iw % stride), each phase's pixels in row tiles of block_m, tiles per
+    phase padded with zero rows."""
+    out = []
+    for ph in range(stride):
+        for pw in range(stride):
+            pixels = dgate_image[ph::stride, pw::stride].reshape(-1, dgate_image.shape[-1])
+            t = row_tiles(pixels, block_m).sum(1) if pixels.shape[0] else pixels.new_zeros(0, pixels.shape[-1])
+            pad = pixels.new_zeros(tiles - t.shape[0], pixels.shape[-1])
+            out.append(torch.cat([t, pad]))
+    return torch.cat(out)
+
+
 def run_conv_dgrad(emu, case, dtype):
     """dy, the weight and x in dtype; du accumulates in fp32, dx = du * gate * relu'(v)
     is rounded once to dtype, the dgate partials stay fp32."""
@@ -1092,8 +1107,9 @@ def run_conv_dgrad(emu, case, dtype):
     args.dx = dx.ptr
     dgp = None
     if exp_dgate is not None:
-        assert plan.tiles_per_image >= 1 and plan.block_m >= 1
-        assert plan.tiles_per_image == -(-h * h // plan.block_m), (plan.tiles_per_image, plan.block_m)
+        phase_tiles = -(-(-(-h // stride)) ** 2 // plan.block_m)  # of the largest phase
+        assert plan.tiles_per_image == stride * stride * phase_tiles, (plan.tiles_per_image,
+                                                                        plan.block_m)
         dgp = Out((n, plan.tiles_per_image, c_in))
         args.dgate_partials = dgp.ptr
     launch(emu, "rk_conv_dgrad", ref(args), None)
@@ -1102,9 +1118,9 @@ def run_conv_dgrad(emu, case, dtype):
     if dgp is not None:  # fp32 sums of the fp32 du
         dgp.check_guards("dgate_partials")
         assert_close("dgate (partials summed over t)", dgp.t.double().sum(1), exp_dgate.sum((1, 2)))
-        per_tile = torch.stack([row_tiles(exp_dgate[i].reshape(-1, c_in), plan.block_m).sum(1)
+        per_tile = torch.stack([phase_tiles_of(exp_dgate[i], stride, plan.block_m, phase_tiles)
                                 for i in range(n)])
-        assert_close("dgate partials per row tile", dgp.t, per_tile)
+        assert_close("dgate partials per tile", dgp.t, per_tile)
 
 
 @pytest.mark.parametrize("case", CONV_TRAIN_CASES, ids=conv_train_ids)

@@ -403,17 +403,19 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const A& a
   // Vector paths: 16-byte global loads into registers, issued before the MMAs of the
   // current stage and stored to shared memory after them.
   auto fetch = [&](int k0) {
-    const int k = k0 + kc;
+    if (!a.vec && !b.vec) return;
+    const KPos q = a.at(k0 + kc);
     if (a.vec) {
-      const KPos q = a.at(k);
 #pragma unroll
       for (int i = 0; i < kA; ++i) ra[i] = a.load_vec(pos[i], q);
     }
-    if (b.vec) {  // K % kVec == 0 and k contiguous: a chunk is all in or all out
+    if (b.vec) {  // a chunk is kVec channels of one tap, contiguous: all in or all out
+      const int64_t off = q.kh * b.sh + q.kw * b.sw + q.ci;
 #pragma unroll
       for (int i = 0; i < kB; ++i)
-        rb[i] = (wrow[i] != nullptr && k < K) ? __ldg(reinterpret_cast<const uint4*>(wrow[i] + k))
-                                              : make_uint4(0u, 0u, 0u, 0u);
+        rb[i] = (wrow[i] != nullptr && q.ok)
+                    ? __ldg(reinterpret_cast<const uint4*>(wrow[i] + off))
+                    : make_uint4(0u, 0u, 0u, 0u);
     }
   };
   // Element paths (channel strides != 1, group widths not a multiple of kVec such as
@@ -557,7 +559,7 @@ inline AOperand<T> a_operand(const void* x, int64_t sn, int64_t sh, int64_t sw, 
 }
 
 // A B operand over a (C_out, cin_g, k, k) weight read through its element strides; the
-// vector path when k = (kh, kw, ci) is contiguous (a channels_last weight) and aligned.
+// vector path when the channels are contiguous and aligned (a channels_last weight).
 template <typename T>
 inline BOperand<T> b_operand(const void* w, int64_t so, int64_t si, int64_t sh, int64_t sw,
                              int64_t cin_g, int64_t ks) {
@@ -565,8 +567,10 @@ inline BOperand<T> b_operand(const void* w, int64_t so, int64_t si, int64_t sh, 
   BOperand<T> b{};
   b.w = static_cast<const T*>(w);
   b.so = so, b.si = si, b.sh = sh, b.sw = sw;
-  const bool k_contiguous = si == 1 && (ks == 1 || (sw == cin_g && sh == ks * cin_g));
-  b.vec = k_contiguous && (ks * ks * cin_g) % V == 0 && so % V == 0 && aligned16(w);
+  // 16-byte chunks of kVec channels of one tap: channels contiguous, every tap's and
+  // row's start aligned.
+  b.vec = si == 1 && cin_g % V == 0 && (ks == 1 || (sh % V == 0 && sw % V == 0)) &&
+          so % V == 0 && aligned16(w);
   return b;
 }
 

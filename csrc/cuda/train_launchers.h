@@ -166,8 +166,9 @@ cudaError_t rk_bn_backward_dy(const rk_bn_backward_dy_args* args, cudaStream_t s
 // dgrad with the prologue's backward in the epilogue:
 //   du = conv_transpose(dy, weight) at every input pixel
 //   dx = du * gate[n] * relu'(x * in_scale + in_shift)              (the parts present)
-//   dgate_partials[n, t, ci] = sum over the pixels of row tile t of image n of
+//   dgate_partials[n, t, ci] = sum over the pixels of tile t of image n of
 //                              du * relu?(x * in_scale + in_shift)   (gate only)
+// (an image's pixels are tiled stride phase by stride phase: sum over t for dgate).
 typedef struct rk_conv_dgrad_args {
   rk_dtype dtype;                    // of dy, weight_t, x and dx
   const void* dy;                    // (N, Ho, Wo, C_out) dense
@@ -185,7 +186,7 @@ typedef struct rk_conv_dgrad_args {
 
 typedef struct rk_conv_dgrad_plan_t {
   int64_t block_m;
-  int64_t tiles_per_image;           // row tiles per image (the dgate partials' T)
+  int64_t tiles_per_image;           // tiles per image (the dgate partials' T)
 } rk_conv_dgrad_plan_t;
 
 cudaError_t rk_conv_dgrad_plan(const rk_conv_dgrad_args* args, rk_conv_dgrad_plan_t* plan);
