@@ -977,6 +977,7 @@ CONV_TRAIN_CASES = [
     (2, 16, 7, 16, 3, 1, 2, "affine", "nhwc"),               # scale + shift, no ReLU
     (2, 24, 7, 24, 1, 1, 1, "relu", "nhwc"),                 # ReLU alone
     (2, 16, 1, 16, 3, 2, 2, "all", "nhwc"),                  # 1x1 map, stride 2: empty phases
+    (2, 12, 7, 18, 3, 1, 1, "affine_relu", "nhwc"),          # channels off the 16-byte chunks
 ]
 
 # 16-bit only: BM = 128 tiles with wide columns (forward: 128 x 128 with a partial column

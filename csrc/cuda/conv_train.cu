@@ -255,6 +255,7 @@ template <typename T>
 struct WgradParams {
   AOperand<T> u;            // x through the prologue; ci0 set per CTA
   const T* dy;              // (M, C_out) dense
+  bool dy_vec;              // 16-byte chunks of dy: C_out, cout_g multiples of kVec, aligned
   RowMap rows;              // over output pixels
   int cout, cout_g, kdim;   // kdim = k * k * cin_g
   int tiles_co, tiles_k;
@@ -262,9 +263,18 @@ struct WgradParams {
   float* partials;          // (splits, C_out, kdim)
 };
 
+// kVec elements, loaded as one 16-byte chunk or one by one.
+template <typename T>
+union Chunk {
+  uint4 u;
+  T e[Layout<T>::kVec];
+  __device__ Chunk() {}
+};
+
 template <typename T, class TL>
 __global__ void __launch_bounds__(TL::kThreads, 1) conv_wgrad_kernel(const WgradParams<T> p) {
-  constexpr int BK = Layout<T>::kBK;
+  constexpr int BK = Layout<T>::kBK, V = Layout<T>::kVec;
+  static_assert(TL::BM % V == 0 && TL::BN % V == 0, "tiles of whole chunks");
   __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL>)];
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
 
@@ -283,25 +293,45 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_wgrad_kernel(const Wgrad
   zero<TL>(acc);
   const Frag<TL> f;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += BK) {
-    // dy^T: consecutive threads read consecutive channels of one pixel (coalesced).
-    for (int idx = threadIdx.x; idx < TL::BM * BK; idx += TL::kThreads) {
-      const int r = idx % TL::BM, kk = idx / TL::BM;
+    // dy^T: chunks of V channels of one pixel, consecutive threads on consecutive chunks
+    // (coalesced), scattered down a column of the [channel][pixel] tile.
+    for (int idx = threadIdx.x; idx < (TL::BM / V) * BK; idx += TL::kThreads) {
+      const int r = (idx % (TL::BM / V)) * V, kk = idx / (TL::BM / V);
       const int64_t m = m0 + kk;
-      sm.a[0][r][kk] = (r < co_valid && m < m_end) ? p.dy[m * p.cout + co0 + r]
-                                                   : Elem<T>::from_float(0.0f);
+      const T* src = p.dy + m * p.cout + co0 + r;
+      Chunk<T> v;
+      if (p.dy_vec) {
+        v.u = (r < co_valid && m < m_end) ? __ldg(reinterpret_cast<const uint4*>(src))
+                                          : make_uint4(0u, 0u, 0u, 0u);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          v.e[j] = (r + j < co_valid && m < m_end) ? src[j] : Elem<T>::from_float(0.0f);
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) sm.a[0][r + j][kk] = v.e[j];
     }
-    // u^T at the tile's k positions: consecutive threads read consecutive k (channels).
-    for (int idx = threadIdx.x; idx < TL::BN * BK; idx += TL::kThreads) {
-      const int c = idx % TL::BN, kk = idx / TL::BN;
+    // u^T at the tile's k positions: chunks of V channels of one tap of one pixel.
+    for (int idx = threadIdx.x; idx < (TL::BN / V) * BK; idx += TL::kThreads) {
+      const int c = (idx % (TL::BN / V)) * V, kk = idx / (TL::BN / V);
       const int64_t m = m0 + kk;
-      T v = Elem<T>::from_float(0.0f);
+      Chunk<T> v;
+      v.u = make_uint4(0u, 0u, 0u, 0u);
       if (c < k_valid && m < m_end) {
         const int n = static_cast<int>(m / p.rows.hwo);
         const int px = static_cast<int>(m - static_cast<int64_t>(n) * p.rows.hwo);
         const int oh = px / p.rows.wo;
-        v = u.load(u.row(n, oh, px - oh * p.rows.wo, true), u.at(k_t + c));
+        const RowPos pos = u.row(n, oh, px - oh * p.rows.wo, true);
+        if (u.vec) {
+          v.u = u.load_vec(pos, u.at(k_t + c));
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            v.e[j] = c + j < k_valid ? u.load(pos, u.at(k_t + c + j)) : Elem<T>::from_float(0.0f);
+        }
       }
-      sm.b[0][c][kk] = v;
+#pragma unroll
+      for (int j = 0; j < V; ++j) sm.b[0][c + j][kk] = v.e[j];
     }
     __syncthreads();
     compute_stage<T, TL>(acc, sm, 0, f);
@@ -501,6 +531,8 @@ cudaError_t launch_wgrad(const rk_conv_wgrad_args& args, const WgradPlan& plan,
                        args.k, args.stride);
     set_prologue(p.u, args.prologue);
     p.dy = static_cast<const T*>(args.dy);
+    constexpr int V = Layout<T>::kVec;
+    p.dy_vec = args.c_out % V == 0 && (args.c_out / args.groups) % V == 0 && aligned16(args.dy);
     const int64_t hwo = args.out_h * args.out_w;
     p.rows = RowMap{plan.m_total, static_cast<int>(hwo), static_cast<int>(args.out_w), 0};
     p.cout = static_cast<int>(args.c_out);
