@@ -37,10 +37,19 @@ void bn_update_running(const at::Tensor& stats, int64_t count, at::Tensor& runni
     Check(*num_batches_tracked, "num_batches_tracked");
     num_batches_tracked->add_(1);
   }
-  const double f = momentum ? *momentum : 1.0 / num_batches_tracked->item<double>();
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-  running_mean.copy_(running_mean.to(at::kFloat).mul(1.0 - f).add_(stats[kMeanRow], f));
-  running_var.copy_(running_var.to(at::kFloat).mul(1.0 - f).add_(stats[kVarRow], f * unbias));
+  if (momentum) {
+    const double f = *momentum;
+    running_mean.copy_(running_mean.to(at::kFloat).mul(1.0 - f).add_(stats[kMeanRow], f));
+    running_var.copy_(running_var.to(at::kFloat).mul(1.0 - f).add_(stats[kVarRow], f * unbias));
+    return;
+  }
+  // The cumulative average: f = 1 / num_batches_tracked as a tensor, so that a device
+  // counter is never read back to the host (no synchronization).
+  const at::Tensor f = num_batches_tracked->to(at::kDouble).reciprocal();
+  const at::Tensor keep = f.neg().add(1.0);
+  running_mean.copy_(running_mean.to(at::kDouble).mul(keep).add_(stats[kMeanRow].mul(f)));
+  running_var.copy_(running_var.to(at::kDouble).mul(keep).add_(stats[kVarRow].mul(f.mul(unbias))));
 }
 
 }  // namespace regnet_kernels
