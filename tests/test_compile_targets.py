@@ -37,8 +37,8 @@ def conv_bn_act_variants(conv_tiles):
     for c in DENSE_WIDTHS:
         seen.add((1, False, conv_tiles(BATCH * 56 * 56, c, c)))
     seen.add((3, False, conv_tiles(BATCH * 112 * 112, 32, 27)))  # stem
-    eval_mode = dict(IN_AFFINE=False, IN_RELU=False, HAS_GATE=False, RELU=True, STATS=False,
-                     DOT_PRECISION="tf32")
+    eval_mode = dict(IN_AFFINE=False, IN_RELU=False, HAS_GATE=False, AFFINE=True, RELU=True,
+                     STATS=False, DOT_PRECISION="tf32")
     variants = []
     for k, squeeze, (bm, bn, bk) in sorted(seen):
         c = dict(eval_mode, KSIZE=k, SQUEEZE=squeeze, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
@@ -46,6 +46,9 @@ def conv_bn_act_variants(conv_tiles):
         if not squeeze:  # training: previous BN + ReLU in the prologue, BN partials out
             variants.append(("bf16", dict(c, STATS=True, IN_AFFINE=True, IN_RELU=True,
                                           HAS_GATE=k == 1)))
+            if k == 3:  # an eval-mode BN in a training model: the raw output only
+                variants.append(("bf16", dict(c, AFFINE=False, RELU=False, IN_AFFINE=True,
+                                              IN_RELU=True)))
     for dtype in ("fp16", "fp32"):
         for _, c in (variants[0], variants[1], variants[-1]):
             variants.append((dtype, c))

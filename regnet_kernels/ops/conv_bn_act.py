@@ -49,7 +49,8 @@ def _conv_bn_act_kernel(
     H, W, Cin_g, Ho, Wo, Cout, Cout_g, M, tiles_per_image, tiles_n, stride, pad,
     sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
     KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
-    HAS_GATE: tl.constexpr, RELU: tl.constexpr, SQUEEZE: tl.constexpr, STATS: tl.constexpr,
+    HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr, SQUEEZE: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -81,9 +82,11 @@ def _conv_bn_act_kernel(
         tl.store(sums_ptr + stat_off, total, mask=co_ok)
         tl.store(m2_ptr + stat_off, tl.sum(centered * centered, axis=0), mask=co_ok)
     else:
-        scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
-        shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
-        y = acc * scale[None, :] + shift[None, :]
+        y = acc  # raw (an eval-mode BN inside a training model applies it later)
+        if AFFINE:
+            scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
+            shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
+            y = acc * scale[None, :] + shift[None, :]
         if RELU:
             y = tl.maximum(y, 0.0)
         tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -139,7 +142,7 @@ def _launch(x, weight, stride, groups, *, scale=None, shift=None, relu=False, sq
         h, w, cin_g, ho, wo, c_out, cout_g, n * ho * wo, tiles_per_image, tiles_n, stride, k // 2,
         *nhwc_strides(x), *weight.stride(), gate.stride(0) if gate is not None else 0,
         KSIZE=k, IN_AFFINE=in_scale is not None, IN_RELU=in_relu, HAS_GATE=gate is not None,
-        RELU=relu, SQUEEZE=squeeze, STATS=stats,
+        AFFINE=scale is not None, RELU=relu, SQUEEZE=squeeze, STATS=stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype),
         **launch_config(block_m, block_n),

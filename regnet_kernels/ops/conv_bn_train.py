@@ -52,10 +52,12 @@ def _conv_bn_train_op(
     gate: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
     bn_bias: Optional[torch.Tensor], eps: float, frozen_stats: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if frozen_stats is not None:  # eval-mode BN: the running statistics, given; raw y only
+        y, _ = _conv_launch(x, weight, stride, groups, in_scale=in_scale, in_shift=in_shift,
+                            in_relu=in_relu, gate=gate)
+        return y, frozen_stats.clone()
     y, partials = _conv_launch(x, weight, stride, groups, stats=True, in_scale=in_scale,
                                 in_shift=in_shift, in_relu=in_relu, gate=gate)
-    if frozen_stats is not None:  # eval-mode BN: the running statistics, given
-        return y, frozen_stats.clone()
     rows_per_tile = _conv_geometry(x, weight, stride, groups, False)[2][0]
     count = y.shape[0] * y.shape[2] * y.shape[3]
     stats = finalize_launch(partials[0], partials[1], count, rows_per_tile, bn_weight, bn_bias,
