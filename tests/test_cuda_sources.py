@@ -2,27 +2,19 @@
 sm_80, without warnings, without register spills, and the fp16/bf16 GEMM kernels
 use the tensor cores (mma.sync in their PTX).
 
-This is the CPU machine's guard for the CUDA backend: the .cu files include only
-CUDA headers and expose plain C launchers (csrc/cuda/launchers.h), so they compile
-without torch's CUDA build headers. It skips when nvcc is missing, and when a GPU
-is present, where the parity tests of the CUDA ops (run through the torch binding)
-take over.
+This is the CPU machine's compile guard for the CUDA backend: the .cu files include only
+CUDA headers and expose plain C launchers (csrc/cuda/launchers.h, train_launchers.h), so
+they compile without torch's CUDA build headers; the torch bindings (csrc/cuda/*.cpp)
+are type-checked against torch's headers. It skips when nvcc is missing, and when a GPU
+is present, where the parity tests of the CUDA ops (run through the torch bindings)
+take over. tests/test_cuda_emulation.py runs the kernels themselves on the CPU (fp32,
+and fp16/bf16 through an emulated mma.sync).
 
-What remains to be verified on a GPU (nothing here runs a kernel):
-- parity with the Triton ops / the PyTorch reference for conv_bn_act (k = 1, 3 and
-  the 3-channel stem; strides 1 and 2; groups = 1 and group widths 8 ... 264; relu
-  on/off; squeeze sums equal to y.sum over each image's row tiles), se_excite
-  (SE widths up to 4096, fp32/fp16/bf16 weights) and conv1x1_gate_residual (gate
-  on/off, identity and projection shortcuts, projection strides 1 and 2), in fp32,
-  fp16 and bf16;
-- both load paths: the 16-byte vector path (channels_last activations and weights,
-  group widths a multiple of 8 / 4 elements) and the element path (other strides,
-  odd group widths, the stem);
-- the mma.sync fragment layout (a transposed or mis-paired fragment only shows up as
-  wrong numbers), the int64 offsets of tensors with N*H*W*C > 2^31, and the
-  launchers' argument checks;
-- speed (the kernels are straightforward double-buffered register-staged tiles,
-  not tuned: no cp.async / ldmatrix / wgmma yet).
+What only a GPU can verify: the bindings' allocation / stream / guard paths, the
+tensor cores' own rounding and summation order, the int64 offsets of tensors with
+N*H*W*C > 2^31, the memory model beyond the emulation's barrier semantics, and speed
+(the kernels are straightforward register-staged tiles, not tuned: no cp.async /
+ldmatrix / wgmma yet).
 """
 from __future__ import annotations
 

@@ -34,11 +34,7 @@
 // no shuffles, no atomics) and plain math are used, with 1-D blocks, and every launch
 // goes through RK_LAUNCH, so the CPU emulation harness (tests/cuda_emu) runs these
 // kernels unchanged.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "launch.cuh"
+#include "dtypes.cuh"
 #include "train_launchers.h"
 
 namespace rk {
@@ -52,22 +48,6 @@ constexpr int64_t kMaxElemBlocks = 16384;  // grid-stride beyond this
 constexpr int kSumsWarps = 8;              // bn_backward_sums, first kernel
 constexpr int64_t kSumsChunkRows = 1024;   // rows per workspace partial
 constexpr int64_t kMaxGridY = 65535;
-constexpr int64_t kIntMax = 0x7fffffffLL;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // a * b rounded on its own: never contracted with a following add into an FMA.
 __device__ __forceinline__ float mul_rn(float a, float b) {
@@ -561,25 +541,17 @@ cudaError_t launch_bn_backward_dy(const rk_bn_backward_dy_args& a, cudaStream_t 
 
 // rows * c elements addressable with int64 and a channel count that fits an int.
 inline bool bad_matrix(int64_t rows, int64_t c) {
-  return rows < 0 || c < 0 || c > kIntMax || (c > 0 && rows > INT64_MAX / c);
+  return rows < 0 || c < 0 || c > kInt32Max || (c > 0 && rows > INT64_MAX / c);
 }
 
 }  // namespace
 }  // namespace rk
 
 // The launcher's typed instantiation for an rk_dtype (the return of the switch).
-#define RK_BN_DISPATCH(dtype, fn, ...)                       \
-  switch (dtype) {                                           \
-    case RK_FLOAT32: return fn<float>(__VA_ARGS__);          \
-    case RK_FLOAT16: return fn<__half>(__VA_ARGS__);         \
-    case RK_BFLOAT16: return fn<__nv_bfloat16>(__VA_ARGS__); \
-    default: return cudaErrorInvalidValue;                   \
-  }
-
 extern "C" cudaError_t rk_bn_finalize(const rk_bn_finalize_args* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const rk_bn_finalize_args& a = *args;
-  if (a.rows < 2 || a.block_m < 1 || a.c < 0 || a.c > rk::kIntMax || a.tiles < 1 ||
+  if (a.rows < 2 || a.block_m < 1 || a.c < 0 || a.c > rk::kInt32Max || a.tiles < 1 ||
       a.tiles != (a.rows - 1) / a.block_m + 1 || !(a.eps >= 0.0))
     return cudaErrorInvalidValue;
   if (a.c == 0) return cudaSuccess;
@@ -600,7 +572,9 @@ extern "C" cudaError_t rk_se_squeeze(const rk_se_squeeze_args* args, cudaStream_
   if ((a.hw > 0 && a.y == nullptr) || a.scale == nullptr || a.shift == nullptr ||
       a.sums == nullptr)
     return cudaErrorInvalidValue;
-  RK_BN_DISPATCH(a.dtype, rk::launch_se_squeeze, a, stream)
+  return rk::with_dtype(a.dtype, [&](auto zero) {
+    return rk::launch_se_squeeze<decltype(zero)>(a, stream);
+  });
 }
 
 extern "C" cudaError_t rk_se_squeeze_backward(const rk_se_squeeze_backward_args* args,
@@ -613,7 +587,9 @@ extern "C" cudaError_t rk_se_squeeze_backward(const rk_se_squeeze_backward_args*
   if (a.grad_sums == nullptr || a.y == nullptr || a.scale == nullptr || a.shift == nullptr ||
       a.dv == nullptr)
     return cudaErrorInvalidValue;
-  RK_BN_DISPATCH(a.dtype, rk::launch_se_squeeze_backward, a, stream)
+  return rk::with_dtype(a.dtype, [&](auto zero) {
+    return rk::launch_se_squeeze_backward<decltype(zero)>(a, stream);
+  });
 }
 
 extern "C" cudaError_t rk_bn_add_relu(const rk_bn_add_relu_args* args, cudaStream_t stream) {
@@ -627,7 +603,9 @@ extern "C" cudaError_t rk_bn_add_relu(const rk_bn_add_relu_args* args, cudaStrea
   if (a.rows == 0 || a.c == 0) return cudaSuccess;
   if (a.y == nullptr || a.scale == nullptr || a.shift == nullptr || a.out == nullptr)
     return cudaErrorInvalidValue;
-  RK_BN_DISPATCH(a.dtype, rk::launch_bn_add_relu, a, stream)
+  return rk::with_dtype(a.dtype, [&](auto zero) {
+    return rk::launch_bn_add_relu<decltype(zero)>(a, stream);
+  });
 }
 
 extern "C" cudaError_t rk_relu_backward(rk_dtype dtype, const void* grad, const void* out,
@@ -635,7 +613,9 @@ extern "C" cudaError_t rk_relu_backward(rk_dtype dtype, const void* grad, const 
   if (numel < 0) return cudaErrorInvalidValue;
   if (numel == 0) return cudaSuccess;
   if (grad == nullptr || out == nullptr || dz == nullptr) return cudaErrorInvalidValue;
-  RK_BN_DISPATCH(dtype, rk::launch_relu_backward, grad, out, numel, dz, stream)
+  return rk::with_dtype(dtype, [&](auto zero) {
+    return rk::launch_relu_backward<decltype(zero)>(grad, out, numel, dz, stream);
+  });
 }
 
 extern "C" int64_t rk_bn_backward_workspace(int64_t rows, int64_t c) {
@@ -649,13 +629,15 @@ extern "C" cudaError_t rk_bn_backward_sums(const rk_bn_backward_sums_args* args,
   const rk_bn_backward_sums_args& a = *args;
   // grid.y holds the channel chunks, grid.x the row chunks.
   if (rk::bad_matrix(a.rows, a.c) || static_cast<int64_t>(rk::channel_chunks(a.c)) > rk::kMaxGridY ||
-      rk::sums_chunks(a.rows) > rk::kIntMax)
+      rk::sums_chunks(a.rows) > rk::kInt32Max)
     return cudaErrorInvalidValue;
   if (a.c == 0) return cudaSuccess;  // rows == 0 still writes zero sums
   if (a.sums == nullptr || (a.rows > 0 && (a.dv == nullptr || a.y == nullptr ||
                                            a.mean == nullptr || a.workspace == nullptr)))
     return cudaErrorInvalidValue;
-  RK_BN_DISPATCH(a.dtype, rk::launch_bn_backward_sums, a, stream)
+  return rk::with_dtype(a.dtype, [&](auto zero) {
+    return rk::launch_bn_backward_sums<decltype(zero)>(a, stream);
+  });
 }
 
 extern "C" cudaError_t rk_bn_backward_dy(const rk_bn_backward_dy_args* args,
@@ -669,7 +651,8 @@ extern "C" cudaError_t rk_bn_backward_dy(const rk_bn_backward_dy_args* args,
   if (a.dv == nullptr || a.stats == nullptr || a.dy == nullptr ||
       (!a.frozen && (a.y == nullptr || a.sums == nullptr)))
     return cudaErrorInvalidValue;
-  RK_BN_DISPATCH(a.dtype, rk::launch_bn_backward_dy, a, stream)
+  return rk::with_dtype(a.dtype, [&](auto zero) {
+    return rk::launch_bn_backward_dy<decltype(zero)>(a, stream);
+  });
 }
 
-#undef RK_BN_DISPATCH

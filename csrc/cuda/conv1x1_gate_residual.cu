@@ -90,7 +90,7 @@ template <typename T, class TL, bool PROJECT>
 cudaError_t launch_tile(const GateParams<T>& p, int64_t m_total, cudaStream_t stream) {
   const int64_t grid_x = (m_total + TL::BM - 1) / TL::BM;
   const int64_t grid_y = (p.cout + TL::BN - 1) / TL::BN;
-  if (grid_x > 0x7fffffffLL || grid_y > 65535) return cudaErrorInvalidValue;
+  if (grid_x > kInt32Max || grid_y > 65535) return cudaErrorInvalidValue;
   RK_LAUNCH(dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), TL::kThreads, 0,
             stream, conv1x1_gate_residual_kernel<T, TL, PROJECT>)(p);
   return cudaGetLastError();
@@ -146,9 +146,9 @@ extern "C" cudaError_t rk_conv1x1_gate_residual(const rk_conv1x1_gate_residual_a
                                                 cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const rk_conv1x1_gate_residual_args& a = *args;
-  constexpr int64_t kMax = 0x7fffffffLL;
   if (a.n < 0 || a.h < 0 || a.w < 0 || a.c_in < 1 || a.c_out < 1) return cudaErrorInvalidValue;
   if (a.n * a.h * a.w == 0) return cudaSuccess;
+  constexpr int64_t kMax = rk::kInt32Max;
   if (a.n > kMax || a.h * a.w > kMax || a.c_in > kMax || a.c_out > kMax)
     return cudaErrorInvalidValue;
   if (a.x == nullptr || a.weight == nullptr || a.scale == nullptr || a.shift == nullptr ||
@@ -162,17 +162,9 @@ extern "C" cudaError_t rk_conv1x1_gate_residual(const rk_conv1x1_gate_residual_a
         (a.res_h - 1) / a.proj_stride + 1 != a.h || (a.res_w - 1) / a.proj_stride + 1 != a.w)
       return cudaErrorInvalidValue;
   }
-  switch (a.dtype) {
-    case RK_FLOAT32:
-      if (reinterpret_cast<uintptr_t>(a.y) % 8) return cudaErrorInvalidValue;
-      return rk::launch<float>(a, stream);
-    case RK_FLOAT16:
-      if (reinterpret_cast<uintptr_t>(a.y) % 4) return cudaErrorInvalidValue;
-      return rk::launch<__half>(a, stream);
-    case RK_BFLOAT16:
-      if (reinterpret_cast<uintptr_t>(a.y) % 4) return cudaErrorInvalidValue;
-      return rk::launch<__nv_bfloat16>(a, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return rk::with_dtype(a.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    if (reinterpret_cast<uintptr_t>(a.y) % (2 * sizeof(T))) return cudaErrorInvalidValue;
+    return rk::launch<T>(a, stream);
+  });
 }

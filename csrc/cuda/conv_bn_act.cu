@@ -92,7 +92,7 @@ cudaError_t launch(const rk_conv_bn_act_args& args, const rk_conv_plan& plan,
   const int64_t grid_x = plan.tiles_per_image > 0 ? args.n * plan.tiles_per_image
                                                   : (args.n * hwo + plan.block_m - 1) / plan.block_m;
   const int64_t grid_y = args.groups * p.tiles_n;
-  if (grid_x > 0x7fffffffLL || grid_y > 65535) return cudaErrorInvalidValue;
+  if (grid_x > kInt32Max || grid_y > 65535) return cudaErrorInvalidValue;
   return with_tile<T>(plan.block_m, plan.block_n, [&](auto tile) {
     return launch_tile<T, decltype(tile)>(p, grid_x, grid_y, stream);
   });

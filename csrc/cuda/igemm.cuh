@@ -22,39 +22,9 @@
 #ifndef REGNET_KERNELS_CUDA_IGEMM_CUH_
 #define REGNET_KERNELS_CUDA_IGEMM_CUH_
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
-
-#include "launch.cuh"
-#include "launchers.h"
+#include "dtypes.cuh"
 
 namespace rk {
-
-// ---------------------------------------------------------------------------
-// Element types
-// ---------------------------------------------------------------------------
-
-template <typename T> struct Elem;
-
-template <> struct Elem<float> {
-  static constexpr bool kTensorCores = false;
-  static __device__ __forceinline__ float to_float(float v) { return v; }
-  static __device__ __forceinline__ float from_float(float v) { return v; }
-};
-
-template <> struct Elem<__half> {
-  static constexpr bool kTensorCores = true;
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
-
-template <> struct Elem<__nv_bfloat16> {
-  static constexpr bool kTensorCores = true;
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
 
 // Elements per 16-byte chunk, the K step and the shared-memory row padding
 // (16 bytes: keeps 16-byte chunk stores aligned and fragment reads conflict-free).
@@ -578,8 +548,6 @@ inline BOperand<T> b_operand(const void* w, int64_t so, int64_t si, int64_t sh, 
 // Host side: tile shapes and dispatch
 // ---------------------------------------------------------------------------
 
-constexpr int64_t kInt32Max = 0x7fffffffLL;
-
 // Tile shapes: BN follows the GEMM's N width per group (one group per CTA); BM = 64
 // for small row counts (7x7 maps when tiling per image), for narrow groups (BN <= 16)
 // and for fp32, else 128.
@@ -618,17 +586,6 @@ cudaError_t with_tile(int64_t bm, int64_t bn, Fn&& fn) {
     }
   }
   return cudaErrorInvalidValue;
-}
-
-// fn(T{}) for the element type of an rk_dtype.
-template <class Fn>
-cudaError_t with_dtype(rk_dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case RK_FLOAT32: return fn(float{});
-    case RK_FLOAT16: return fn(__half{});
-    case RK_BFLOAT16: return fn(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
-  }
 }
 
 }  // namespace rk

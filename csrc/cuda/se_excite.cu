@@ -5,21 +5,12 @@
 //   3. gate[c] = sigmoid(W2[c, :] . hidden + b2[c])    (warp per c, lanes over s)
 // mean and hidden live in shared memory; every sum runs in a fixed order (lane
 // partials, then a shuffle tree), so the gate is bit-reproducible.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "launch.cuh"
-#include "launchers.h"
+#include "dtypes.cuh"
 
 namespace rk {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -120,14 +111,11 @@ extern "C" cudaError_t rk_se_excite(const rk_se_excite_args* args, cudaStream_t 
   if (a.n < 0 || a.t < 0 || a.c < 0 || a.s < 1 || a.hw < 1) return cudaErrorInvalidValue;
   if (a.n == 0 || a.c == 0) return cudaSuccess;
   // (C + S) fp32 values of shared memory per CTA (up to 227 KiB on sm_90, 163 KiB on sm_80).
-  if (a.c + a.s > 40000 || a.n > 0x7fffffffLL || a.t > 0x7fffffffLL) return cudaErrorInvalidValue;
+  if (a.c + a.s > 40000 || a.n > rk::kInt32Max || a.t > rk::kInt32Max) return cudaErrorInvalidValue;
   if (a.sums == nullptr || a.w1 == nullptr || a.b1 == nullptr || a.w2 == nullptr ||
       a.b2 == nullptr || a.gate == nullptr)
     return cudaErrorInvalidValue;
-  switch (a.weight_dtype) {
-    case RK_FLOAT32: return rk::launch<float>(a, stream);
-    case RK_FLOAT16: return rk::launch<__half>(a, stream);
-    case RK_BFLOAT16: return rk::launch<__nv_bfloat16>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return rk::with_dtype(a.weight_dtype, [&](auto zero) {
+    return rk::launch<decltype(zero)>(a, stream);
+  });
 }
