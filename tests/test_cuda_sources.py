@@ -199,3 +199,28 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path, binding):
                            *system, f"-I{CSRC / 'cuda'}", f"-I{CSRC}", str(CSRC / "cuda" / binding)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
+def test_cuda_toolkit_found_when_torch_guesses_wrong(monkeypatch, tmp_path):
+    """torch takes the folder above nvcc as CUDA_HOME when the variable is unset; where
+    nvcc is a wrapper (/usr/local/bin/nvcc), the extension asks nvcc for its toolkit."""
+    from torch.utils import cpp_extension
+
+    from regnet_kernels.ops import _extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))  # no headers there
+    includes, ldflags = _extension._cuda_toolkit_flags()
+    assert len(includes) == 1 and (Path(includes[0]) / "cuda_runtime.h").is_file()
+    assert ldflags == [f"-L{Path(includes[0]).parent / 'lib64'}"]
+
+
+def test_cuda_toolkit_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    from regnet_kernels.ops import _extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc either
+    with pytest.raises(_extension.ExtensionBuildError, match="set CUDA_HOME"):
+        _extension._cuda_toolkit_flags()

@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -112,6 +114,40 @@ def _how_to_build(csrc: Path, build_dir: Path | None) -> str:
     )
 
 
+def _nvcc_toolkit() -> Path | None:
+    """The CUDA toolkit `nvcc` on PATH belongs to, as nvcc itself reports it (its
+    `--dryrun` TOP): right also when nvcc is a wrapper script outside the toolkit."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return Path(line.split("=", 1)[1].strip()).resolve()
+    return None
+
+
+def _cuda_toolkit_flags() -> tuple[list[str], list[str]]:
+    """(include paths, linker flags) for the CUDA runtime when torch's guess of the
+    toolkit (CUDA_HOME, else the folder above nvcc) has no CUDA headers, as when
+    /usr/local/bin/nvcc is a wrapper script: then the toolkit nvcc runs from."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
+        return [], []
+    top = _nvcc_toolkit()
+    if top is None or not (top / "include" / "cuda_runtime.h").is_file():
+        raise ExtensionBuildError(
+            f"the CUDA headers (cuda_runtime.h) are not under CUDA_HOME={home} nor next to "
+            "nvcc; set CUDA_HOME to the CUDA toolkit's folder")
+    return [str(top / "include")], [f"-L{top / 'lib64'}"]
+
+
 def _build_and_load(cuda: bool = False) -> str:
     """Builds (unless a finished build is cached) and loads the CPU or the CUDA library."""
     csrc = source_dir()
@@ -132,16 +168,18 @@ def _build_and_load(cuda: bool = False) -> str:
                       file=sys.stderr, flush=True)
                 from torch.utils import cpp_extension
 
-                kwargs = {}
+                kwargs, includes, ldflags = {}, [str(csrc)], ["-fopenmp"]
                 if cuda:
                     kwargs["extra_cuda_cflags"] = [
                         "-O3", "-gencode=arch=compute_90a,code=sm_90a",
                         "-gencode=arch=compute_80,code=sm_80"]
+                    cuda_includes, cuda_ldflags = _cuda_toolkit_flags()
+                    includes += cuda_includes
+                    ldflags += cuda_ldflags
                 cpp_extension.load(
                     name=name, sources=[str(s) for s in sources], build_directory=str(build_dir),
-                    extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                    extra_include_paths=[str(csrc)], is_python_module=False,
-                    is_standalone=False, verbose=False, **kwargs)
+                    extra_cflags=flags, extra_ldflags=ldflags, extra_include_paths=includes,
+                    is_python_module=False, is_standalone=False, verbose=False, **kwargs)
                 done.write_text(str(library) + "\n")
                 return str(library)
     except ExtensionBuildError:
