@@ -56,6 +56,40 @@ def test_no_relu_nchw_input_and_squeeze_tiles_straddling_images():
                       channels_last=False)
 
 
+@pytest.fixture
+def restore_precision_flags():
+    flags = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cudnn,
+             torch.backends)
+    saved = [f.fp32_precision for f in flags]
+    yield
+    for f, value in zip(flags, saved):
+        f.fp32_precision = value
+
+
+@pytest.mark.parametrize("conv_flag,rnn_flag,expected", [
+    ("tf32", "ieee", "tf32"),  # conv and RNN set apart: cudnn.allow_tf32 itself would raise
+    ("ieee", "tf32", "ieee"),
+    ("none", "none", "ieee"),  # what `cudnn.allow_tf32 = False` sets
+])
+def test_dot_precision_follows_the_cudnn_conv_flag(restore_precision_flags, conv_flag, rnn_flag,
+                                                   expected):
+    torch.backends.cudnn.conv.fp32_precision = conv_flag
+    torch.backends.cudnn.rnn.fp32_precision = rnn_flag
+    assert _implicit_gemm.dot_precision(torch.float32) == expected
+    assert _implicit_gemm.dot_precision(torch.float64) == "ieee"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TF32 tensor cores need a CUDA device")
+def test_tf32_when_cudnn_convs_may_use_it(restore_precision_flags):
+    torch.backends.cudnn.allow_tf32 = True
+    gen = torch.Generator().manual_seed(2)
+    x = activation(2, 256, 13, 13, torch.float32, gen)
+    w = conv_weight(64, 256, 3, torch.float32, gen)
+    scale, shift = bn_fold(64, gen)
+    err = rel_err(ops.conv_bn_act(x, w, scale, shift), ref_conv_bn(x, w, scale, shift).relu())
+    assert 1e-6 < err < 1e-3  # TF32's 10-bit mantissa shows: the flag reached the kernel
+
+
 def test_channels_last_weight():
     gen = torch.Generator().manual_seed(1)
     x = activation(2, 32, 7, 7, torch.float32, gen)

@@ -198,10 +198,21 @@ def launch_config(block_m: int, block_n: int) -> dict:
     return {"num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
 
 
+def conv_tf32_allowed() -> bool:
+    """Whether cuDNN's fp32 convs may use TF32: the conv's own precision flag, else the
+    first of its parents (cuDNN's, then torch's) that is set. Read through the
+    per-operator flags, because `torch.backends.cudnn.allow_tf32` raises once a user
+    has set the conv and RNN flags apart."""
+    for flags in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+        if flags.fp32_precision != "none":
+            return flags.fp32_precision == "tf32"
+    return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 convs use TF32 tensor cores exactly when cuDNN convs would; fp64 dots are
     exact (16-bit dots ignore the setting)."""
-    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+    if dtype == torch.float64 or (dtype == torch.float32 and not conv_tf32_allowed()):
         return "ieee"
     return "tf32"
 
