@@ -252,38 +252,44 @@ def test_eval_backends_on_cpu(backend, namespace):
         assert rel_err(fused(x), ref.eval()(x)) < 1e-5
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU backend runs CPU tensors")
-def test_autocast_bf16_on_cpu():
-    """Under torch.autocast the convs run in bf16 (the C++ CPU ops); the output has the
-    reference's dtype and is within bf16 accuracy of the float64 reference."""
-    ref, fused = pair(TINY, backend="cpu")
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+# (backend, autocast dtype): each backend that runs this device's tensors at full speed
+AUTOCAST_CASES = [(backend, dtype) for backend in (["cpu"] if DEVICE == "cpu" else ["triton", "cuda"])
+                  for dtype in (torch.bfloat16, torch.float16)]
+AUTOCAST_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("backend,dtype", AUTOCAST_CASES)
+def test_autocast_eval(backend, dtype):
+    """Under torch.autocast the convs run in the autocast dtype; the output has the
+    reference's dtype and is within that dtype's accuracy of the float64 reference."""
+    ref, fused = pair(TINY, backend=backend)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(11)).to(DEVICE)
     with torch.no_grad():
         expected = copy.deepcopy(ref).double().eval()(x.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=dtype):
             out_ref = ref.eval()(x)
             with OpRecorder() as rec:
                 out = fused.eval()(x)
-    assert out.dtype == out_ref.dtype == torch.bfloat16
-    assert "regnet_kernels.conv_bn_act" in rec.ops
-    assert rel_err(out, expected) < 3e-2
-    assert rel_err(out_ref, expected) < 3e-2
+    assert out.dtype == out_ref.dtype == dtype
+    assert any(op.endswith(".conv_bn_act") for op in rec.ops), rec.ops
+    assert rel_err(out, expected) < AUTOCAST_TOL[dtype]
+    assert rel_err(out_ref, expected) < AUTOCAST_TOL[dtype]
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU backend runs CPU tensors")
-def test_autocast_bf16_training_on_cpu():
-    """A training step under autocast: bf16 output like the reference's, output and
-    gradients within twice the reference's own autocast error against float64 (bf16
+@pytest.mark.parametrize("backend,dtype", AUTOCAST_CASES)
+def test_autocast_training(backend, dtype):
+    """A training step under autocast: the reference's output dtype, output and
+    gradients within twice the reference's own autocast error against float64 (16-bit
     gradients of a deep net at batch 4 are tens of percent off for both: the test
     catches order-one errors, such as a gradient that never arrives)."""
-    ref, fused = pair(TINY, backend="cpu")
+    ref, fused = pair(TINY, backend=backend)
     exact = copy.deepcopy(ref).double().train()
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(14))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=dtype):
         out_ref, out = ref.train()(x), fused.train()(x)
     expected = exact(x.double())
-    assert out.dtype == out_ref.dtype == torch.bfloat16
-    assert rel_err(out, expected) < 2 * rel_err(out_ref, expected)
+    assert out.dtype == out_ref.dtype == dtype
+    assert rel_err(out, expected) < max(2 * rel_err(out_ref, expected), AUTOCAST_TOL[dtype])
     out.float().square().sum().backward()
     out_ref.float().square().sum().backward()
     expected.square().sum().backward()
