@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from .ops import _triton
 from .ops._implicit_gemm import interpreting
 
 
@@ -25,10 +26,9 @@ class BackendStatus(NamedTuple):
 
 
 def _triton_status() -> BackendStatus:
-    try:
-        import triton
-    except ImportError as e:
-        return BackendStatus(False, f"triton is not importable ({e})")
+    if _triton.IMPORT_ERROR is not None:
+        return BackendStatus(False, _triton.unavailable_reason())
+    triton = _triton.triton
     if torch.cuda.is_available():
         return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
     if interpreting():
@@ -75,11 +75,7 @@ def _tool_version(cmd: str, *args: str, keyword: str = "") -> str:
 
 def environment_report() -> str:
     """Versions, devices and backends: what a bug report or benchmark needs."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
+    triton_version = "not installed" if _triton.IMPORT_ERROR else _triton.triton.__version__
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     lines = [
         f"python      {platform.python_version()} ({platform.platform()})",

@@ -1,5 +1,8 @@
 """fused_model / fuse / unfuse: whole fused RegNets against the reference model."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,6 +225,57 @@ def test_available_backends():
     assert status["triton"].usable == (torch.cuda.is_available() or interpreting())
     assert status["cuda"].usable or status["cuda"].reason
     assert torch.cuda.is_available() or not status["cuda"].usable
+
+
+WITHOUT_TRITON = """
+import sys
+
+class NoTriton:  # triton is a Linux-only dependency: as on a machine without it
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ImportError("No module named 'triton'")
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+import regnet_kernels as rk
+from regnet_kernels.ops import _triton
+
+status = rk.available_backends()
+assert not status["triton"].usable and "triton is not importable" in status["triton"].reason
+assert status["cpu"].usable, status["cpu"].reason
+params = rk.RegNetParams(depth=2, w0=16, wa=8, wm=2.0, group_width=8, se_ratio=0.25)
+ref = rk.reference_model(params, num_classes=4)
+fused = rk.fused_model(params, num_classes=4)
+fused.load_state_dict(ref.state_dict())
+x = torch.randn(2, 3, 16, 16)
+with torch.no_grad():
+    assert torch.allclose(fused.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+fused.train()(x).sum().backward()
+assert all(p.grad is not None for p in fused.parameters())
+try:
+    rk.fused_model(params, backend="triton")(x)
+except _triton.TritonUnavailable as e:
+    assert "pip install" in str(e)
+else:
+    raise AssertionError("backend='triton' ran without triton")
+from regnet_kernels.ops.bn_finalize import _bn_finalize_kernel  # defined on the stand-ins
+try:
+    _bn_finalize_kernel[(1,)]()
+except _triton.TritonUnavailable:
+    pass
+else:
+    raise AssertionError("a kernel launched without triton")
+print("ok")
+"""
+
+
+def test_everything_but_the_triton_backend_works_without_triton():
+    """`import regnet_kernels`, the C++ CPU backend (eval and training) and the backend
+    report, where Triton is not installed (macOS, Windows)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 def test_backend_and_device_mismatch_is_a_clear_error():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import _triton
 from ..design import RegNetParams
 from ..zoo import resolve_params
 from .reference import RegNet, ResBottleneckBlock, Stem
@@ -154,7 +155,8 @@ class _FusedModule:
     autocast; and eval-mode BN folding cached until a parameter or buffer changes, so
     an eval forward launches only the fused kernels."""
 
-    backend = "auto"  # "auto": CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops
+    backend = "auto"  # "auto": CPU tensors -> the C++ CPU ops, CUDA tensors -> Triton
+                      # (the C++ extension's CUDA kernels where Triton is not installed)
 
     def _ops(self, x: torch.Tensor):
         """The module of fused ops for x: `regnet_kernels.ops` (Triton) or `.ops.cpp` (the
@@ -162,7 +164,10 @@ class _FusedModule:
         if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
             raise RuntimeError(f"{type(self).__name__}: backend={self.backend!r} runs "
                                f"{self.backend.upper()} tensors, got a tensor on {x.device}")
-        if self.backend in ("cpu", "cuda") or (self.backend == "auto" and x.device.type == "cpu"):
+        if self.backend == "triton" and _triton.IMPORT_ERROR is not None:
+            raise _triton.TritonUnavailable(f"backend='triton': {_triton.unavailable_reason()}")
+        if self.backend in ("cpu", "cuda") or (self.backend == "auto" and (
+                x.device.type == "cpu" or _triton.IMPORT_ERROR is not None)):
             from ..ops import cpp
             return cpp
         return ops
@@ -249,7 +254,8 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     """A RegNet built by the reference builder with fused stem and blocks: the same
     state_dict keys and shapes as `reference_model`, so checkpoints load into it.
 
-    backend: "auto" (CUDA tensors -> Triton, CPU tensors -> the C++ CPU ops), "triton"
+    backend: "auto" (CPU tensors -> the C++ CPU ops; CUDA tensors -> Triton, or the C++
+    extension's CUDA kernels where Triton is not installed), "triton"
     (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpu" (the C++ CPU ops) or
     "cuda" (the C++ extension's CUDA kernels);
     `regnet_kernels.available_backends()` says which can run here.

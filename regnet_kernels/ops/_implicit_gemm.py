@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 
 def interpreting() -> bool:

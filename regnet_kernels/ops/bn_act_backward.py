@@ -21,9 +21,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from ._implicit_gemm import (TRITON_DTYPES, acc_constexpr, acc_dtype, check_activation,
                              check_gate, check_optional_affine, check_same, check_vector_dtype,
                              new_activation, nhwc_strides, output_rows)

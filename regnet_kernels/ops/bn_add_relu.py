@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .bn_act_backward import bn_act_backward
 from ._implicit_gemm import (TRITON_DTYPES, acc_constexpr, check_activation,
                              check_channel_vector, check_optional_affine, check_same,

@@ -23,9 +23,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from ._implicit_gemm import acc_constexpr, acc_dtype, check_device, check_same
 
 BLOCK_C = 128

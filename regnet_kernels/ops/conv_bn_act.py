@@ -18,9 +18,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from ._implicit_gemm import (
     TRITON_DTYPES,
     SUPPORTED_DTYPES,

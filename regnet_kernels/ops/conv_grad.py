@@ -33,9 +33,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from ._implicit_gemm import (
     TRITON_DTYPES,
     _pow2_clamp,

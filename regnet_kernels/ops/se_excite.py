@@ -15,9 +15,8 @@ pass over its raw output y: per-(image, row tile) sums of relu(y * scale + shift
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .bn_act_backward import bn_act_backward
 from ._implicit_gemm import (SUPPORTED_DTYPES, TRITON_DTYPES, acc_constexpr, acc_dtype,
                              check_activation, check_channel_vector, check_device, check_same,
