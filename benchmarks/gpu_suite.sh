@@ -66,14 +66,15 @@ if [ "$SUITE_TESTS" != 0 ]; then
   if $PY -c "import pytest_timeout" 2>/dev/null; then
     per_test=(--timeout 300)  # a hung kernel fails its test, not the whole run
   fi
-  # -m "slow or not slow": the heavy tests too, they are cheap when compiled
+  # -m "slow or not slow": the heavy tests too, they are cheap when compiled. -v: a line per
+  # test as it ends, so a run stopped by the timeout still says what failed.
   # shellcheck disable=SC2086
-  timeout "$TEST_TIMEOUT" $PY -m pytest -q -m "slow or not slow" -p no:cacheprovider \
+  timeout "$TEST_TIMEOUT" $PY -m pytest -v -m "slow or not slow" -p no:cacheprovider \
     "${parallel[@]}" "${per_test[@]}" --junitxml="$RESULTS/tests.xml" ${SUITE_PYTEST_ARGS:-} \
     > "$RESULTS/tests.log" 2>&1
   echo "pytest exit $?" >> "$RESULTS/tests.log"
   # the failures' one-line reasons and the counts: what to read first
-  grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" "$RESULTS/tests.log" \
+  grep -E "FAILED|ERROR|passed|failed|pytest exit" "$RESULTS/tests.log" \
     > "$RESULTS/tests-summary.txt"
   tail -n 60 "$RESULTS/tests.log"
   pack
