@@ -1,7 +1,8 @@
 // The regnet_kernels C++ extension: the op schemas, declared once.
 //
 // Eval ops first, then the training ops with their backward ops (autograd is
-// registered in Python, regnet_kernels/ops/cpp.py, from these functional pieces).
+// registered from these functional pieces: in C++, csrc/autograd.cpp, for all but
+// se_excite, whose formula is Python, in regnet_kernels/ops/cpp.py).
 //
 // Same arguments and semantics as the Triton ops (regnet_triton::*), in their
 // own namespace (see the README's "one op namespace per backend"). Each device
@@ -36,7 +37,7 @@ TORCH_LIBRARY(regnet_kernels, m) {
   // ---- Training (BN from batch statistics); see regnet_kernels/ops/conv_bn_train.py ----
   // Lazy BN output: raw y = conv(relu?(x * in_scale + in_shift) * gate, weight), channels_last,
   // and the (5, C_out) fp32 statistics rows mean, inv_std, scale, shift, var (biased);
-  // the BN output is v = y * scale + shift. Autograd (Python) treats y as v. With
+  // the BN output is v = y * scale + shift. Autograd treats y as v. With
   // frozen_stats (an eval-mode BN: those rows from its running statistics) they are returned
   // instead of the batch's, and the backward (frozen = true) treats them as constants.
   m.def(

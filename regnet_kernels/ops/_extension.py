@@ -66,10 +66,11 @@ def _cpu_flags() -> list[str]:
 
 
 def _sources(csrc: Path, cuda: bool) -> list[Path]:
-    """The CPU library: the schemas and the CPU kernels; the CUDA one: kernels + binding."""
+    """The CPU library: the schemas (ops.cpp), the autograd kernels (autograd.cpp) and
+    the CPU kernels; the CUDA one: kernels + binding."""
     if cuda:
         return sorted((csrc / "cuda").glob("*.cu")) + sorted((csrc / "cuda").glob("*.cpp"))
-    return [csrc / "ops.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    return sorted(csrc.glob("*.cpp")) + sorted((csrc / "cpu").glob("*.cpp"))
 
 
 def _build_key(csrc: Path, sources: list[Path], flags: list[str], cuda: bool) -> str:

@@ -17,9 +17,10 @@ stands for v = y * scale + shift, and its gradient is dL/dv.
 One difference: the SE squeeze sums (of `conv_bn_act(..., squeeze=True)` and of
 `se_squeeze`) have one row tile per image, shape (N, 1, C).
 
-The fake implementations and autograd formulas below are registered once the
-library is loaded; the C++ library names this module (`set_python_module`), so
-torch imports it when it needs them.
+The fake implementations below (and se_excite's autograd formula) are registered once
+the library is loaded; the C++ library names this module (`set_python_module`), so
+torch imports it when it needs them. The other training ops' autograd is in C++
+(csrc/autograd.cpp).
 """
 from __future__ import annotations
 
@@ -65,58 +66,6 @@ def _conv_out(x, weight, stride):
     k = weight.shape[-1]
     ho, wo = conv_output_size(x.shape[2], k, stride), conv_output_size(x.shape[3], k, stride)
     return new_activation(x.shape[0], weight.shape[0], ho, wo, x)
-
-
-def _conv_bn_train_setup(ctx, inputs, output):
-    x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, *_ = inputs
-    y, stats = output
-    ctx.mark_non_differentiable(stats)  # decoding parameters of the lazy BN output y
-    ctx.save_for_backward(x, weight, in_scale, in_shift, gate, y, stats)
-    ctx.conv = (stride, groups, in_relu)
-    ctx.bn_dtype = None if bn_weight is None else bn_weight.dtype
-    ctx.frozen = inputs[-1] is not None
-
-
-def _conv_bn_train_backward(ctx, grad_v, _grad_stats):
-    """grad_v = dL/dv of the lazy BN output; BN backward, then conv dgrad/wgrad, then
-    (x a lazy BN output itself) the input prologue's backward, all in one C++ op."""
-    x, weight, in_scale, in_shift, gate, y, stats = ctx.saved_tensors
-    stride, groups, in_relu = ctx.conv
-    need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[7]
-    grad_x, grad_w, grad_gate, d_gamma, d_beta = torch.ops.regnet_kernels.conv_bn_train_backward(
-        grad_v, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate,
-        ctx.frozen, [need_x, ctx.needs_input_grad[1]])
-    grad_gamma = grad_beta = None
-    if ctx.bn_dtype is not None:
-        grad_gamma, grad_beta = d_gamma.to(ctx.bn_dtype), d_beta.to(ctx.bn_dtype)
-    return (grad_x if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None, None, None, None, None, None,
-            grad_gate if gate is not None and ctx.needs_input_grad[7] else None,
-            grad_gamma, grad_beta, None, None)
-
-
-def _se_squeeze_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _se_squeeze_backward(ctx, grad_sums):
-    """y is a lazy BN output: its gradient is dL/dv = grad_sums[n, 0, c] * relu'(v)."""
-    y, scale, shift = ctx.saved_tensors
-    return (torch.ops.regnet_kernels.se_squeeze_backward(grad_sums.contiguous(), y, scale, shift),
-            None, None)
-
-
-def _bn_add_relu_setup(ctx, inputs, output):
-    ctx.has_shortcut = inputs[3] is not None
-    ctx.save_for_backward(output)
-
-
-def _bn_add_relu_backward(ctx, grad):
-    """y and a projection shortcut are lazy BN outputs, and an identity shortcut is
-    added as is: every input's gradient is dL/d(sum) = grad * (out > 0)."""
-    out, = ctx.saved_tensors
-    dz = torch.ops.regnet_kernels.bn_add_relu_backward(grad, out)
-    return dz, None, None, dz if ctx.has_shortcut else None, None, None
 
 
 _registered = False
@@ -182,15 +131,10 @@ def _register() -> None:
     def _(grad, out):
         return new_activation(*out.shape, out)
 
-    torch.library.register_autograd("regnet_kernels::conv_bn_train", _conv_bn_train_backward,
-                                    setup_context=_conv_bn_train_setup)
-    torch.library.register_autograd("regnet_kernels::se_squeeze", _se_squeeze_backward,
-                                    setup_context=_se_squeeze_setup)
-    # The SE MLP's backward is a few small torch matmuls: the Triton op's, reused.
+    # The SE MLP's backward is a few small torch matmuls: the Triton op's, reused. The
+    # other training ops have their autograd in C++ (csrc/autograd.cpp).
     torch.library.register_autograd("regnet_kernels::se_excite", _se_excite_backward,
                                     setup_context=_se_excite_setup)
-    torch.library.register_autograd("regnet_kernels::bn_add_relu", _bn_add_relu_backward,
-                                    setup_context=_bn_add_relu_setup)
     _registered = True
 
 
