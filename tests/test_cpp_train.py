@@ -238,6 +238,35 @@ def test_conv_bn_train_float16(device, case):
     check_conv_bn_train(c_in, c_out, k, stride, groups, h, 3, prologue, torch.float16)
 
 
+@pytest.mark.parametrize("prologue", ["gate", "bn-relu-gate"])
+@pytest.mark.parametrize("wanted", ["x", "w", "gate", "gamma"])
+def test_conv_bn_train_gradient_of_one_input(device, prologue, wanted):
+    """Only one input requires grad: it gets the gradient it gets when all do, the others
+    none. (The autograd counts needs_input_grad over the tensors given, so the gate's index
+    depends on whether in_scale / in_shift are passed.)"""
+    gen = torch.Generator().manual_seed(17)
+    x, w, s, t, gate = train_inputs(16, 24, 3, 2, 7, 2, prologue, torch.float32, gen)
+    bn = random_bn(24, gen)
+    grad = activation(2, 24, 7, 8, torch.float32, gen)
+
+    def run(requires):
+        leaves = {"x": x.clone(), "w": w.clone(), "gate": gate.clone()}
+        for name in set(requires) & set(leaves):
+            leaves[name].requires_grad_()
+        for param in (bn.weight, bn.bias):  # gamma stands for both
+            param.requires_grad_("gamma" in requires)
+            param.grad = None
+        out = cpp.conv_bn_train(leaves["x"], leaves["w"], bn, groups=2, in_scale=s, in_shift=t,
+                                in_relu=s is not None, gate=leaves["gate"])
+        out.y.backward(grad)
+        return {**{k: v.grad for k, v in leaves.items()}, "gamma": bn.weight.grad}
+
+    every = run(["x", "w", "gate", "gamma"])
+    one = run([wanted])
+    assert torch.equal(one[wanted], every[wanted]), wanted
+    assert all(g is None for k, g in one.items() if k != wanted), one
+
+
 def test_conv_bn_train_nchw_input_and_grad(device):
     gen = torch.Generator().manual_seed(11)
     x = activation(2, 16, 9, 9, torch.float32, gen, channels_last=False).requires_grad_()
