@@ -11,6 +11,8 @@ import subprocess
 
 import torch
 
+from ..ops import _triton
+
 
 def _cpu_model() -> str:
     try:
@@ -46,11 +48,7 @@ def _gpu_clocks() -> str:
 
 
 def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return ""
-    return triton.__version__
+    return "" if _triton.IMPORT_ERROR else _triton.triton.__version__
 
 
 def machine_info(device: str) -> dict[str, str]:

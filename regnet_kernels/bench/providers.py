@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..ops import _extension
+from ..ops import _extension, _triton
 from .cases import Case
 
 BASELINES = ("eager", "eager_cl", "compile", "compile_max")
@@ -33,6 +33,8 @@ def unavailable_reason(provider: str, device: str) -> str | None:
     """Why ``provider`` cannot run on ``device`` ("cuda" or "cpu"), or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    if provider == "triton" and _triton.IMPORT_ERROR is not None:
+        return _triton.unavailable_reason()
     if provider == "triton" and device != "cuda":
         return ("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (numpy, far "
                 "too slow to benchmark)")

@@ -23,7 +23,6 @@ class _MissingKernel:
     """What `triton.jit` returns without Triton: launching it raises."""
 
     def __init__(self, fn):
-        self.fn = fn
         self.__name__ = getattr(fn, "__name__", "kernel")
 
     def __getitem__(self, grid):
