@@ -132,6 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--markdown", type=Path, help="also write the table, with the machine and command, here")
     add("--plot", nargs="?", type=Path, const=True, default=None, metavar="DIR",
         help="write PNG charts of this run (default: next to the CSV)")
+    add("--static", metavar="MODEL", help="static kernel report, no GPU needed: compile every "
+        "Triton kernel MODEL's eval forward and training step launch (at --batch, default 256; "
+        "--dtype, default bf16; --mode, default eval,train) and the CUDA .cu kernels for "
+        "--arch, read registers, spills, shared memory, loads, MMAs and the main loop from "
+        "the SASS, and predict each launch's time from a model (not a measurement); markdown "
+        "on stdout, --markdown / --csv files")
+    add("--arch", default="sm_90", help="--static: target GPU architecture (default sm_90)")
+    add("--jobs", type=int, default=2, help="--static: compiler processes (default 2)")
+    add("--no-cuda-sources", action="store_true", help="--static: skip the .cu kernels")
     add("--traffic", nargs="*", metavar="MODEL", help="print the analytic traffic table of these "
         f"models (default {', '.join(DEFAULT_MODELS)}) and exit; uses --dtype and --resolution")
 
@@ -344,6 +353,9 @@ def traffic_table(models: list[str], resolution: int, dtype: str, bandwidth: flo
 
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` command."""
+    if args.static:
+        from .static import run_static
+        return run_static(args)
     if args.traffic is not None:
         dtype = (args.dtypes or ("bf16",))[0]
         if dtype not in DTYPE_BYTES:

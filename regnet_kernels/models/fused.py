@@ -144,6 +144,8 @@ def _state_key(module: nn.Module) -> tuple:
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast runs convolutions in for x's device, or None."""
     device = x.device.type
+    if device == "meta":  # torch has no autocast for meta tensors (the static report runs there)
+        return None
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
