@@ -407,22 +407,22 @@ def _layer_hooks(model: torch.nn.Module, recorder: _Recorder, backward: bool):
             h.remove()
 
 
-def meta_model(model: str, dtype: str = "bf16", num_classes: int = 1000) -> torch.nn.Module:
-    """The fused model (Triton backend) on the meta device, parameters in ``dtype`` (as the
-    benchmark's ``module.to(device, dtype)``)."""
+def meta_model(model, dtype: str = "bf16", num_classes: int = 1000) -> torch.nn.Module:
+    """The fused model (Triton backend) of a zoo name or RegNetParams on the meta device,
+    parameters in ``dtype`` (as the benchmark's ``module.to(device, dtype)``)."""
     from ..models.fused import fused_model
     with torch.device("meta"):
         net = fused_model(model, backend="triton", num_classes=num_classes)
     return net.to(DTYPE_NAMES[dtype])
 
 
-def capture_model(model: str | torch.nn.Module, batch: int, dtype: str = "bf16",
+def capture_model(model, batch: int, dtype: str = "bf16",
                   modes: tuple[str, ...] = ("eval", "train"), resolution: int = 224,
                   capability: int = 90) -> tuple[list[Launch], _Recorder]:
     """Every Triton launch of the fused model's eval forward (no_grad) and/or one training
     step (forward, then backward of a gradient the shape of the logits: the benchmark's
     step), at ``batch`` x 3 x resolution^2 channels_last input in ``dtype``."""
-    net = meta_model(model, dtype) if isinstance(model, str) else model
+    net = model if isinstance(model, torch.nn.Module) else meta_model(model, dtype)
     x = torch.empty(batch, 3, resolution, resolution, device="meta",
                     dtype=DTYPE_NAMES[dtype]).contiguous(memory_format=torch.channels_last)
     launches: list[Launch] = []
