@@ -197,11 +197,10 @@ def compile_cuda_source(path: str, capability: int) -> dict:
     ptxas = sass.parse_ptxas_log(proc.stdout + proc.stderr)
     listing = sass.disassemble(cubin)
     usage = sass.resource_usage(cubin)
-    names = _demangle(list(ptxas))
     kernels = {}
     for mangled, info in ptxas.items():
         stats = sass.analyse_sass(listing, mangled)
-        kernels[mangled] = {"name": names.get(mangled, mangled), **info,
+        kernels[mangled] = {"name": mangled, **info,
                             "shared": usage.get(mangled, {}).get("SHARED", info["static_smem"]),
                             **_sass_fields(stats, 1)}
     return {"ok": True, "source": Path(path).name, "compile_s": round(time.time() - start, 1),
@@ -209,8 +208,15 @@ def compile_cuda_source(path: str, capability: int) -> dict:
 
 
 def _demangle(names: list[str]) -> dict[str, str]:
+    """Mangled -> demangled C++ names (cu++filt, else binutils' c++filt); {} without either."""
+    import shutil
     try:
-        tool = sass.find_tool("cu++filt")
+        try:
+            tool = sass.find_tool("cu++filt")
+        except FileNotFoundError:
+            tool = shutil.which("c++filt")
+            if tool is None:
+                return {}
         out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True,
                              check=True).stdout.splitlines()
         return dict(zip(names, out))
@@ -509,11 +515,14 @@ def cuda_source_report(arch: str = "sm_90", jobs: int = 2) -> list[dict]:
     capability = arch_capability(arch)
     job_list = [{"kind": "cu", "path": str(p), "capability": capability} for p in sources]
     rows = []
-    for src, r in zip(sources, run_jobs(job_list, jobs, label=lambda j: Path(j["path"]).name)):
+    results = run_jobs(job_list, jobs, label=lambda j: Path(j["path"]).name)
+    names = _demangle([m for r in results if r.get("ok") for m in r["kernels"]])
+    for src, r in zip(sources, results):
         if not r.get("ok"):
             rows.append({"source": src.name, "kernel": "", "error": r.get("error", "")[:300]})
             continue
-        for k in r["kernels"].values():
+        for mangled, k in r["kernels"].items():
+            k = dict(k, name=names.get(mangled, mangled))
             loop = k.get("loop") or {}
             rows.append({"source": src.name, "kernel": _short_cpp_name(k["name"]),
                          "registers": k["registers"], "spill_stores": k["spill_stores"],
@@ -529,7 +538,7 @@ def cuda_source_report(arch: str = "sm_90", jobs: int = 2) -> list[dict]:
 def _short_cpp_name(name: str) -> str:
     """void conv_bn_act_kernel<__nv_bfloat16, TileConfig<...>>(ConvParams<...>) -> the name
     and template arguments, without the parameter list and 'void '."""
-    name = name.removeprefix("void ")
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "").replace("rk::", "")
     depth, cut = 0, len(name)
     for i, ch in enumerate(name):
         if ch == "<":
@@ -748,7 +757,10 @@ def run_static(args) -> int:
     if set(modes) - {"eval", "train"}:
         raise SystemExit("error: --mode takes eval and/or train")
     command = (f"python -m regnet_kernels bench --static {model} --batch {batch} --dtype {dtype}"
-               f" --mode {','.join(modes)} --arch {args.arch} --resolution {resolution}")
+               f" --mode {','.join(modes)} --arch {args.arch} --resolution {resolution}"
+               + (f" --markdown {args.markdown}" if args.markdown else "")
+               + (f" --csv {args.csv}" if args.csv else "")
+               + (" --no-cuda-sources" if args.no_cuda_sources else ""))
     rows = static_report(model, batch, dtype, modes, args.arch, resolution, args.jobs)
     cuda_rows = None if args.no_cuda_sources else cuda_source_report(args.arch, args.jobs)
     meta = {"model": model, "batch": batch, "dtype": dtype, "arch": args.arch,
