@@ -1,81 +1,99 @@
-"""Every Triton kernel compiles for Hopper (sm_90) on this machine, GPU or not,
-and its dots become tensor-core instructions (fp64 dots: DMMA, mma.sync f64).
+"""Every Triton kernel compiles for Hopper (sm_90) on this machine, GPU or not; its dots
+become tensor-core instructions (fp64 dots: DMMA, mma.sync f64); and the conv kernels' SASS
+meets the bar the GPU speed rests on: no spills, 16-byte cp.async loads of channel runs
+whenever a group's channels come in 8s, and 3x3 main loops under 600 instructions per K step.
 
-The interpreter accepts kernels the GPU compiler rejects (a 16-bit dot with
-K = 8, say), so this is the CPU machine's guard for the GPU build. Compilation
-runs in a subprocess without TRITON_INTERPRET: under the interpreter the
-kernels are not compilable objects.
+The interpreter accepts kernels the GPU compiler rejects (a 16-bit dot with K = 8, say), so
+this is the CPU machine's guard for the GPU build. The conv kernels' specializations are
+the real ones: their launchers run on meta tensors at the standard models' shapes under
+`bench.capture` (recorded, not run); the elementwise kernels' are listed by hand. Both
+compile in `bench.static`'s worker processes (no TRITON_INTERPRET there; results cached).
 """
 import json
-import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from regnet_kernels.bench import static
+from regnet_kernels.bench.capture import capture_launches
 
 # Shared memory per block on sm_90 (227 KiB).
 SM90_MAX_SHARED = 232448
 GROUP_WIDTHS = [8, 16, 24, 40, 48, 56, 64, 72, 80, 112, 120, 128, 168, 232, 264]
 # Dense 1x1 widths (conv a / c and shortcuts): narrow to wide.
 DENSE_WIDTHS = [24, 152, 2016]
-SPATIAL = [112 * 112, 56 * 56, 28 * 28, 14 * 14, 7 * 7]
 BATCH = 32
+# The bar for a 3x3 conv's main loop (SASS instructions per K step, i.e. per iteration).
+MAX_3X3_LOOP = 600
+DOT_KERNELS = {"_conv_bn_act_kernel", "_conv1x1_gate_residual_kernel",
+               "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
+ELEMENTWISE_KERNELS = {"_se_excite_kernel", "_se_squeeze_kernel", "_bn_finalize_kernel",
+                       "_bn_running_update_kernel", "_bn_add_relu_kernel",
+                       "_bn_act_backward_kernel"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "fp64": torch.float64}
 
 
-def conv_bn_act_variants(conv_tiles):
-    """(dtype, constexprs) for the tile configs the heuristic picks across the
-    standard models' shapes, in bf16 (the GPU dtype the interpreter cannot
-    check), plus a few in fp16 and fp32, and fp64 (its own, capped tiles)."""
-    seen = set()
-    for cpg in GROUP_WIDTHS:
-        for hw in SPATIAL:
-            for squeeze in (False, True):
-                rows = hw if squeeze else BATCH * hw
-                seen.add((3, squeeze, conv_tiles(rows, cpg, 9 * cpg)))
-    for c in DENSE_WIDTHS:
-        seen.add((1, False, conv_tiles(BATCH * 56 * 56, c, c)))
-    seen.add((3, False, conv_tiles(BATCH * 112 * 112, 32, 27)))  # stem
-    eval_mode = dict(IN_AFFINE=False, IN_RELU=False, HAS_GATE=False, AFFINE=True, RELU=True,
-                     STATS=False, DOT_PRECISION="tf32")
-    variants = []
-    for k, squeeze, (bm, bn, bk) in sorted(seen):
-        c = dict(eval_mode, KSIZE=k, SQUEEZE=squeeze, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        variants.append(("bf16", c))
-        if not squeeze:  # training: previous BN + ReLU in the prologue, BN partials out
-            variants.append(("bf16", dict(c, STATS=True, IN_AFFINE=True, IN_RELU=True,
-                                          HAS_GATE=k == 1)))
-            if k == 3:  # an eval-mode BN in a training model: the raw output only
-                variants.append(("bf16", dict(c, AFFINE=False, RELU=False, IN_AFFINE=True,
-                                              IN_RELU=True)))
-    for dtype in ("fp16", "fp32"):
-        for _, c in (variants[0], variants[1], variants[-1]):
-            variants.append((dtype, c))
-    fp64 = {(3, squeeze, conv_tiles(BATCH * hw, cpg, 9 * cpg, torch.float64))
-            for cpg in (8, 264) for hw in (7 * 7, 56 * 56) for squeeze in (False, True)}
-    fp64.add((1, False, conv_tiles(BATCH * 56 * 56, 2016, 2016, torch.float64)))
-    for k, squeeze, (bm, bn, bk) in sorted(fp64):
-        c = dict(eval_mode, KSIZE=k, SQUEEZE=squeeze, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 DOT_PRECISION="ieee")
-        variants.append(("fp64", c))
-        if not squeeze:
-            variants.append(("fp64", dict(c, STATS=True, IN_AFFINE=True, IN_RELU=True,
-                                          HAS_GATE=True)))
-    return variants
+def meta_activation(n, c, h, w, dtype):
+    return torch.empty(n, c, h, w, device="meta", dtype=dtype).to(
+        memory_format=torch.channels_last)
 
 
-def gate_residual_variants(conv_tiles):
-    out = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for gate, project in ((True, True), (False, False), (True, False)):
-            out.append((dtype, dict(HAS_GATE=gate, PROJECT=project, BLOCK_M=64, BLOCK_N=128,
-                                    BLOCK_K=64, DOT_PRECISION="tf32")))
-    bm, bn, bk = conv_tiles(BATCH * 28 * 28, 2016, 2016, torch.float64)
-    for gate, project in ((True, True), (False, False)):
-        out.append(("fp64", dict(HAS_GATE=gate, PROJECT=project, BLOCK_M=bm, BLOCK_N=bn,
-                                 BLOCK_K=bk, DOT_PRECISION="ieee")))
-    return out
+def conv_launches(dtype):
+    """Call the conv launchers on meta tensors at the standard models' shapes, in
+    `dtype`: every group width as a grouped 3x3 (eval with the SE squeeze, training
+    forward with the BN prologue, dgrad and wgrad with their prologues), the dense 1x1
+    widths, the stem and the block-end kernel with and without a projection. The
+    launches are captured (see `captured_launches`), not run."""
+    import importlib
+    cba = importlib.import_module("regnet_kernels.ops.conv_bn_act")
+    grad = importlib.import_module("regnet_kernels.ops.conv_grad")
+    tail = importlib.import_module("regnet_kernels.ops.conv1x1_gate_residual")
+    vec = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def v(*shape):
+        return torch.empty(*shape, device="meta", dtype=vec)
+
+    widths = GROUP_WIDTHS if dtype == torch.bfloat16 else GROUP_WIDTHS[::7]
+    shapes = [(3, cpg, 2, 14 if cpg % 2 else 28) for cpg in widths]       # grouped 3x3
+    shapes += [(1, c, 1, 56) for c in (DENSE_WIDTHS if dtype == torch.bfloat16
+                                       else DENSE_WIDTHS[:1])]         # dense 1x1
+    for k, cpg, groups, size in shapes:
+        c = cpg * groups
+        x = meta_activation(BATCH, c, size, size, dtype)
+        w = torch.empty(c, cpg, k, k, device="meta", dtype=dtype)
+        for stride in (1, 2) if k == 3 else (1,):
+            o = (size - 1) // stride + 1
+            dy = meta_activation(BATCH, c, o, o, dtype)
+            cba._launch(x, w, stride, groups, scale=v(c), shift=v(c), relu=True,
+                        squeeze=k == 3)
+            cba._launch(x, w, stride, groups, stats=True, in_scale=v(c), in_shift=v(c),
+                        in_relu=True, gate=v(BATCH, c) if k == 1 else None)
+            grad._dgrad_launch(dy, w, size, size, stride, groups, dy, v(c), v(c), v(c),
+                               None, None, None)
+            grad._wgrad_launch(x, dy, k, stride, groups, v(c), v(c), True,
+                               v(BATCH, c) if k == 1 else None, dy, v(c), v(c), v(c),
+                               None, None, None)
+    if dtype == torch.bfloat16:  # raw-output variants: frozen BN, dgrad/wgrad without prologue
+        x = meta_activation(BATCH, 112, 14, 14, dtype)
+        w = torch.empty(112, 56, 3, 3, device="meta", dtype=dtype)
+        cba._launch(x, w, 1, 2, stats=False, in_scale=v(112), in_shift=v(112), in_relu=True)
+        grad._dgrad_launch(x, w, 14, 14, 1, 2, *(None,) * 7)
+        grad._wgrad_launch(x, x, 3, 1, 2, None, None, False, None, *(None,) * 7)
+        grad._dgrad_launch(x, w, 14, 14, 1, 2, x, v(112), v(112), v(112), x, v(112), v(112))
+    stem = meta_activation(BATCH, 3, 224, 224, dtype)
+    sw = torch.empty(32, 3, 3, 3, device="meta", dtype=dtype)
+    cba._launch(stem, sw, 2, 1, scale=v(32), shift=v(32), relu=True)
+    for c_in, c_out, size in ((168, 168, 56), (2016, 2016, 7)):
+        x = meta_activation(BATCH, c_in, size, size, dtype)
+        w = torch.empty(c_out, c_in, 1, 1, device="meta", dtype=dtype)
+        tail._launch(x, w, v(c_out), v(c_out), v(BATCH, c_in), x, None, None, None, 1)
+        tail._launch(x, w, v(c_out), v(c_out), None, x, None, None, None, 1)
+    x = meta_activation(BATCH, 448, 28, 28, dtype)
+    r = meta_activation(BATCH, 168, 56, 56, dtype)
+    tail._launch(x, torch.empty(448, 448, 1, 1, device="meta", dtype=dtype), v(448), v(448),
+                 v(BATCH, 448), r, torch.empty(448, 168, 1, 1, device="meta", dtype=dtype),
+                 v(448), v(448), 2)
 
 
 def se_excite_variants(tiles):
@@ -111,64 +129,14 @@ def elementwise_variants(tiles):
     return out
 
 
-def conv_grad_variants(dgrad_geometry, wgrad_geometry):
-    """dgrad / wgrad variants: bf16 over the tiles the heuristics pick for the standard
-    models' shapes (both strides, prologues on), plus fp16 / fp32 samples and fp64."""
-    dgrad, wgrad = set(), set()
-    shapes = [(3, cpg, cpg, hw) for cpg in GROUP_WIDTHS for hw in SPATIAL]   # grouped 3x3
-    shapes += [(1, c, c, 56 * 56) for c in DENSE_WIDTHS]                     # dense 1x1
-    shapes += [(3, 3, 32, 224 * 224)]                                        # stem (stride 2)
-    for k, cin_g, cout_g, hw in shapes:
-        side = math.isqrt(hw)
-        for stride in (1, 2):
-            o = (side - 1) // stride + 1
-            dgrad.add((k, dgrad_geometry(BATCH, side, side, cin_g, cout_g, k, stride)[2]))
-            wgrad.add((k, wgrad_geometry(BATCH, o, o, cout_g, cin_g, k, 1)[0]))
-    # fp32 with a prologue takes half-deep K steps (shared memory): the largest tiles
-    fp32_prologue = {
-        "_conv_dgrad_kernel": dgrad_geometry(BATCH, 56, 56, 64, 64, 3, 1, torch.float32,
-                                             prologue=True)[2],
-        "_conv_wgrad_kernel": wgrad_geometry(BATCH, 56, 56, 264, 264, 3, 1, torch.float32,
-                                             prologue=True)[0]}
-    # fp64: capped tiles for a wide and a narrow group, prologues on (True) or off
-    fp64 = {
-        "_conv_dgrad_kernel": lambda c, prologue: dgrad_geometry(
-            BATCH, 56, 56, c, c, 3, 1, torch.float64, prologue)[2],
-        "_conv_wgrad_kernel": lambda c, prologue: wgrad_geometry(
-            BATCH, 56, 56, c, c, 3, 1, torch.float64, prologue)[0]}
-    dy_prologue = dict(PROLOGUE=True, HAS_MASK=True)
-    out = {"_conv_dgrad_kernel": [], "_conv_wgrad_kernel": []}
-    for name, seen, extra in (
-            ("_conv_dgrad_kernel", dgrad, {}),
-            ("_conv_wgrad_kernel", wgrad, dict(IN_AFFINE=True, IN_RELU=True, HAS_GATE=True))):
-        for k, (bm, bn, bk) in sorted(seen):
-            c = dict(KSIZE=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32",
-                     **dy_prologue, **extra)
-            out[name].append(("bf16", c))
-        plain = {key: False for key in (*dy_prologue, *extra)}
-        samples = [out[name][0][1], out[name][-1][1]]
-        out[name] += [(dtype, dict(c, **off)) for dtype in ("fp16", "fp32") for c in samples
-                      for off in ({}, plain) if dtype == "fp16" or off]
-        bm, bn, bk = fp32_prologue[name]
-        out[name] += [("fp32", dict(c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)) for c in samples[-1:]]
-        for c_g in (264, 8):
-            for off in ({}, plain):
-                bm, bn, bk = fp64[name](c_g, not off)
-                out[name].append(("fp64", dict(samples[-1], **off, BLOCK_M=bm, BLOCK_N=bn,
-                                               BLOCK_K=bk, DOT_PRECISION="ieee")))
-    return out
-
-
-# Pointer arguments in the accumulation dtype: fp32 whatever the activations'
-# dtype, fp64 for fp64 ones; other non-pointer arguments are i32 except these.
+# The elementwise kernels' pointer arguments in the accumulation dtype: fp32 whatever the
+# activations' dtype, fp64 for fp64 ones; other non-pointer arguments are i32 except these.
 VECTOR_POINTERS = {"scale_ptr", "shift_ptr", "pscale_ptr", "pshift_ptr", "gate_ptr", "sums_ptr",
                    "in_scale_ptr", "in_shift_ptr", "m2_ptr", "sum_ptr", "gamma_ptr", "beta_ptr",
                    "rmean_ptr", "rvar_ptr", "mean_ptr", "inv_std_ptr", "rscale_ptr",
                    "rshift_ptr", "dy_a_ptr", "dy_b_ptr", "dy_c_ptr", "mask_scale_ptr",
                    "mask_shift_ptr", "dw_ptr", "stats_ptr", "part_ptr", "dgate_ptr"}
 SPECIAL_ARGS = {"nbt_ptr": "*i64", "eps": "fp64", "momentum": "fp64"}
-DOT_KERNELS = {"_conv_bn_act_kernel", "_conv1x1_gate_residual_kernel",
-               "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
 
 
 def signature(fn, dtype, constexprs):
@@ -186,100 +154,138 @@ def signature(fn, dtype, constexprs):
     return sig
 
 
-def compile_all():
-    """Compile every variant; return one record per compiled kernel."""
+def elementwise_specs():
+    """(dtype name, spec) of the hand-listed elementwise variants."""
     import importlib
-    import pkgutil
 
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    # the modules, not the functions of the same names that regnet_kernels.ops exports
+    bn_act_backward, bn_add_relu, bn_finalize, se_excite = (
+        importlib.import_module(f"regnet_kernels.ops.{name}")
+        for name in ("bn_act_backward", "bn_add_relu", "bn_finalize", "se_excite"))
+    modules = {"_se_excite_kernel": se_excite, "_se_squeeze_kernel": se_excite,
+               "_bn_act_backward_kernel": bn_act_backward, "_bn_add_relu_kernel": bn_add_relu,
+               "_bn_finalize_kernel": bn_finalize, "_bn_running_update_kernel": bn_finalize}
+    variants = [("_se_excite_kernel", dtype, c) for dtype, c in se_excite_variants(
+        se_excite._tiles)]
+    variants += elementwise_variants({"squeeze": se_excite._squeeze_tiles,
+                                      "finalize": bn_finalize.BLOCK_C,
+                                      "bn_act_backward": bn_act_backward._tiles})
+    for name, dtype, constexprs in variants:
+        fn = getattr(modules[name], name)
+        full = dict(constexprs, ACC_DTYPE="tl.fp64" if dtype == "fp64" else "tl.fp32")
+        warps = 4  # the launchers' default; these two choose theirs
+        if name == "_se_excite_kernel":
+            warps = se_excite._num_warps(constexprs["BLOCK_S"], constexprs["BLOCK_C"])
+        elif name == "_bn_act_backward_kernel":
+            warps = bn_act_backward._num_warps(constexprs["BLOCK_M"], constexprs["BLOCK_C"])
+        yield dtype, {"module": modules[name].__name__, "name": name,
+                      "signature": signature(fn, dtype, full), "constexprs": full,
+                      "attrs": {}, "options": {"num_warps": warps}}
 
-    import regnet_kernels.ops as ops_pkg
-    from regnet_kernels.ops._implicit_gemm import conv_tiles, launch_config
-    from regnet_kernels.ops.bn_act_backward import _tiles as bn_act_tiles
-    from regnet_kernels.ops.bn_finalize import BLOCK_C as finalize_block
-    from regnet_kernels.ops.conv_grad import dgrad_geometry, wgrad_geometry
-    from regnet_kernels.ops.se_excite import _squeeze_tiles
-    from regnet_kernels.ops.se_excite import _tiles as se_tiles
 
-    variants = {
-        "_conv_bn_act_kernel": conv_bn_act_variants(conv_tiles),
-        "_conv1x1_gate_residual_kernel": gate_residual_variants(conv_tiles),
-        "_se_excite_kernel": se_excite_variants(se_tiles),
-        **conv_grad_variants(dgrad_geometry, wgrad_geometry),
-    }
-    for name, dtype, constexprs in elementwise_variants(
-            {"squeeze": _squeeze_tiles, "finalize": finalize_block,
-             "bn_act_backward": bn_act_tiles}):
-        variants.setdefault(name, []).append((dtype, constexprs))
-    kernels = {}
-    for mod in pkgutil.iter_modules(ops_pkg.__path__):
-        m = importlib.import_module(f"regnet_kernels.ops.{mod.name}")
-        for name, obj in vars(m).items():
-            if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"):
-                kernels[name] = obj
-    records = [{"missing_variants": sorted(set(kernels) - set(variants))}]
-    target = GPUTarget("cuda", 90, 32)
-    for name, fn in sorted(kernels.items()):
-        for dtype, constexprs in variants.get(name, []):
-            opts = launch_config(constexprs["BLOCK_M"], constexprs["BLOCK_N"]) \
-                if "BLOCK_N" in constexprs else {"num_warps": 4}
-            rec = {"kernel": name, "dtype": dtype, "constexprs": constexprs}
-            # every kernel accumulates in ACC_DTYPE (not JSON: added here, not in the record)
-            full = dict(constexprs, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32)
-            try:
-                k = triton.compile(ASTSource(fn, signature(fn, dtype, full), full),
-                                   target=target, options=opts)
-                ptx = k.asm["ptx"]
-                rec.update(ok=True, wgmma="wgmma" in ptx, mma="mma" in ptx,
-                           shared=k.metadata.shared)
-            except Exception as e:  # reported by the test, with the variant
-                rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
-            records.append(rec)
-    return records
+def conv_specs():
+    """(dtype name, spec) of every distinct conv specialization the launchers make."""
+    seen = set()
+    for name, dtype in DTYPES.items():
+        with capture_launches() as recorder:
+            conv_launches(dtype)
+        for launch in recorder.launches:
+            if launch.spec_key() not in seen:
+                seen.add(launch.spec_key())
+                yield name, launch.spec()
 
 
 @pytest.fixture(scope="module")
 def records():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    specs = list(conv_specs()) + list(elementwise_specs())
+    results = static.run_jobs([{"kind": "triton", "spec": spec, "capability": 90}
+                               for _, spec in specs], workers=2)
+    return [dict(result, kernel=spec["name"], dtype=dtype, constexprs=spec["constexprs"],
+                 options=spec["options"]) for (dtype, spec), result in zip(specs, results)]
+
+
+def show(r):
+    keep = ("kernel", "dtype", "constexprs", "options", "registers", "spill_stores", "stack",
+            "shared", "load_kinds", "loop", "error")
+    return json.dumps({k: r.get(k) for k in keep}, default=str)[:3000]
 
 
 def test_every_kernel_has_compile_variants(records):
-    assert records[0]["missing_variants"] == []
-    every = DOT_KERNELS | {"_se_excite_kernel", "_se_squeeze_kernel", "_bn_finalize_kernel",
-                           "_bn_running_update_kernel", "_bn_add_relu_kernel",
-                           "_bn_act_backward_kernel"}
-    assert every <= {r["kernel"] for r in records[1:]}
-    assert every <= {r["kernel"] for r in records[1:] if r["dtype"] == "fp64"}
+    compiled = {r["kernel"] for r in records}
+    assert DOT_KERNELS | ELEMENTWISE_KERNELS <= compiled
+    assert DOT_KERNELS | ELEMENTWISE_KERNELS <= {r["kernel"] for r in records
+                                                 if r["dtype"] == "fp64"}
+    import importlib
+    import pkgutil
+
+    import regnet_kernels.ops as ops_pkg
+    defined = {name for mod in pkgutil.iter_modules(ops_pkg.__path__)
+               for name in vars(importlib.import_module(f"regnet_kernels.ops.{mod.name}"))
+               if name.startswith("_") and name.endswith("_kernel")}
+    assert defined == compiled, "a kernel without compile variants, or a stale name here"
 
 
 def test_kernels_compile_for_sm90(records):
-    failed = [r for r in records[1:] if not r["ok"]]
-    assert not failed, json.dumps(failed, indent=1)[:6000]
+    failed = [show(r) for r in records if not r["ok"]]
+    assert not failed, "\n".join(failed)[:6000]
 
 
 def test_dots_use_tensor_cores(records):
-    for r in records[1:]:
+    for r in records:
         if r["kernel"] in DOT_KERNELS:
-            assert r["mma"], r  # fp64: mma.sync m8n8k4 f64 (Hopper has no fp64 wgmma)
+            # fp64: DMMA (mma.sync m8n8k4 f64; Hopper has no fp64 wgmma)
+            assert r["mma_kind"] in ("wgmma", "mma.sync", "dmma"), show(r)
             # 16-bit tiles of 64+ rows use Hopper's wgmma; with N = 8 (group width 8)
             # triton 3.7 picks mma.sync and 3.9 wgmma m64n8k16: tensor cores either way.
             c = r["constexprs"]
             if r["dtype"] in ("bf16", "fp16") and c["BLOCK_M"] >= 64 and c["BLOCK_N"] >= 16:
-                assert r["wgmma"], r
+                assert r["mma_kind"] == "wgmma", show(r)
 
 
 def test_shared_memory_fits_sm90(records):
-    for r in records[1:]:
-        assert r["shared"] <= SM90_MAX_SHARED, r
+    for r in records:
+        assert r["shared"] <= SM90_MAX_SHARED, show(r)
 
 
-if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+def test_no_spills(records):
+    """No kernel of the activations' GPU dtypes spills (ptxas's spill bytes; no local
+    memory in the SASS)."""
+    for r in records:
+        if r["dtype"] in ("bf16", "fp16"):
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, show(r)
+            assert not r["local_bytes"]["load"] and not r["local_bytes"]["store"], show(r)
+
+
+def channel_runs(r) -> int:
+    """Channels a conv kernel loads as one contiguous run from its activation input."""
+    c = r["constexprs"]
+    return c.get("CIN_G") if r["kernel"] != "_conv_dgrad_kernel" else c.get("COUT_G")
+
+
+def test_conv_loads_are_16_byte_async(records):
+    """Channel runs of 8 x 16 bits load with 16-byte cp.async (LDGSTS.128) in the main loop.
+    Where the compiler unrolled a short constant loop (nothing to pipeline: one K step of a
+    narrow 1x1), they still load 16 bytes at a time."""
+    for r in records:
+        runs = channel_runs(r) if r["kernel"] in DOT_KERNELS else None
+        if r["dtype"] in ("bf16", "fp16") and runs and runs % 8 == 0:
+            if r["loop"]:
+                assert r["loop"]["loads"].get("LDGSTS.16"), show(r)
+            else:
+                assert r["loads"].get("LDGSTS.16") or r["loads"].get("LDG.16"), show(r)
+
+
+def test_3x3_main_loops_are_short(records):
+    """At most MAX_3X3_LOOP instructions per K step: the main loop's body, or, where the
+    compiler unrolled the constant 9 x chunks loop (narrow groups), the whole kernel per
+    step."""
+    for r in records:
+        c = r["constexprs"]
+        if (r["kernel"] in DOT_KERNELS and r["dtype"] in ("bf16", "fp16")
+                and c.get("KSIZE") == 3 and (channel_runs(r) or 0) >= 8):
+            if r["loop"]:
+                assert r["loop"]["mma"] and r["loop"]["local"] == 0, show(r)
+                assert r["loop"]["instructions"] <= MAX_3X3_LOOP, show(r)
+            else:
+                steps = 9 * -(-channel_runs(r) // c["BLOCK_K"])
+                assert r["instructions"] <= MAX_3X3_LOOP * steps, show(r)

@@ -213,3 +213,44 @@ def test_stats_opcheck():
     gate = torch.rand(2, 16, generator=gen).to(DEVICE)
     torch.library.opcheck(torch.ops.regnet_triton.conv_bn_stats.default,
                           (x, w, 2, 2, s, t, True, gate))
+
+
+# Dense convs at the odd channel counts of the standard models (the stem's 3, 24, 168,
+# 232): chunks that end mid-way (168 = 2 x 64 + 40), chunks of one to a few channels, in
+# every tap loop (1x1 and 3x3), both strides, heights 1, 7 and 13, batch 1 and 3.
+ODD_CHANNELS = [3, 24, 168, 232]
+
+
+@pytest.mark.parametrize("c", ODD_CHANNELS)
+@pytest.mark.parametrize("k,stride,size,batch", [(1, 1, 7, 3), (3, 2, 13, 1), (3, 1, 1, 3)])
+def test_dense_odd_channels(c, k, stride, size, batch):
+    check_conv_bn_act(batch, c, c if c > 3 else 32, size, k, stride, 1, torch.float32,
+                      squeeze=k == 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_channel_slice(dtype):
+    """A channel slice of a channels_last tensor: unit channel stride, but pixel strides
+    and the base address not multiples of 16 bytes (the row alignment hint drops to what
+    the strides allow)."""
+    gen = torch.Generator().manual_seed(3)
+    full = activation(3, 27, 13, 14, dtype, gen)
+    x = full[:, 1:25]
+    assert x.stride(1) == 1 and _implicit_gemm.row_alignment(x) == 1
+    w = conv_weight(24, 8, 3, dtype, gen)
+    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(24, gen))
+    with poisoned_outputs():
+        y = ops.conv_bn_act(x, w, scale, shift, stride=1, groups=3)
+    assert rel_err(y, ref_conv_bn(x, w, scale, shift, 1, 3).relu()) < tol(dtype)
+
+
+def test_channel_chunk_and_row_alignment():
+    assert [_implicit_gemm.channel_chunk(c) for c in (3, 8, 24, 40, 56, 168, 264, 2016)] == \
+        [16, 16, 32, 16, 64, 64, 64, 64]
+    x = torch.empty(2, 168, 7, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    assert _implicit_gemm.row_alignment(x) == 8       # 168 bf16 channels: 16-byte rows
+    assert _implicit_gemm.row_alignment(x.float()) == 4
+    assert _implicit_gemm.row_alignment(x[:, :, :, 1:]) == 8
+    assert _implicit_gemm.row_alignment(x[:, 2:6]) == 8  # strides unchanged by the slice
+    y = torch.empty(2, 3, 7, 7).to(memory_format=torch.channels_last)
+    assert _implicit_gemm.row_alignment(y) == 1

@@ -293,3 +293,26 @@ def test_cpu_tensor_without_interpreter(monkeypatch):
         conv_dgrad(torch.randn(2, 16, 4, 4), torch.randn(16, 8, 3, 3), (7, 8), 2, 2)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         conv_wgrad(torch.randn(2, 16, 7, 8), torch.randn(2, 24, 4, 4), 3, 2, 2)
+
+
+@pytest.mark.parametrize("c", [3, 24, 168, 232])
+@pytest.mark.parametrize("k,stride,size,batch", [(1, 2, 7, 3), (3, 1, 13, 1), (3, 2, 1, 3)])
+def test_dense_odd_channels(c, k, stride, size, batch):
+    """Dense convs at the odd channel counts of the standard models: channel chunks that
+    end mid-way in both gradients' loops (dgrad reduces over C_out, wgrad tiles C_in)."""
+    check_grads(batch, c, c if c > 3 else 32, size, size + 1, k, stride, 1, torch.float32,
+                dy_prologue="y" if k == 3 else None,
+                u_prologue=dict(relu=True, gated=False) if k == 1 else None)
+
+
+def test_unaligned_channel_slices():
+    """u and dy as channel slices of channels_last tensors: unit channel stride, pixel
+    strides and base addresses off 16 bytes."""
+    gen = torch.Generator().manual_seed(5)
+    u = activation(3, 27, 13, 14, torch.float32, gen)[:, 1:25]
+    dy = activation(3, 29, 7, 7, torch.float32, gen)[:, 3:27]
+    wt = conv_weight(24, 8, 3, torch.float32, gen)
+    ref_dx, ref_dw = reference(u, wt, dy, 2, 3)
+    with poisoned_outputs():
+        assert rel_err(conv_dgrad(dy, wt, (13, 14), 2, 3), ref_dx) < tol(torch.float32)
+        assert rel_err(conv_wgrad(u, dy, 3, 2, 3), ref_dw) < tol(torch.float32)

@@ -67,88 +67,86 @@ def group_channels(group, tile, C_g, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def load_conv_input(x_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
-                    n_rows, ih0, iw0, row_ok, kk, K, ci0, H, W, Cin_g,
-                    sxn, sxh, sxw, sxc, sgn,
-                    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
-                    HAS_GATE: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """The im2col tile A[m, k] = u[n, ih0 + kh, iw0 + kw, ci0 + ci] of a conv input, for
-    rows m (image n_rows, ih0 = oh * stride - pad, iw0 likewise) and reduction indices
-    kk = (kh, kw, ci) flattened, ci fastest (K = KSIZE * KSIZE * Cin_g in all).
-
-    u is x as stored, or x transformed as it is loaded (the prologue):
-        u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]
-    and is zero outside the image and on masked rows/columns AFTER the transform
-    (relu(0 * s + t) is not 0). The transform computes in ACC_DTYPE.
-    Returns (A in x's dtype, ci, kh, kw, k_ok).
-    """
-    x_row = n_rows.to(tl.int64) * sxn
-    k_ok = kk < K
-    if KSIZE == 1:
-        ci = kk
-        kh = tl.zeros_like(kk)
-        kw = kh
-        a_off = (x_row + ih0 * sxh + iw0 * sxw)[:, None] + ((ci0 + ci) * sxc)[None, :]
-        a_mask = row_ok[:, None] & k_ok[None, :]
-    else:
-        tap = kk // Cin_g
-        ci = kk - tap * Cin_g
-        kh = tap // KSIZE
-        kw = tap - kh * KSIZE
-        ih = ih0[:, None] + kh[None, :]
-        iw = iw0[:, None] + kw[None, :]
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a_off = x_row[:, None] + ih * sxh + iw * sxw + ((ci0 + ci) * sxc)[None, :]
-        a_mask = row_ok[:, None] & k_ok[None, :] & inside
-    a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+def prologue(a, a_mask, c, c_ok, rows, in_scale_ptr, in_shift_ptr, gate_ptr, sgn,
+             IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr, HAS_GATE: tl.constexpr,
+             ACC_DTYPE: tl.constexpr):
+    """u = relu?(a * in_scale[c] + in_shift[c]) * gate[n, c] for a tile `a` of an input
+    (rows: image of each row; c: absolute channel of each column), computed in ACC_DTYPE
+    and zero wherever `a_mask` is false AFTER the transform (relu(0 * s + t) is not 0).
+    Returns a in its own dtype when no prologue is on."""
     if IN_AFFINE or IN_RELU or HAS_GATE:
         u = a.to(ACC_DTYPE)
         if IN_AFFINE:
-            s = tl.load(in_scale_ptr + ci0 + ci, mask=k_ok, other=0.0)
-            t = tl.load(in_shift_ptr + ci0 + ci, mask=k_ok, other=0.0)
+            s = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)
+            t = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
             u = u * s[None, :] + t[None, :]
         if IN_RELU:
             u = tl.maximum(u, 0.0)
         if HAS_GATE:
-            g_off = n_rows.to(tl.int64)[:, None] * sgn + (ci0 + ci)[None, :]
+            g_off = rows.to(tl.int64)[:, None] * sgn + c[None, :]
             u = u * tl.load(gate_ptr + g_off, mask=a_mask, other=0.0)
-        a = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
-    return a, ci, kh, kw, k_ok
+        a = tl.where(a_mask, u, 0.0).to(a.dtype)
+    return a
+
+
+@triton.jit
+def tap_rows(x_img, ih0, iw0, row_ok, tap, H, W, sxh, sxw,
+             KSIZE: tl.constexpr, X_ALIGN: tl.constexpr):
+    """Element offsets (from x's base; x_img = image offsets, int64) of the input pixels that
+    tap `tap` (kh * KSIZE + kw) of each output row reads, and which of them lie inside the
+    image. X_ALIGN divides the offsets (the launcher's `row_alignment`), so channel runs load
+    as 16-byte vectors."""
+    if KSIZE == 1:
+        ih = ih0
+        iw = iw0
+        ok = row_ok
+    else:
+        kh = tap // KSIZE
+        ih = ih0 + kh
+        iw = iw0 + (tap - kh * KSIZE)
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tl.multiple_of(x_img + (ih * sxh + iw * sxw), X_ALIGN), ok
 
 
 @triton.jit
 def conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
                     n_rows, oh, ow, row_ok, ci0, co, co_ok,
-                    H, W, Cin_g, stride, pad,
-                    sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
-                    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
-                    HAS_GATE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    H, W, stride, pad, sxn, sxh, sxw, sgn,
+                    CIN_G: tl.constexpr, KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr,
+                    IN_RELU: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_K: tl.constexpr,
+                    X_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     ACC_DTYPE: tl.constexpr):
-    """acc[m, co] += sum over (kh, kw, ci) of u[n, ih, iw, ci0 + ci] * w[co, ci, kh, kw].
+    """acc[m, co] += sum over (kh, kw, ci) of u[n, ih, iw, ci0 + ci] * w[co, kh, kw, ci].
 
-    The reduction runs over the flattened K = KSIZE*KSIZE*Cin_g so that narrow
-    groups (8 channels) still fill a 16-deep tensor-core K step.
-    u is x as stored, or x transformed as it is loaded (the prologue):
-        u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]
-    IN_AFFINE/IN_RELU apply the previous layer's training-mode BN and ReLU, so its
-    normalized output is never written; HAS_GATE applies the SE excitation.
-    Padding is zero after the transform (relu(0 * s + t) is not 0).
+    The reduction walks the taps outside and contiguous chunks of BLOCK_K of the group's
+    CIN_G input channels inside, flattened into one loop of KSIZE^2 * ceil(CIN_G / BLOCK_K)
+    steps whose trip count is a constant (so the pipeliner overlaps loads across taps).
+    Per step, the tap and the chunk are scalars: a tile costs one row offset and one
+    bounds mask per row, and its channels are contiguous (x has unit channel stride, w is
+    packed (C_out, k, k, CIN_G), i.e. channels_last), so they load as 16-byte vectors
+    whenever CIN_G and X_ALIGN allow. A chunk past CIN_G is masked (group width 56 runs
+    as 64).
+
+    u is x as stored, or x transformed as it is loaded (`prologue`): IN_AFFINE/IN_RELU
+    apply the previous layer's training-mode BN and ReLU, so its normalized output is never
+    written; HAS_GATE applies the SE excitation.
     """
-    K = Cin_g * KSIZE * KSIZE
+    NCHUNK: tl.constexpr = (CIN_G + BLOCK_K - 1) // BLOCK_K
     ih0 = oh * stride - pad
     iw0 = ow * stride - pad
-    w_col = co.to(tl.int64) * swo
-    for k0 in range(0, K, BLOCK_K):
-        a, ci, kh, kw, k_ok = load_conv_input(x_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
-                                              n_rows, ih0, iw0, row_ok,
-                                              k0 + tl.arange(0, BLOCK_K), K, ci0, H, W, Cin_g,
-                                              sxn, sxh, sxw, sxc, sgn,
-                                              KSIZE, IN_AFFINE, IN_RELU, HAS_GATE, ACC_DTYPE)
-        if KSIZE == 1:
-            b_off = (ci * swi)[:, None] + w_col[None, :]
-        else:
-            b_off = (ci * swi + kh * swh + kw * sww)[:, None] + w_col[None, :]
-        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+    x_img = n_rows.to(tl.int64) * sxn
+    w_col = co.to(tl.int64) * (KSIZE * KSIZE * CIN_G)
+    for step in range(KSIZE * KSIZE * NCHUNK):
+        tap = step // NCHUNK
+        c = (step - tap * NCHUNK) * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_ok = c < CIN_G
+        rows, ok = tap_rows(x_img, ih0, iw0, row_ok, tap, H, W, sxh, sxw, KSIZE, X_ALIGN)
+        a_mask = ok[:, None] & c_ok[None, :]
+        a = tl.load(x_ptr + rows[:, None] + (ci0 + c)[None, :], mask=a_mask, other=0.0)
+        a = prologue(a, a_mask, ci0 + c, c_ok, n_rows, in_scale_ptr, in_shift_ptr, gate_ptr,
+                     sgn, IN_AFFINE, IN_RELU, HAS_GATE, ACC_DTYPE)
+        b = tl.load(w_ptr + w_col[None, :] + (tap * CIN_G + c)[:, None],
+                    mask=c_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
@@ -167,23 +165,33 @@ def conv_output_size(size: int, k: int, stride: int) -> int:
     return (size + 2 * (k // 2) - k) // stride + 1
 
 
-def conv_tiles(rows: int, cout_g: int, k: int,
+def conv_tiles(rows: int, cout_g: int, cin_g: int,
                dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` output pixels per tiling unit,
-    `cout_g` output channels per group and reduction depth `k`, in `dtype`.
+    `cout_g` output channels per group and `cin_g` input channels per group (the
+    reduction depth of one tap), in `dtype`.
 
     BLOCK_N follows the group width (one group per program: packing groups
-    would make a block-diagonal GEMM). BLOCK_K is the depth in {16, 32, 64} that
-    pads K least, so K = 72 (8 channels x 9 taps) uses 3 x 32 rather than
-    2 x 64. float64 tiles are capped (`fp64_tiles`). Depends on shapes and dtype
-    only: fake implementations call it too.
+    would make a block-diagonal GEMM). BLOCK_K is a channel chunk (`channel_chunk`).
+    float64 tiles are capped (`fp64_tiles`). Depends on shapes and dtype only: fake
+    implementations call it too.
     """
     block_n = _pow2_clamp(cout_g, 8, 128)
-    block_k = min((16, 32, 64), key=lambda bk: (triton.cdiv(k, bk) * bk, -bk))
+    block_k = channel_chunk(cin_g)
     block_m = _pow2_clamp(rows, 16, 64 if block_n >= 128 else 128)
     if dtype == torch.float64:
         return fp64_tiles(block_m, block_n, block_k)
     return block_m, block_n, block_k
+
+
+def channel_chunk(channels: int) -> int:
+    """The K step (16, 32 or 64: a 16-bit tensor-core step is 16 deep) over `channels`
+    contiguous channels: the deepest whose padding stays within 1.25x the least padded
+    depth. Deep steps cost fewer loop trips; 56 runs as 64, 168 as 3 x 64, 40 as 3 x 16
+    (not 64)."""
+    padded = {bk: triton.cdiv(channels, bk) * bk for bk in (16, 32, 64)}
+    least = min(padded.values())
+    return max(bk for bk, depth in padded.items() if 4 * depth <= 5 * least)
 
 
 def fp64_tiles(block_m: int, block_n: int, block_k: int) -> tuple[int, int, int]:
@@ -193,9 +201,12 @@ def fp64_tiles(block_m: int, block_n: int, block_k: int) -> tuple[int, int, int]
     return min(block_m, 64), min(block_n, 64), min(block_k, 32)
 
 
-def launch_config(block_m: int, block_n: int) -> dict:
-    """num_warps / num_stages for a tile (ignored by the interpreter)."""
-    return {"num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
+def launch_config(block_m: int, block_n: int, prologue: bool = False) -> dict:
+    """num_warps / num_stages for a tile (ignored by the interpreter). A prologue
+    (transform on load) takes its tiles through registers: 8 warps from 64 x 64 up share
+    that work, which keeps those kernels from spilling on sm_90."""
+    big = block_m * block_n >= (64 * 64 if prologue else 128 * 128)
+    return {"num_warps": 8 if big else 4, "num_stages": 3}
 
 
 def conv_tf32_allowed() -> bool:
@@ -369,6 +380,29 @@ def check_conv_weight(name: str, w: torch.Tensor, x: torch.Tensor, groups: int) 
 def nhwc_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     """x's strides in the kernels' (n, h, w, c) argument order."""
     return x.stride(0), x.stride(2), x.stride(3), x.stride(1)
+
+
+def unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along channels (the implicit-GEMM kernels load contiguous
+    channel chunks): x itself when it is channels_last (or otherwise NHWC-strided), else
+    a channels_last copy."""
+    return x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
+
+
+def packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """A conv weight (C_out, C_in / groups, k, k) with (kh, kw, ci) contiguous per output
+    channel: channels_last, which the fused models keep (a no-op then, and for 1x1)."""
+    return w.contiguous(memory_format=torch.channels_last)
+
+
+def row_alignment(x: torch.Tensor) -> int:
+    """The largest power of two (at most 16 bytes' worth of elements) that divides x's
+    image, row and pixel strides: the X_ALIGN constexpr of `conv_accumulate`, which lets
+    a channel chunk load as one 16-byte vector."""
+    align = 16 // x.element_size()
+    while align > 1 and any(s % align for s in (x.stride(0), x.stride(2), x.stride(3))):
+        align //= 2
+    return max(align, 1)
 
 
 def new_activation(n: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,12 @@ def _tiles(hw: int, c: int) -> tuple[int, int]:
     return min(128, triton.next_power_of_2(hw)), min(64, triton.next_power_of_2(c))
 
 
+def _num_warps(block_m: int, block_c: int) -> int:
+    """32 elements of each tile a thread: with more, the full variant (affine, ReLU, gate)
+    spills on sm_90."""
+    return 8 if block_m * block_c >= 8192 else 4
+
+
 def _shapes(x, gate, write_dv, reduce):
     n, c, h, w = x.shape
     tiles = triton.cdiv(h * w, _tiles(h * w, c)[0])
@@ -127,6 +133,7 @@ def _bn_act_backward_op(
         G_PER_TILE=per_tile, AFFINE=scale is not None, RELU=relu, HAS_GATE=gate is not None,
         EXTERNAL_MASK=mask_src is not None, WRITE_DV=write_dv, REDUCE=reduce,
         BLOCK_M=block_m, BLOCK_C=block_c, ACC_DTYPE=acc_constexpr(y.dtype),
+        num_warps=_num_warps(block_m, block_c),
     )
     return dv, parts, dgate
 

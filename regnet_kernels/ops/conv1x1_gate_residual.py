@@ -32,31 +32,36 @@ from ._implicit_gemm import (
     new_activation,
     nhwc_strides,
     output_rows,
+    packed_weight,
+    row_alignment,
+    unit_channel_stride,
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _conv1x1_gate_residual_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, gate_ptr, res_ptr, pw_ptr, pscale_ptr, pshift_ptr, y_ptr,
-    Cin, Cout, Ho, Wo, M, Hr, Wr, Cr, proj_stride,
-    sxn, sxh, sxw, sxc, swo, swi, sgn,
-    srn, srh, srw, src, spo, spi,
-    HAS_GATE: tl.constexpr, PROJECT: tl.constexpr,
+    Ho, Wo, M, Hr, Wr, proj_stride, tiles_n,
+    sxn, sxh, sxw, sgn, srn, srh, srw,
+    CIN: tl.constexpr, COUT: tl.constexpr, C_RES: tl.constexpr, HAS_GATE: tl.constexpr, PROJECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < Cout
+    # The channel tiles of a row tile are adjacent in launch order: x's row tile (and the
+    # shortcut's) is read from HBM once, then from L2.
+    pid = tl.program_id(0)
+    pid_m = pid // tiles_n
+    co = (pid - pid_m * tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT
     m, n_rows, oh, ow, row_ok = output_rows(pid_m, M, Ho * Wo, Wo, 0, False, BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc = conv_accumulate(acc, x_ptr, w_ptr, x_ptr, x_ptr, gate_ptr,
                           n_rows, oh, ow, row_ok, 0, co, co_ok,
-                          Ho, Wo, Cin, 1, 0,
-                          sxn, sxh, sxw, sxc, swo, swi, 0, 0, sgn,
-                          1, False, False, HAS_GATE, BLOCK_K, DOT_PRECISION, ACC_DTYPE)
+                          Ho, Wo, 1, 0, sxn, sxh, sxw, sgn,
+                          CIN, 1, False, False, HAS_GATE, BLOCK_K, X_ALIGN,
+                          DOT_PRECISION, ACC_DTYPE)
     scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)
     shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
     y = acc * scale[None, :] + shift[None, :]
@@ -66,18 +71,19 @@ def _conv1x1_gate_residual_kernel(
         acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         acc_p = conv_accumulate(acc_p, res_ptr, pw_ptr, res_ptr, res_ptr, res_ptr,
                                 n_rows, oh, ow, row_ok, 0, co, co_ok,
-                                Hr, Wr, Cr, proj_stride, 0,
-                                srn, srh, srw, src, spo, spi, 0, 0, 0,
-                                1, False, False, False, BLOCK_K, DOT_PRECISION, ACC_DTYPE)
+                                Hr, Wr, proj_stride, 0, srn, srh, srw, 0,
+                                C_RES, 1, False, False, False, BLOCK_K, R_ALIGN,
+                                DOT_PRECISION, ACC_DTYPE)
         pscale = tl.load(pscale_ptr + co, mask=co_ok, other=0.0)
         pshift = tl.load(pshift_ptr + co, mask=co_ok, other=0.0)
         y += acc_p * pscale[None, :] + pshift[None, :]
     else:
-        r_off = (n_rows.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
+        r_rows = tl.multiple_of(n_rows.to(tl.int64) * srn + (oh * srh + ow * srw), R_ALIGN)
+        r_off = r_rows[:, None] + co[None, :]
         y += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(ACC_DTYPE)
 
     y = tl.maximum(y, 0.0)
-    y_off = m.to(tl.int64)[:, None] * Cout + co[None, :]
+    y_off = m.to(tl.int64)[:, None] * COUT + co[None, :]
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,21 +97,23 @@ def _launch(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, pr
     project = proj_weight is not None
     k_max = max(c_in, shortcut.shape[1]) if project else c_in
     block_m, block_n, block_k = conv_tiles(n * ho * wo, c_out, k_max, x.dtype)
-    grid = (triton.cdiv(n * ho * wo, block_m), triton.cdiv(c_out, block_n))
+    tiles_n = triton.cdiv(c_out, block_n)
     _, cr, hr, wr = shortcut.shape
-    pw = proj_weight if project else weight
-    _conv1x1_gate_residual_kernel[grid](
-        x, weight, scale, shift,
+    x = unit_channel_stride(x)
+    shortcut = unit_channel_stride(shortcut)
+    pw = packed_weight(proj_weight) if project else weight
+    _conv1x1_gate_residual_kernel[(triton.cdiv(n * ho * wo, block_m) * tiles_n,)](
+        x, packed_weight(weight), scale, shift,
         gate if gate is not None else scale, shortcut,
         pw, proj_scale if project else scale, proj_shift if project else shift, y,
-        c_in, c_out, ho, wo, n * ho * wo, hr, wr, cr, proj_stride,
-        *nhwc_strides(x), weight.stride(0), weight.stride(1),
-        gate.stride(0) if gate is not None else 0,
-        *nhwc_strides(shortcut), pw.stride(0), pw.stride(1),
-        HAS_GATE=gate is not None, PROJECT=project,
+        ho, wo, n * ho * wo, hr, wr, proj_stride, tiles_n,
+        *nhwc_strides(x)[:3], gate.stride(0) if gate is not None else 0,
+        *nhwc_strides(shortcut)[:3],
+        CIN=c_in, COUT=c_out, C_RES=cr, HAS_GATE=gate is not None, PROJECT=project,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        X_ALIGN=row_alignment(x), R_ALIGN=row_alignment(shortcut),
         DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype),
-        **launch_config(block_m, block_n),
+        **launch_config(block_m, block_n, prologue=gate is not None),
     )
     return y
 

@@ -38,35 +38,43 @@ from ._implicit_gemm import (
     new_activation,
     nhwc_strides,
     output_rows,
+    packed_weight,
+    row_alignment,
+    unit_channel_stride,
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _conv_bn_act_kernel(
     x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr, scale_ptr, shift_ptr,
     y_ptr, sums_ptr, m2_ptr,
-    H, W, Cin_g, Ho, Wo, Cout, Cout_g, M, tiles_per_image, tiles_n, stride, pad,
-    sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
-    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+    H, W, Ho, Wo, groups, M, tiles_per_image, tiles_n, stride, pad,
+    sxn, sxh, sxw, sgn,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr, SQUEEZE: tl.constexpr,
     STATS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # One program per (row tile, group, channel tile), the channel tiles of a row tile
+    # adjacent in launch order: the row tile's input is read from HBM once, then from L2.
+    pid = tl.program_id(0)
+    tiles_gn = groups * tiles_n
+    pid_m = pid // tiles_gn
+    pid_n = pid - pid_m * tiles_gn
     group = pid_n // tiles_n
-    _, co_ok, co = group_channels(group, pid_n % tiles_n, Cout_g, BLOCK_N)
+    _, co_ok, co = group_channels(group, pid_n % tiles_n, COUT_G, BLOCK_N)
+    Cout = groups * COUT_G
     HWo = Ho * Wo
     m, n_rows, oh, ow, row_ok = output_rows(pid_m, M, HWo, Wo, tiles_per_image,
                                             SQUEEZE, BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc = conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
-                          n_rows, oh, ow, row_ok, group * Cin_g, co, co_ok,
-                          H, W, Cin_g, stride, pad,
-                          sxn, sxh, sxw, sxc, swo, swi, swh, sww, sgn,
-                          KSIZE, IN_AFFINE, IN_RELU, HAS_GATE, BLOCK_K, DOT_PRECISION, ACC_DTYPE)
+                          n_rows, oh, ow, row_ok, group * CIN_G, co, co_ok,
+                          H, W, stride, pad, sxn, sxh, sxw, sgn,
+                          CIN_G, KSIZE, IN_AFFINE, IN_RELU, HAS_GATE, BLOCK_K, X_ALIGN,
+                          DOT_PRECISION, ACC_DTYPE)
 
     mask = row_ok[:, None] & co_ok[None, :]
     y_off = m.to(tl.int64)[:, None] * Cout + co[None, :]
@@ -101,7 +109,7 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int, s
     c_out, cin_g, k, _ = weight.shape
     ho, wo = conv_output_size(h, k, stride), conv_output_size(w, k, stride)
     rows = ho * wo if squeeze else n * ho * wo
-    block_m, block_n, block_k = conv_tiles(rows, c_out // groups, k * k * cin_g, x.dtype)
+    block_m, block_n, block_k = conv_tiles(rows, c_out // groups, cin_g, x.dtype)
     tiles_per_image = triton.cdiv(ho * wo, block_m)
     return ho, wo, (block_m, block_n, block_k), tiles_per_image
 
@@ -132,19 +140,21 @@ def _launch(x, weight, stride, groups, *, scale=None, shift=None, relu=False, sq
     tiles_n = triton.cdiv(cout_g, block_n)
     m_tiles = n * tiles_per_image if squeeze else triton.cdiv(n * ho * wo, block_m)
     unused = aux  # placeholder for pointers a variant does not read
-    _conv_bn_act_kernel[(m_tiles, groups * tiles_n)](
-        x, weight,
+    x = unit_channel_stride(x)
+    _conv_bn_act_kernel[(m_tiles * groups * tiles_n,)](
+        x, packed_weight(weight),
         in_scale if in_scale is not None else unused, in_shift if in_shift is not None else unused,
         gate if gate is not None else unused,
         scale if scale is not None else unused, shift if shift is not None else unused,
         y, aux, aux[1] if stats else unused,
-        h, w, cin_g, ho, wo, c_out, cout_g, n * ho * wo, tiles_per_image, tiles_n, stride, k // 2,
-        *nhwc_strides(x), *weight.stride(), gate.stride(0) if gate is not None else 0,
-        KSIZE=k, IN_AFFINE=in_scale is not None, IN_RELU=in_relu, HAS_GATE=gate is not None,
-        AFFINE=scale is not None, RELU=relu, SQUEEZE=squeeze, STATS=stats,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        h, w, ho, wo, groups, n * ho * wo, tiles_per_image, tiles_n, stride, k // 2,
+        *nhwc_strides(x)[:3], gate.stride(0) if gate is not None else 0,
+        CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, IN_AFFINE=in_scale is not None, IN_RELU=in_relu,
+        HAS_GATE=gate is not None, AFFINE=scale is not None, RELU=relu, SQUEEZE=squeeze,
+        STATS=stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        X_ALIGN=row_alignment(x),
         DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype),
-        **launch_config(block_m, block_n),
+        **launch_config(block_m, block_n, prologue=in_scale is not None or gate is not None),
     )
     return y, aux
 

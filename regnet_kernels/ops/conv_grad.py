@@ -51,10 +51,14 @@ from ._implicit_gemm import (
     fp64_tiles,
     group_channels,
     launch_config,
-    load_conv_input,
     new_activation,
     nhwc_strides,
     output_rows,
+    packed_weight,
+    prologue,
+    row_alignment,
+    tap_rows,
+    unit_channel_stride,
 )
 
 
@@ -93,24 +97,20 @@ class UPrologue(NamedTuple):
 
 @triton.jit
 def _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr, mask_ptr, mask_scale_ptr,
-             mask_shift_ptr, n, oh, ow, co, co_ok, valid,
-             sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
+             mask_shift_ptr, off, co, co_ok, valid,
              PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """dy[n, oh, ow, co] (n, oh, ow broadcast to the tile, co over its columns) in
-    dy's dtype, the DyPrologue applied in ACC_DTYPE; 0 wherever `valid` is false."""
-    n64 = n.to(tl.int64)
-    g = tl.load(dy_ptr + (n64 * sdn + oh * sdh + ow * sdw + (co * sdc)[None, :]),
-                mask=valid, other=0.0)
+    """dy at element offsets `off` (co: the absolute output channel of each column) in dy's
+    dtype, the DyPrologue applied in ACC_DTYPE; 0 wherever `valid` is false. y and mask_src
+    share dy's layout (the launchers make all three channels_last), so `off` serves all."""
+    g = tl.load(dy_ptr + off, mask=valid, other=0.0)
     if PROLOGUE:
         g = g.to(ACC_DTYPE)
         if HAS_MASK:
-            src = tl.load(mask_ptr + (n64 * smn + oh * smh + ow * smw + (co * smc)[None, :]),
-                          mask=valid, other=0.0).to(ACC_DTYPE)
+            src = tl.load(mask_ptr + off, mask=valid, other=0.0).to(ACC_DTYPE)
             ms = tl.load(mask_scale_ptr + co, mask=co_ok, other=0.0)
             mt = tl.load(mask_shift_ptr + co, mask=co_ok, other=0.0)
             g = tl.where(src * ms[None, :] + mt[None, :] > 0.0, g, 0.0)
-        y = tl.load(y_ptr + (n64 * syn + oh * syh + ow * syw + (co * syc)[None, :]),
-                    mask=valid, other=0.0).to(ACC_DTYPE)
+        y = tl.load(y_ptr + off, mask=valid, other=0.0).to(ACC_DTYPE)
         a = tl.load(dy_a_ptr + co, mask=co_ok, other=0.0)
         b = tl.load(dy_b_ptr + co, mask=co_ok, other=0.0)
         c = tl.load(dy_c_ptr + co, mask=co_ok, other=0.0)
@@ -118,22 +118,24 @@ def _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr, mask_ptr, mask_scale_p
     return g.to(dy_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Mq"])
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
     mask_ptr, mask_scale_ptr, mask_shift_ptr,
-    H, W, Ho, Wo, Cin, Cin_g, Cout_g, Hq, Wq, Mq, tiles_m, tiles_n, stride, pad,
-    sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc, swo, swi, swh, sww,
-    KSIZE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    H, W, Ho, Wo, groups, Hq, Wq, Mq, tiles_m, tiles_n, stride, pad, sdn, sdh, sdw,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KSIZE: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """dx[n, ih, iw, ci] = sum over (kh, kw, co) of dy[n, oh, ow, co] * w[co, ci, kh, kw],
-    oh = (ih + pad - kh) / stride (only exact quotients in range)."""
+    """dx[n, ih, iw, ci] = sum over (kh, kw, co) of dy[n, oh, ow, co] * w[co, kh, kw, ci],
+    oh = (ih + pad - kh) / stride (only exact quotients in range). The reduction walks the
+    parity class's taps outside and chunks of BLOCK_K of the group's COUT_G output channels
+    inside (as `conv_accumulate` does)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = pid_n // tiles_n
-    ci_g, ci_ok, ci = group_channels(group, pid_n % tiles_n, Cin_g, BLOCK_N)
+    ci_g, ci_ok, ci = group_channels(group, pid_n % tiles_n, CIN_G, BLOCK_N)
     # Parity class (ph, pw) of this row tile: input pixels (ph + stride * i, pw + stride * j).
     phase = pid_m // tiles_m
     ph = phase // stride
@@ -150,64 +152,69 @@ def _conv_dgrad_kernel(
     qw = (pw + pad) // stride
     nth = (KSIZE - kh0 + stride - 1) // stride
     ntw = (KSIZE - kw0 + stride - 1) // stride
-    K = nth * ntw * Cout_g
-    co0 = group * Cout_g
-    w_col = ci_g.to(tl.int64) * swi
+    NCHUNK: tl.constexpr = (COUT_G + BLOCK_K - 1) // BLOCK_K
+    co0 = group * COUT_G
+    dy_img = n_rows.to(tl.int64) * sdn
+    w_col = ci_g.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < K
-        tap = kk // Cout_g
-        co = co0 + kk - tap * Cout_g
-        th = tap // ntw
-        tw = tap - th * ntw
-        oh = i[:, None] + (qh - th)[None, :]
-        ow = j[:, None] + (qw - tw)[None, :]
-        valid = (row_ok[:, None] & k_ok[None, :]
-                 & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo))
+    for step in range(nth * ntw * NCHUNK):
+        t = step // NCHUNK
+        c = (step - t * NCHUNK) * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_ok = c < COUT_G
+        th = t // ntw
+        tw = t - th * ntw
+        oh = i + (qh - th)
+        ow = j + (qw - tw)
+        ok = row_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+        rows = tl.multiple_of(dy_img + (oh * sdh + ow * sdw), D_ALIGN)
         a = _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
                      mask_ptr, mask_scale_ptr, mask_shift_ptr,
-                     n_rows[:, None], oh, ow, co, k_ok, valid,
-                     sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
-                     PROLOGUE, HAS_MASK, ACC_DTYPE)
-        b_off = (co * swo + (kh0 + th * stride) * swh + (kw0 + tw * stride) * sww)[:, None] \
+                     rows[:, None] + (co0 + c)[None, :], co0 + c, c_ok,
+                     ok[:, None] & c_ok[None, :], PROLOGUE, HAS_MASK, ACC_DTYPE)
+        tap = (kh0 + th * stride) * KSIZE + kw0 + tw * stride
+        b_off = ((co0 + c).to(tl.int64) * (KSIZE * KSIZE * CIN_G) + tap * CIN_G)[:, None] \
             + w_col[None, :]
-        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & ci_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + b_off, mask=c_ok[:, None] & ci_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
-    dx_off = (((n_rows.to(tl.int64) * H + ih) * W + iw) * Cin)[:, None] + ci[None, :]
+    dx_off = (((n_rows.to(tl.int64) * H + ih) * W + iw) * (groups * CIN_G))[:, None] + ci[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & ci_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split"])
 def _conv_wgrad_kernel(
     u_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
     y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr,
-    H, W, Ho, Wo, Cin_g, Cout, Cout_g, M, rows_per_split, tiles_kc, tiles_co, stride, pad,
-    sun, suh, suw, suc, sgn, sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
-    KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+    H, W, Ho, Wo, groups, M, rows_per_split, tiles_ci, tiles_co, stride, pad,
+    sun, suh, suw, sgn, sdn, sdh, sdw,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GATE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    U_ALIGN: tl.constexpr, D_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Partial dw[split, co, ci, kh, kw] = sum over the split's rows m = (n, oh, ow) of
     u[n, oh * stride - pad + kh, ow * stride - pad + kw, ci] * dy[n, oh, ow, co].
 
-    A GEMM over the group: acc[kc, co] with kc = (kh, kw, ci) flattened as the dot's M
-    (BLOCK_M), the group's output channels as its N (BLOCK_N; 8 is fine) and the
-    split's pixel rows as its K (BLOCK_K).
+    One program per (tap, input-channel tile, output-channel tile, group): a GEMM with the
+    tile's input channels as the dot's M (BLOCK_M), the output channels as its N (BLOCK_N)
+    and the split's pixel rows as its K (BLOCK_K). Both operands are contiguous channel
+    runs. The taps of one tile are adjacent in launch order, so their dy rows come from L2.
     """
+    TAPS: tl.constexpr = KSIZE * KSIZE
     split = tl.program_id(0)
     pid = tl.program_id(1)
-    tiles = tiles_co * tiles_kc
-    group = pid // tiles
-    t_co = (pid - group * tiles) // tiles_kc
-    t_kc = pid - group * tiles - t_co * tiles_kc
-    co_g, co_ok, co = group_channels(group, t_co, Cout_g, BLOCK_N)
-    kk = t_kc * BLOCK_M + tl.arange(0, BLOCK_M)
-    Kc = Cin_g * KSIZE * KSIZE
+    tap = pid % TAPS
+    rest = pid // TAPS
+    t_ci = rest % tiles_ci
+    rest = rest // tiles_ci
+    t_co = rest % tiles_co
+    group = rest // tiles_co
+    co_g, co_ok, co = group_channels(group, t_co, COUT_G, BLOCK_N)
+    ci_g, ci_ok, ci = group_channels(group, t_ci, CIN_G, BLOCK_M)
+    Cout = groups * COUT_G
     m_lo = split * rows_per_split
     m_hi = tl.minimum(m_lo + rows_per_split, M)
 
@@ -215,25 +222,24 @@ def _conv_wgrad_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_K):
         m, n_rows, oh, ow, row_ok = output_rows(m0 // BLOCK_K, m_hi, Ho * Wo, Wo, 0,
                                                 False, BLOCK_K)
-        u = load_conv_input(
-            u_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
-            n_rows, oh * stride - pad, ow * stride - pad, row_ok, kk, Kc, group * Cin_g,
-            H, W, Cin_g, sun, suh, suw, suc, sgn, KSIZE, IN_AFFINE, IN_RELU, HAS_GATE,
-            ACC_DTYPE)[0]
+        rows, ok = tap_rows(n_rows.to(tl.int64) * sun, oh * stride - pad, ow * stride - pad,
+                            row_ok, tap, H, W, suh, suw, KSIZE, U_ALIGN)
+        u_mask = ok[:, None] & ci_ok[None, :]
+        u = tl.load(u_ptr + rows[:, None] + ci[None, :], mask=u_mask, other=0.0)
+        u = prologue(u, u_mask, ci, ci_ok, n_rows, in_scale_ptr, in_shift_ptr, gate_ptr, sgn,
+                     IN_AFFINE, IN_RELU, HAS_GATE, ACC_DTYPE)
+        d_rows = tl.multiple_of(n_rows.to(tl.int64) * sdn + (oh * sdh + ow * sdw), D_ALIGN)
         d = _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
                      mask_ptr, mask_scale_ptr, mask_shift_ptr,
-                     n_rows[:, None], oh[:, None], ow[:, None], co, co_ok,
-                     row_ok[:, None] & co_ok[None, :],
-                     sdn, sdh, sdw, sdc, syn, syh, syw, syc, smn, smh, smw, smc,
-                     PROLOGUE, HAS_MASK, ACC_DTYPE)
+                     d_rows[:, None] + co[None, :], co, co_ok,
+                     row_ok[:, None] & co_ok[None, :], PROLOGUE, HAS_MASK, ACC_DTYPE)
         acc = tl.dot(tl.trans(u), d, acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC_DTYPE)
 
-    # dw is (C_out, C_in / groups, k, k) contiguous: kc = (tap, ci) lands at ci * k * k + tap
-    tap = kk // Cin_g
-    col = ((kk - tap * Cin_g) * (KSIZE * KSIZE) + tap).to(tl.int64)
-    dw_off = split.to(tl.int64) * Cout * Kc + (co.to(tl.int64) * Kc)[None, :] + col[:, None]
-    tl.store(dw_ptr + dw_off, acc, mask=(kk < Kc)[:, None] & co_ok[None, :])
+    # dw is (C_out, C_in / groups, k, k) contiguous: (ci, tap) lands at ci * k * k + tap
+    dw_off = (split.to(tl.int64) * Cout * (CIN_G * TAPS) + (co.to(tl.int64) * (CIN_G * TAPS))[None, :]
+              + (ci_g * TAPS + tap)[:, None])
+    tl.store(dw_ptr + dw_off, acc, mask=ci_ok[:, None] & co_ok[None, :])
 
 
 # ---------------------------------------------------------------------------
@@ -256,29 +262,26 @@ def _halve_k_step(dtype: torch.dtype, prologue: bool) -> bool:
 def dgrad_geometry(n: int, h: int, w: int, cin_g: int, cout_g: int, k: int, stride: int,
                    dtype: torch.dtype = torch.float32, prologue: bool = False):
     """(Hq, Wq, (BLOCK_M, BLOCK_N, BLOCK_K)): rows of one parity class are N x Hq x Wq;
-    a class has at most ceil(k / stride)^2 taps. A dy prologue on fp32/fp64 halves the
-    K step (shared memory); fp64 tiles are capped (`fp64_tiles`)."""
+    a class has at most ceil(k / stride)^2 taps, each a reduction over `cout_g` channels in
+    chunks of BLOCK_K. A dy prologue on fp32/fp64 halves the K step (shared memory); fp64
+    tiles are capped (`fp64_tiles`)."""
     hq, wq = triton.cdiv(h, stride), triton.cdiv(w, stride)
-    depth = triton.cdiv(k, stride) ** 2 * cout_g
-    block_m, block_n, _ = conv_tiles(n * hq * wq, cin_g, depth)
-    # The widest K step that pads the reduction by at most 1/8: wide groups get 64-deep
-    # steps (K = 9 x 264 in 38 steps, not 149), narrow ones still pack the taps tightly.
-    block_k = next(bk for bk in (64, 32, 16) if triton.cdiv(depth, bk) * bk * 8 <= depth * 9
-                   or bk == 16)
+    block_m, block_n, block_k = conv_tiles(n * hq * wq, cin_g, cout_g)
     if _halve_k_step(dtype, prologue):
         block_k = max(16, block_k // 2)
     tiles = (block_m, block_n, block_k)
     return hq, wq, fp64_tiles(*tiles) if dtype == torch.float64 else tiles
 
 
-def wgrad_tiles(rows: int, cout_g: int, kc: int, dtype: torch.dtype = torch.float32,
+def wgrad_tiles(rows: int, cout_g: int, cin_g: int, dtype: torch.dtype = torch.float32,
                 prologue: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of the wgrad GEMM: M over kc = k x k x input channels
-    per group, N over the `cout_g` output channels per group, K over `rows` = N x Ho x Wo.
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the wgrad GEMM of one tap: M over the `cin_g` input
+    channels per group, N over the `cout_g` output channels per group, K over `rows` =
+    N x Ho x Wo.
     Wide M / N tiles read each u and dy element fewer times (the wgrad of a grouped
     conv is memory-bound); a prologue on fp32/fp64 halves the K step (shared memory);
     fp64 tiles are capped (`fp64_tiles`)."""
-    tiles = (_pow2_clamp(kc, 16, 128), _pow2_clamp(cout_g, 8, 128),
+    tiles = (_pow2_clamp(cin_g, 16, 128), _pow2_clamp(cout_g, 8, 128),
              _pow2_clamp(rows, 16, 32 if _halve_k_step(dtype, prologue) else 64))
     return fp64_tiles(*tiles) if dtype == torch.float64 else tiles
 
@@ -290,8 +293,8 @@ def wgrad_geometry(n: int, ho: int, wo: int, c_out: int, cin_g: int, k: int, gro
     bit-reproducible."""
     m = n * ho * wo
     cout_g, kc = c_out // groups, k * k * cin_g
-    block_m, block_n, block_k = wgrad_tiles(m, cout_g, kc, dtype, prologue)
-    out_tiles = groups * triton.cdiv(kc, block_m) * triton.cdiv(cout_g, block_n)
+    block_m, block_n, block_k = wgrad_tiles(m, cout_g, cin_g, dtype, prologue)
+    out_tiles = groups * k * k * triton.cdiv(cin_g, block_m) * triton.cdiv(cout_g, block_n)
     blocks = max(triton.cdiv(m, block_k), 1)
     splits = max(1, min(triton.cdiv(_WGRAD_PROGRAMS, max(out_tiles, 1)),
                         triton.cdiv(blocks, _MIN_BLOCKS_PER_SPLIT),
@@ -307,14 +310,17 @@ def wgrad_geometry(n: int, ho: int, wo: int, c_out: int, cin_g: int, k: int, gro
 
 
 def _dy_args(dy, y, dy_a, dy_b, dy_c, mask_src, mask_scale, mask_shift):
-    """Pointer and stride arguments of the dy prologue (dy stands in for absent tensors)."""
+    """(dy, the prologue's pointer arguments, dy's (n, h, w) strides, flags), dy, y and
+    mask_src made contiguous channels_last, so that one offset addresses all three (dy
+    stands in for absent tensors)."""
     prologue, has_mask = y is not None, mask_src is not None
+    dy, y, mask_src = (t if t is None else t.contiguous(memory_format=torch.channels_last)
+                       for t in (dy, y, mask_src))
     ptrs = (y if prologue else dy, dy_a if prologue else dy, dy_b if prologue else dy,
             dy_c if prologue else dy, mask_src if has_mask else dy,
             mask_scale if has_mask else dy, mask_shift if has_mask else dy)
-    strides = (*nhwc_strides(dy), *nhwc_strides(y if prologue else dy),
-               *nhwc_strides(mask_src if has_mask else dy))
-    return ptrs, strides, dict(PROLOGUE=prologue, HAS_MASK=has_mask)
+    flags = dict(PROLOGUE=prologue, HAS_MASK=has_mask, D_ALIGN=row_alignment(dy))
+    return dy, ptrs, nhwc_strides(dy)[:3], flags
 
 
 def _dgrad_launch(dy, weight, h, w, stride, groups, *prologue):
@@ -329,14 +335,14 @@ def _dgrad_launch(dy, weight, h, w, stride, groups, *prologue):
                                                          dy.dtype, prologue[0] is not None)
     tiles_m = triton.cdiv(n * hq * wq, block_m)
     tiles_n = triton.cdiv(cin_g, block_n)
-    ptrs, strides, flags = _dy_args(dy, *prologue)
+    dy, ptrs, strides, flags = _dy_args(dy, *prologue)
     _conv_dgrad_kernel[(stride * stride * tiles_m, groups * tiles_n)](
-        dy, weight, dx, *ptrs,
-        h, w, ho, wo, c_in, cin_g, cout_g, hq, wq, n * hq * wq, tiles_m, tiles_n, stride, k // 2,
-        *strides, *weight.stride(),
-        KSIZE=k, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        dy, packed_weight(weight), dx, *ptrs,
+        h, w, ho, wo, groups, hq, wq, n * hq * wq, tiles_m, tiles_n, stride, k // 2, *strides,
+        CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=dot_precision(dy.dtype), ACC_DTYPE=acc_constexpr(dy.dtype),
-        **launch_config(block_m, block_n),
+        **launch_config(block_m, block_n, prologue=prologue[0] is not None),
     )
     return dx
 
@@ -354,19 +360,20 @@ def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, *
                      device=u.device)
     if m == 0 or dw.numel() == 0:
         return dw.zero_() if splits == 1 else dw.zero_().sum(0)
-    tiles_kc = triton.cdiv(k * k * cin_g, block_m)
+    tiles_ci = triton.cdiv(cin_g, block_m)
     tiles_co = triton.cdiv(cout_g, block_n)
-    ptrs, strides, flags = _dy_args(dy, *prologue)
+    dy, ptrs, strides, flags = _dy_args(dy, *prologue)
+    u = unit_channel_stride(u)
     affine = in_scale is not None
-    _conv_wgrad_kernel[(splits, groups * tiles_co * tiles_kc)](
+    _conv_wgrad_kernel[(splits, groups * tiles_co * tiles_ci * k * k)](
         u, dy, dw, in_scale if affine else dw, in_shift if affine else dw,
         gate if gate is not None else dw, *ptrs,
-        h, w, ho, wo, cin_g, c_out, cout_g, m, rows_per_split, tiles_kc, tiles_co, stride, k // 2,
-        *nhwc_strides(u), gate.stride(0) if gate is not None else 0, *strides,
-        KSIZE=k, IN_AFFINE=affine, IN_RELU=in_relu, HAS_GATE=gate is not None, **flags,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        h, w, ho, wo, groups, m, rows_per_split, tiles_ci, tiles_co, stride, k // 2,
+        *nhwc_strides(u)[:3], gate.stride(0) if gate is not None else 0, *strides,
+        CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, IN_AFFINE=affine, IN_RELU=in_relu, HAS_GATE=gate is not None,
+        **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, U_ALIGN=row_alignment(u),
         DOT_PRECISION=dot_precision(u.dtype), ACC_DTYPE=acc_constexpr(u.dtype),
-        **launch_config(block_m, block_n),
+        **launch_config(block_m, block_n, prologue=any_prologue),
     )
     # The chunks' partials, summed in a fixed order.
     return dw if splits == 1 else dw.sum(0)

@@ -59,7 +59,12 @@ def _se_excite_kernel(sums_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr,
 
 def _tiles(s: int) -> tuple[int, int]:
     block_s = triton.next_power_of_2(max(s, 1))
-    return block_s, max(16, min(128, 8192 // block_s))
+    return block_s, max(4, min(128, 4096 // block_s))
+
+
+def _num_warps(block_s: int, block_c: int) -> int:
+    """Up to 64 weight elements a thread: more and the widest SE layers spill on sm_90."""
+    return max(4, min(8, block_s * block_c // 512))
 
 
 @torch.library.custom_op("regnet_triton::se_excite", mutates_args=())
@@ -75,7 +80,7 @@ def _se_excite_op(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
         sums, w1, b1, w2, b2, gate, t, c, s, hw,
         w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=acc_constexpr(sums.dtype),
-        num_warps=8 if block_s * block_c >= 8192 else 4,
+        num_warps=_num_warps(block_s, block_c),
     )
     return gate
 
