@@ -67,18 +67,28 @@ def group_channels(group, tile, C_g, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def prologue(a, a_mask, c, c_ok, rows, in_scale_ptr, in_shift_ptr, gate_ptr, sgn,
+def affine_vectors(in_scale_ptr, in_shift_ptr, c, c_ok, IN_AFFINE: tl.constexpr):
+    """The prologue's (scale, shift) at channels c (zeros when IN_AFFINE is off)."""
+    if IN_AFFINE:
+        s = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)
+        t = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
+    else:
+        s = tl.zeros(c.shape, dtype=in_scale_ptr.dtype.element_ty)
+        t = s
+    return s, t
+
+
+@triton.jit
+def prologue(a, a_mask, c, s, t, rows, gate_ptr, sgn,
              IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr, HAS_GATE: tl.constexpr,
              ACC_DTYPE: tl.constexpr):
-    """u = relu?(a * in_scale[c] + in_shift[c]) * gate[n, c] for a tile `a` of an input
-    (rows: image of each row; c: absolute channel of each column), computed in ACC_DTYPE
-    and zero wherever `a_mask` is false AFTER the transform (relu(0 * s + t) is not 0).
-    Returns a in its own dtype when no prologue is on."""
+    """u = relu?(a * s[c] + t[c]) * gate[n, c] for a tile `a` of an input (rows: image of
+    each row; c: absolute channel of each column; s, t: `affine_vectors` at c), computed
+    in ACC_DTYPE and zero wherever `a_mask` is false AFTER the transform (relu(0 * s + t)
+    is not 0). Returns a in its own dtype when no prologue is on."""
     if IN_AFFINE or IN_RELU or HAS_GATE:
         u = a.to(ACC_DTYPE)
         if IN_AFFINE:
-            s = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)
-            t = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
             u = u * s[None, :] + t[None, :]
         if IN_RELU:
             u = tl.maximum(u, 0.0)
@@ -143,8 +153,9 @@ def conv_accumulate(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, gate_ptr,
         rows, ok = tap_rows(x_img, ih0, iw0, row_ok, tap, H, W, sxh, sxw, KSIZE, X_ALIGN)
         a_mask = ok[:, None] & c_ok[None, :]
         a = tl.load(x_ptr + rows[:, None] + (ci0 + c)[None, :], mask=a_mask, other=0.0)
-        a = prologue(a, a_mask, ci0 + c, c_ok, n_rows, in_scale_ptr, in_shift_ptr, gate_ptr,
-                     sgn, IN_AFFINE, IN_RELU, HAS_GATE, ACC_DTYPE)
+        s, t = affine_vectors(in_scale_ptr, in_shift_ptr, ci0 + c, c_ok, IN_AFFINE)
+        a = prologue(a, a_mask, ci0 + c, s, t, n_rows, gate_ptr, sgn,
+                     IN_AFFINE, IN_RELU, HAS_GATE, ACC_DTYPE)
         b = tl.load(w_ptr + w_col[None, :] + (tap * CIN_G + c)[:, None],
                     mask=c_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)

@@ -9,11 +9,16 @@ Both read activations through their strides (channels_last is the fast layout)
 and accumulate on the tensor cores in fp32, or in fp64 for fp64 inputs (the
 accumulation dtype, `acc_dtype`, which the prologues' vectors and dw are in too).
 
-Prologues transform tiles as they are loaded, so no normalized tensor is ever
-written:
+Prologues fold the layers around the conv in, so no normalized tensor is ever written:
 - `DyPrologue` folds a training BatchNorm + ReLU backward into dy:
       dy_eff = A[c] * g * [mask_src * mask_scale[c] + mask_shift[c] > 0] + B[c] * y + C[c]
-  with g the tensor passed as dy, y the raw (pre-BN) conv output.
+  with g the tensor passed as dy, y the raw (pre-BN) conv output. dy_eff is never formed:
+  it is linear in (g, y, 1) with per-output-channel coefficients, which a conv's gradients
+  can take outside the sum over output channels. dgrad reduces over them: it runs two
+  GEMMs, g against A * w and y against B * w (weights scaled on the host), plus the
+  constant sum over the valid taps of C * w; wgrad keeps them apart: three accumulators
+  (u x g, u x y, column sums of u) combined with A, B, C in the epilogue. The main loops
+  then only load and multiply (no per-element math), except for the ReLU mask on g.
 - `UPrologue` (wgrad) recomputes the conv input from the previous layer's raw
   output r: u = relu?(r * scale[c] + shift[c]) * gate[n, c], zero in the padding.
 
@@ -54,6 +59,7 @@ from ._implicit_gemm import (
     new_activation,
     nhwc_strides,
     output_rows,
+    affine_vectors,
     packed_weight,
     prologue,
     row_alignment,
@@ -96,32 +102,23 @@ class UPrologue(NamedTuple):
 
 
 @triton.jit
-def _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr, mask_ptr, mask_scale_ptr,
-             mask_shift_ptr, off, co, co_ok, valid,
-             PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """dy at element offsets `off` (co: the absolute output channel of each column) in dy's
-    dtype, the DyPrologue applied in ACC_DTYPE; 0 wherever `valid` is false. y and mask_src
-    share dy's layout (the launchers make all three channels_last), so `off` serves all."""
+def _masked_dy(dy_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr, off, co, co_ok, valid,
+               HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """g = dy at element offsets `off` (co: the absolute output channel of each column), 0
+    where `valid` is false and, with HAS_MASK, where mask_src * mask_scale + mask_shift <= 0.
+    mask_src shares dy's layout (the launchers make both channels_last)."""
     g = tl.load(dy_ptr + off, mask=valid, other=0.0)
-    if PROLOGUE:
-        g = g.to(ACC_DTYPE)
-        if HAS_MASK:
-            src = tl.load(mask_ptr + off, mask=valid, other=0.0).to(ACC_DTYPE)
-            ms = tl.load(mask_scale_ptr + co, mask=co_ok, other=0.0)
-            mt = tl.load(mask_shift_ptr + co, mask=co_ok, other=0.0)
-            g = tl.where(src * ms[None, :] + mt[None, :] > 0.0, g, 0.0)
-        y = tl.load(y_ptr + off, mask=valid, other=0.0).to(ACC_DTYPE)
-        a = tl.load(dy_a_ptr + co, mask=co_ok, other=0.0)
-        b = tl.load(dy_b_ptr + co, mask=co_ok, other=0.0)
-        c = tl.load(dy_c_ptr + co, mask=co_ok, other=0.0)
-        g = tl.where(valid, g * a[None, :] + y * b[None, :] + c[None, :], 0.0)
-    return g.to(dy_ptr.dtype.element_ty)
+    if HAS_MASK:
+        src = tl.load(mask_ptr + off, mask=valid, other=0.0).to(ACC_DTYPE)
+        ms = tl.load(mask_scale_ptr + co, mask=co_ok, other=0.0)
+        mt = tl.load(mask_shift_ptr + co, mask=co_ok, other=0.0)
+        g = tl.where(src * ms[None, :] + mt[None, :] > 0.0, g, 0.0).to(dy_ptr.dtype.element_ty)
+    return g
 
 
 @triton.jit(do_not_specialize=["Mq"])
 def _conv_dgrad_kernel(
-    dy_ptr, w_ptr, dx_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
-    mask_ptr, mask_scale_ptr, mask_shift_ptr,
+    dy_ptr, wa_ptr, dx_ptr, y_ptr, wb_ptr, wc_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr,
     H, W, Ho, Wo, groups, Hq, Wq, Mq, tiles_m, tiles_n, stride, pad, sdn, sdh, sdw,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KSIZE: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -131,7 +128,9 @@ def _conv_dgrad_kernel(
     """dx[n, ih, iw, ci] = sum over (kh, kw, co) of dy[n, oh, ow, co] * w[co, kh, kw, ci],
     oh = (ih + pad - kh) / stride (only exact quotients in range). The reduction walks the
     parity class's taps outside and chunks of BLOCK_K of the group's COUT_G output channels
-    inside (as `conv_accumulate` does)."""
+    inside (as `conv_accumulate` does). With the dy prologue (module docstring), wa = A * w,
+    wb = B * w and wc[tap, ci] = sum over co of C * w: dx = g (x) wa + y (x) wb + the wc of
+    the valid taps."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = pid_n // tiles_n
@@ -168,15 +167,30 @@ def _conv_dgrad_kernel(
         ow = j + (qw - tw)
         ok = row_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
         rows = tl.multiple_of(dy_img + (oh * sdh + ow * sdw), D_ALIGN)
-        a = _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
-                     mask_ptr, mask_scale_ptr, mask_shift_ptr,
-                     rows[:, None] + (co0 + c)[None, :], co0 + c, c_ok,
-                     ok[:, None] & c_ok[None, :], PROLOGUE, HAS_MASK, ACC_DTYPE)
+        off = rows[:, None] + (co0 + c)[None, :]
+        valid = ok[:, None] & c_ok[None, :]
+        g = _masked_dy(dy_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr, off, co0 + c, c_ok,
+                       valid, HAS_MASK, ACC_DTYPE)
         tap = (kh0 + th * stride) * KSIZE + kw0 + tw * stride
         b_off = ((co0 + c).to(tl.int64) * (KSIZE * KSIZE * CIN_G) + tap * CIN_G)[:, None] \
             + w_col[None, :]
-        b = tl.load(w_ptr + b_off, mask=c_ok[:, None] & ci_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        b_mask = c_ok[:, None] & ci_ok[None, :]
+        acc = tl.dot(g, tl.load(wa_ptr + b_off, mask=b_mask, other=0.0), acc,
+                     input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if PROLOGUE:
+            acc = tl.dot(tl.load(y_ptr + off, mask=valid, other=0.0),
+                         tl.load(wb_ptr + b_off, mask=b_mask, other=0.0), acc,
+                         input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if PROLOGUE:  # the constant C[co]: its weight sums over the taps that land in dy
+        for t in range(nth * ntw):
+            th = t // ntw
+            tw = t - th * ntw
+            oh = i + (qh - th)
+            ow = j + (qw - tw)
+            ok = (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+            tap = (kh0 + th * stride) * KSIZE + kw0 + tw * stride
+            wc = tl.load(wc_ptr + tap * (groups * CIN_G) + ci, mask=ci_ok, other=0.0)
+            acc += tl.where(ok[:, None], wc[None, :], 0.0)
 
     dx_off = (((n_rows.to(tl.int64) * H + ih) * W + iw) * (groups * CIN_G))[:, None] + ci[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
@@ -202,6 +216,8 @@ def _conv_wgrad_kernel(
     tile's input channels as the dot's M (BLOCK_M), the output channels as its N (BLOCK_N)
     and the split's pixel rows as its K (BLOCK_K). Both operands are contiguous channel
     runs. The taps of one tile are adjacent in launch order, so their dy rows come from L2.
+    With the dy prologue (module docstring) three accumulators, u x g, u x y and u x 1 (the
+    column sums of u), meet A, B and C in the epilogue.
     """
     TAPS: tl.constexpr = KSIZE * KSIZE
     split = tl.program_id(0)
@@ -219,22 +235,51 @@ def _conv_wgrad_kernel(
     m_hi = tl.minimum(m_lo + rows_per_split, M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if PROLOGUE:
+        acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        acc_1 = tl.zeros((BLOCK_M, 16), dtype=ACC_DTYPE)
+        ones = tl.full((BLOCK_K, 16), 1.0, dtype=u_ptr.dtype.element_ty)
+    s, t = affine_vectors(in_scale_ptr, in_shift_ptr, ci, ci_ok, IN_AFFINE)  # loop-invariant
+    # The rows (n, oh, ow) of the first step, then advanced by BLOCK_K rows a step with
+    # carries in that mixed radix: no integer division in the loop.
+    _, n_rows, oh, ow, _ = output_rows(split * (rows_per_split // BLOCK_K), M, Ho * Wo, Wo, 0,
+                                       False, BLOCK_K)
+    step_n = BLOCK_K // (Ho * Wo)
+    step_h = (BLOCK_K - step_n * Ho * Wo) // Wo
+    step_w = BLOCK_K - step_n * Ho * Wo - step_h * Wo
     for m0 in range(m_lo, m_hi, BLOCK_K):
-        m, n_rows, oh, ow, row_ok = output_rows(m0 // BLOCK_K, m_hi, Ho * Wo, Wo, 0,
-                                                False, BLOCK_K)
+        row_ok = m0 + tl.arange(0, BLOCK_K) < m_hi
         rows, ok = tap_rows(n_rows.to(tl.int64) * sun, oh * stride - pad, ow * stride - pad,
                             row_ok, tap, H, W, suh, suw, KSIZE, U_ALIGN)
         u_mask = ok[:, None] & ci_ok[None, :]
         u = tl.load(u_ptr + rows[:, None] + ci[None, :], mask=u_mask, other=0.0)
-        u = prologue(u, u_mask, ci, ci_ok, n_rows, in_scale_ptr, in_shift_ptr, gate_ptr, sgn,
+        u = prologue(u, u_mask, ci, s, t, n_rows, gate_ptr, sgn,
                      IN_AFFINE, IN_RELU, HAS_GATE, ACC_DTYPE)
         d_rows = tl.multiple_of(n_rows.to(tl.int64) * sdn + (oh * sdh + ow * sdw), D_ALIGN)
-        d = _load_dy(dy_ptr, y_ptr, dy_a_ptr, dy_b_ptr, dy_c_ptr,
-                     mask_ptr, mask_scale_ptr, mask_shift_ptr,
-                     d_rows[:, None] + co[None, :], co, co_ok,
-                     row_ok[:, None] & co_ok[None, :], PROLOGUE, HAS_MASK, ACC_DTYPE)
-        acc = tl.dot(tl.trans(u), d, acc, input_precision=DOT_PRECISION,
-                     out_dtype=ACC_DTYPE)
+        off = d_rows[:, None] + co[None, :]
+        valid = row_ok[:, None] & co_ok[None, :]
+        g = _masked_dy(dy_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr, off, co, co_ok,
+                       valid, HAS_MASK, ACC_DTYPE)
+        ut = tl.trans(u)
+        acc = tl.dot(ut, g, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if PROLOGUE:
+            acc_y = tl.dot(ut, tl.load(y_ptr + off, mask=valid, other=0.0), acc_y,
+                           input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            acc_1 = tl.dot(ut, ones, acc_1, input_precision=DOT_PRECISION,
+                           out_dtype=ACC_DTYPE)
+        ow += step_w
+        carry = (ow >= Wo).to(tl.int32)
+        ow -= carry * Wo
+        oh += step_h + carry
+        carry = (oh >= Ho).to(tl.int32)
+        oh -= carry * Ho
+        n_rows += step_n + carry
+    if PROLOGUE:  # dw = A * (u x g) + B * (u x y) + C * (column sums of u)
+        a = tl.load(dy_a_ptr + co, mask=co_ok, other=0.0)
+        b = tl.load(dy_b_ptr + co, mask=co_ok, other=0.0)
+        c = tl.load(dy_c_ptr + co, mask=co_ok, other=0.0)
+        u_sum = tl.max(acc_1, axis=1)  # 16 equal columns
+        acc = acc * a[None, :] + acc_y * b[None, :] + u_sum[:, None] * c[None, :]
 
     # dw is (C_out, C_in / groups, k, k) contiguous: (ci, tap) lands at ci * k * k + tap
     dw_off = (split.to(tl.int64) * Cout * (CIN_G * TAPS) + (co.to(tl.int64) * (CIN_G * TAPS))[None, :]
@@ -281,7 +326,7 @@ def wgrad_tiles(rows: int, cout_g: int, cin_g: int, dtype: torch.dtype = torch.f
     Wide M / N tiles read each u and dy element fewer times (the wgrad of a grouped
     conv is memory-bound); a prologue on fp32/fp64 halves the K step (shared memory);
     fp64 tiles are capped (`fp64_tiles`)."""
-    tiles = (_pow2_clamp(cin_g, 16, 128), _pow2_clamp(cout_g, 8, 128),
+    tiles = (_pow2_clamp(cin_g, 16, 64 if prologue else 128), _pow2_clamp(cout_g, 8, 128),
              _pow2_clamp(rows, 16, 32 if _halve_k_step(dtype, prologue) else 64))
     return fp64_tiles(*tiles) if dtype == torch.float64 else tiles
 
@@ -309,21 +354,34 @@ def wgrad_geometry(n: int, ho: int, wo: int, c_out: int, cin_g: int, k: int, gro
 # ---------------------------------------------------------------------------
 
 
-def _dy_args(dy, y, dy_a, dy_b, dy_c, mask_src, mask_scale, mask_shift):
-    """(dy, the prologue's pointer arguments, dy's (n, h, w) strides, flags), dy, y and
+def _dy_args(dy, y, mask_src, mask_scale, mask_shift):
+    """(dy, y, the mask's pointer arguments, dy's (n, h, w) strides, flags), dy, y and
     mask_src made contiguous channels_last, so that one offset addresses all three (dy
     stands in for absent tensors)."""
     prologue, has_mask = y is not None, mask_src is not None
     dy, y, mask_src = (t if t is None else t.contiguous(memory_format=torch.channels_last)
                        for t in (dy, y, mask_src))
-    ptrs = (y if prologue else dy, dy_a if prologue else dy, dy_b if prologue else dy,
-            dy_c if prologue else dy, mask_src if has_mask else dy,
-            mask_scale if has_mask else dy, mask_shift if has_mask else dy)
+    mask = (mask_src, mask_scale, mask_shift) if has_mask else (dy, dy, dy)
     flags = dict(PROLOGUE=prologue, HAS_MASK=has_mask, D_ALIGN=row_alignment(dy))
-    return dy, ptrs, nhwc_strides(dy)[:3], flags
+    return dy, y if prologue else dy, mask, nhwc_strides(dy)[:3], flags
 
 
-def _dgrad_launch(dy, weight, h, w, stride, groups, *prologue):
+def _dgrad_weights(weight, groups, dy_a, dy_b, dy_c):
+    """(A * w, B * w, the (k * k, C_in) table of sum over each group's output channels of
+    C * w), weights packed channels_last in w's dtype, the table in A's dtype; or (w, w, w)
+    without a prologue."""
+    w = packed_weight(weight)
+    if dy_a is None:
+        return w, w, w
+    c_out, cin_g, k, _ = weight.shape
+    scaled = [packed_weight((weight.to(v.dtype) * v[:, None, None, None]).to(weight.dtype))
+              for v in (dy_a, dy_b)]
+    per_group = weight.to(dy_c.dtype).reshape(groups, c_out // groups, cin_g, k * k)
+    wc = (per_group * dy_c.reshape(groups, -1, 1, 1)).sum(1)     # (groups, cin_g, k * k)
+    return scaled[0], scaled[1], wc.permute(2, 0, 1).reshape(k * k, groups * cin_g).contiguous()
+
+
+def _dgrad_launch(dy, weight, h, w, stride, groups, y, dy_a, dy_b, dy_c, *mask):
     n, c_out, ho, wo = dy.shape
     _, cin_g, k, _ = weight.shape
     c_in = cin_g * groups
@@ -332,26 +390,28 @@ def _dgrad_launch(dy, weight, h, w, stride, groups, *prologue):
         return dx
     cout_g = c_out // groups
     hq, wq, (block_m, block_n, block_k) = dgrad_geometry(n, h, w, cin_g, cout_g, k, stride,
-                                                         dy.dtype, prologue[0] is not None)
+                                                         dy.dtype, y is not None)
     tiles_m = triton.cdiv(n * hq * wq, block_m)
     tiles_n = triton.cdiv(cin_g, block_n)
-    dy, ptrs, strides, flags = _dy_args(dy, *prologue)
+    dy, y, mask, strides, flags = _dy_args(dy, y, *mask)
+    wa, wb, wc = _dgrad_weights(weight, groups, dy_a, dy_b, dy_c)
     _conv_dgrad_kernel[(stride * stride * tiles_m, groups * tiles_n)](
-        dy, packed_weight(weight), dx, *ptrs,
+        dy, wa, dx, y, wb, wc, *mask,
         h, w, ho, wo, groups, hq, wq, n * hq * wq, tiles_m, tiles_n, stride, k // 2, *strides,
         CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, **flags,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=dot_precision(dy.dtype), ACC_DTYPE=acc_constexpr(dy.dtype),
-        **launch_config(block_m, block_n, prologue=prologue[0] is not None),
+        **launch_config(block_m, block_n, prologue=flags["HAS_MASK"]),
     )
     return dx
 
 
-def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, *prologue):
+def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, y, dy_a, dy_b,
+                  dy_c, *mask):
     n, c_in, h, w = u.shape
     _, c_out, ho, wo = dy.shape
     cin_g, cout_g = c_in // groups, c_out // groups
-    any_prologue = in_scale is not None or gate is not None or prologue[0] is not None
+    any_prologue = in_scale is not None or gate is not None or y is not None
     (block_m, block_n, block_k), splits, rows_per_split = wgrad_geometry(
         n, ho, wo, c_out, cin_g, k, groups, u.dtype, any_prologue)
     m = n * ho * wo
@@ -362,12 +422,13 @@ def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, *
         return dw.zero_() if splits == 1 else dw.zero_().sum(0)
     tiles_ci = triton.cdiv(cin_g, block_m)
     tiles_co = triton.cdiv(cout_g, block_n)
-    dy, ptrs, strides, flags = _dy_args(dy, *prologue)
+    dy, y, mask, strides, flags = _dy_args(dy, y, *mask)
     u = unit_channel_stride(u)
     affine = in_scale is not None
+    abc = (dy_a, dy_b, dy_c) if dy_a is not None else (dw, dw, dw)
     _conv_wgrad_kernel[(splits, groups * tiles_co * tiles_ci * k * k)](
         u, dy, dw, in_scale if affine else dw, in_shift if affine else dw,
-        gate if gate is not None else dw, *ptrs,
+        gate if gate is not None else dw, y, *abc, *mask,
         h, w, ho, wo, groups, m, rows_per_split, tiles_ci, tiles_co, stride, k // 2,
         *nhwc_strides(u)[:3], gate.stride(0) if gate is not None else 0, *strides,
         CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, IN_AFFINE=affine, IN_RELU=in_relu, HAS_GATE=gate is not None,
