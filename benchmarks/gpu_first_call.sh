@@ -29,35 +29,15 @@
 #                          and the steps after it run)
 #   DRY_RUN=1              CPU, tiny model at 16x16, batch 1-2, fp32, Triton's interpreter
 set -uo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-python3}
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-export OUT PYTHONUNBUFFERED=1
-DRY_RUN=${DRY_RUN:-0}
 BUDGET=${FIRST_CALL_BUDGET:-530}
 COMPILE_MIN=${COMPILE_MIN:-60}
-START=$(date +%s)
-STATE=$(mktemp -d)
-export FIRST_CALL_STATE=$STATE
-trap 'rm -rf "$STATE"' EXIT
-if [ "$DRY_RUN" != 0 ]; then
-  export TRITON_INTERPRET=1 REGNET_BENCH_INTERPRETER=1
-else
-  unset TRITON_INTERPRET REGNET_BENCH_INTERPRETER
-  # sm_90 only (first_call.py drops the loader's sm_80 pass); a cache of its own, since the
-  # build cache's key does not include the architectures
-  export TORCH_CUDA_ARCH_LIST=9.0
-  export REGNET_KERNELS_CACHE=${REGNET_KERNELS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/regnet_kernels-sm90}
-fi
+source "$(dirname "$0")/gpu_common.sh"
 LOG=$OUT/log.txt
 SUMMARY=$OUT/00-summary.md
 
 row() {  # step, status, seconds, result: the row a step could not write itself
   printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "${4:-}" >> "$SUMMARY"
 }
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # step NAME CAP [MIN]: one step, stopped at CAP seconds or what is left of the budget; skipped
 # when less than MIN (default 10) seconds are left.
@@ -82,6 +62,13 @@ step() {
   return 0
 }
 
+# background NAME CAP: a step in the background; its word for the others in $STATE/NAME.done,
+# also when it is stopped at its cap
+background() {
+  ( step "$1" "$2"
+    [ -f "$STATE/$1.done" ] || echo "stopped at its cap" > "$STATE/$1.done" ) &
+}
+
 cat > "$SUMMARY" <<EOF
 # First GPU call: summary
 
@@ -95,28 +82,18 @@ $(printf '%s\n' '| step | status | s | result |' '|---|---|---|---|')
 EOF
 : > "$LOG"
 
-if [ "$DRY_RUN" != 0 ]; then
-  row install "skipped (dry run)" 0
-else
-  t0=$(date +%s)
-  if timeout 40 "$PY" -m pip install -q -e . --no-build-isolation --no-deps >> "$LOG" 2>&1; then
-    row install ok "$(( $(date +%s) - t0 ))"
-  else
-    row install "FAILED (see log.txt; the steps run from the source tree anyway)" "$(( $(date +%s) - t0 ))"
-  fi
-fi
+t0=$(date +%s)
+row install "$(pip_install "$LOG")" "$(( $(date +%s) - t0 ))"
 
 step env 30
 # the CUDA kernels build while the Triton kernels compile; the steps that need them wait
-( step build 330
-  [ -f "$STATE/build.done" ] || echo "stopped at its cap" > "$STATE/build.done" ) &
+background build 330
 build=$!
 step warm 140
 step parity 80
 step eval 100
 # the static report compiles on the CPU: after the launch-bound batch-1 timings
-( step static 200
-  [ -f "$STATE/static.done" ] || echo "stopped at its cap" > "$STATE/static.done" ) &
+background static 200
 static=$!
 step train 70
 step stage3 50

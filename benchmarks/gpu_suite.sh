@@ -25,22 +25,15 @@
 #   WORKERS=12        xdist processes                  DRY_RUN=1: CPU, the interpreter, and
 #   SUITE_DRY_TESTS   the dry run's tests (default tests/test_design.py)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-python3}
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-200}  # pytest: whole reasons in the short summary
-DRY_RUN=${DRY_RUN:-0}
 BUDGET=${SUITE_BUDGET:-530}
+source "$(dirname "$0")/gpu_common.sh"
+export COLUMNS=${COLUMNS:-200}  # pytest: whole reasons in the short summary
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 WORKERS=${WORKERS:-12}
-START=$(date +%s)
 LOG=$OUT/tests.log
 SUMMARY=$OUT/00-summary.md
-BUILD=$(mktemp -d)  # the build step's own summary row and env.txt, folded in below
-export FIRST_CALL_STATE=$BUILD
-trap 'rm -rf "$BUILD"' EXIT
+BUILD=$STATE/build  # the build step's own $OUT: its summary row and env.txt, folded in below
+mkdir -p "$BUILD"
 
 TRITON_FILES=(tests/test_conv_bn_act.py tests/test_conv1x1_gate_residual.py
   tests/test_se_excite.py tests/test_bn_act_backward.py tests/test_bn_add_relu.py
@@ -50,13 +43,9 @@ TRITON_FILES=(tests/test_conv_bn_act.py tests/test_conv1x1_gate_residual.py
 GPU_FILES=(tests/test_cuda_backend.py tests/test_cpp_train.py tests/test_fused_model.py
   tests/test_fused_block_train.py tests/test_conv_bn_act.py)
 if [ "$DRY_RUN" != 0 ]; then
-  export TRITON_INTERPRET=1
   read -r -a DRY_FILES <<< "${SUITE_DRY_TESTS:-tests/test_design.py}"
   PHASES=(dry)
 else
-  unset TRITON_INTERPRET
-  export TORCH_CUDA_ARCH_LIST=9.0
-  export REGNET_KERNELS_CACHE=${REGNET_KERNELS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/regnet_kernels-sm90}
   PHASES=(gpu bf16 compiled)
 fi
 
@@ -79,7 +68,6 @@ else
   per_test=(-o "faulthandler_timeout=$TEST_TIMEOUT")
 fi
 
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 declare -A RESULT SECONDS_OF
 
 # 00-summary.md from what has run so far: failures first, then the phases.
@@ -118,9 +106,7 @@ summarize() {
 }
 
 : > "$LOG"
-if [ "$DRY_RUN" = 0 ]; then
-  timeout 40 "$PY" -m pip install -q -e . --no-build-isolation --no-deps >> "$LOG" 2>&1
-fi
+echo "install: $(pip_install "$LOG")" >> "$LOG"
 # The CUDA kernels (sm_90 only), while the first tests start; a test that needs them waits.
 OUT=$BUILD timeout -k 10 330 "$PY" -m regnet_kernels.bench.first_call build --cap 330 \
   >> "$BUILD/build.log" 2>&1 &

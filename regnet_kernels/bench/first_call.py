@@ -30,7 +30,8 @@ DRY_RUN=1: the same steps on the CPU, on a tiny model at 16x16, batches 1-2, fp3
 kernels in the interpreter (TRITON_INTERPRET=1 and REGNET_BENCH_INTERPRETER=1): the mechanics,
 not the numbers; what needs a CUDA device says "skipped: no CUDA device".
 FIRST_CALL_FAIL=STEP makes STEP raise once it has done its work (the check that a failure is
-reported, the step's files stay and the next step runs). FIRST_CALL_STATE=DIR: where the background steps (build, static) leave word and files for the
+reported, the step's files stay and the next step runs).
+FIRST_CALL_STATE=DIR: where the background steps (build, static) leave word and files for the
 others (the script makes one); without it, the steps that need the CUDA kernels build or wait
 for them themselves, and stage3 runs the static report itself.
 """
@@ -55,7 +56,6 @@ TRAIN = "train.md"
 STAGE3 = "stage3.md"
 CSV = "results.csv"
 
-SUMMARY_HEADER = "| step | status | s | result |\n|---|---|---|---|"
 EVAL_PROVIDERS = ("eager", "eager_cl", "triton", "cuda")
 TRAIN_PROVIDERS = ("eager_cl", "triton")
 STAGE3_PROVIDERS = ("eager", "eager_cl", "triton", "cuda")
@@ -139,7 +139,7 @@ def _state(name: str) -> Path | None:
     return Path(state) / name if state else None
 
 
-def _elapsed_left(deadline: float) -> float:
+def seconds_left(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
@@ -153,15 +153,16 @@ def _torch():
     return torch
 
 
-def bench_config(plan: Plan, level: str, mode: str, batch: int, providers):
-    """(config, args) of the bench harness for one batch, as the CLI would build them."""
+def bench_config(plan: Plan, level: str, mode: str, batches, providers):
+    """(config, args) of the bench harness, as the CLI would build them."""
     from dataclasses import replace
 
     from ..__main__ import build_parser
     from . import cli
 
     argv = ["bench", "--device", plan.device, "--level", level, "--resolution",
-            str(plan.resolution), "--batch", str(batch), "--op-batch", str(batch), "--dtype",
+            str(plan.resolution), "--batch", ",".join(map(str, batches)), "--op-batch",
+            ",".join(map(str, batches)), "--dtype",
             plan.dtype, "--mode", mode, "--provider", ",".join(providers), "--min-run-time",
             "0.001" if plan.dry else "1"]
     args = build_parser().parse_args(argv)
@@ -169,14 +170,14 @@ def bench_config(plan: Plan, level: str, mode: str, batch: int, providers):
     return replace(config, models=(plan.model,), model=plan.model), args
 
 
-def harness_rows(plan: Plan, mode: str, batch: int, providers, out_file: str,
+def harness_rows(plan: Plan, mode: str, batches, providers, out_file: str,
                  title: str) -> list[dict]:
-    """The bench harness's model-level rows for one batch: a markdown table in out_file, the
-    rows appended to results.csv."""
+    """The bench harness's model-level rows (its progress lines go to the log as it runs): a
+    markdown table in out_file, the rows appended to results.csv."""
     from . import cli, report
     from .machine import machine_info
 
-    config, args = bench_config(plan, "model", mode, batch, providers)
+    config, args = bench_config(plan, "model", mode, batches, providers)
     info = machine_info(plan.device)
     rows = cli.run_cases(config, args, info)
     for row in rows:
@@ -187,19 +188,18 @@ def harness_rows(plan: Plan, mode: str, batch: int, providers, out_file: str,
 
 
 def brief(rows: list[dict]) -> str:
-    """One line of a batch's rows: each provider's time, the fused ones' speedup."""
+    """One line per batch of rows: each provider's time, the fused ones' speedup."""
     from .providers import FUSED
 
-    parts = []
+    batches = {}
     for r in rows:
-        if r["status"] != "ok":
-            parts.append(f"{r['provider']} {r['status']}")
-            continue
-        text = f"{r['provider']} {r['ms']:.3g} ms"
-        if r["provider"] in FUSED and r.get("speedup"):
-            text += f" ({r['speedup']:.2f}x)"
-        parts.append(text)
-    return f"b{rows[0]['batch']}: " + ", ".join(parts) if rows else ""
+        text = f"{r['provider']} {r['status']}"
+        if r["status"] == "ok":
+            text = f"{r['provider']} {r['ms']:.3g} ms"
+            if r["provider"] in FUSED and r.get("speedup"):
+                text += f" ({r['speedup']:.2f}x)"
+        batches.setdefault(r["batch"], []).append(text)
+    return "; ".join(f"b{b}: " + ", ".join(parts) for b, parts in batches.items())
 
 
 def cuda_kernels_ready(wait_s: float) -> str | None:
@@ -245,6 +245,11 @@ def verdict(err: float, yardstick: float, dtype: str) -> tuple[str, str]:
 def worst_text(worst: tuple[str, float], base: str) -> str:
     name, ratio = worst
     return f", worst {ratio:.2f}x {base}'s ({name})" if name else ""
+
+
+def failure(e: BaseException) -> str:
+    """An exception's type and first line."""
+    return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 def model_parts(model):
@@ -341,7 +346,7 @@ def step_build(plan: Plan, deadline: float) -> str:
         word = "ok"
         return f"CUDA kernels (sm_90 only) built and loaded in {seconds:.0f} s"
     except BaseException as e:
-        word = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        word = failure(e)[:300]
         raise
     finally:
         if done is not None:
@@ -421,7 +426,7 @@ def warm_one(plan: Plan, job: tuple[str, int, str]) -> tuple[str, float, str | N
             torch.cuda.synchronize()
         return label, time.monotonic() - start, None
     except Exception as e:  # noqa: BLE001 - a failed job is reported, the others go on
-        return label, time.monotonic() - start, f"{type(e).__name__}: {e}".splitlines()[0]
+        return label, time.monotonic() - start, failure(e)
 
 
 def step_warm(plan: Plan, deadline: float) -> str:
@@ -439,9 +444,12 @@ def step_warm(plan: Plan, deadline: float) -> str:
     failed, longest = [], ("", 0.0)
     start = time.monotonic()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(warm_one, plan, job) for job in jobs]
+        futures = {pool.submit(warm_one, plan, job): job for job in jobs}
         for future in as_completed(futures):
-            label, seconds, error = future.result()
+            try:
+                label, seconds, error = future.result()
+            except Exception as e:  # noqa: BLE001 - a worker that died (a crash in a kernel)
+                label, seconds, error = " ".join(map(str, futures[future])), 0.0, failure(e)
             say(f"warm: {label}: {seconds:.1f} s" + (f" FAILED {error}" if error else ""))
             if error:
                 failed.append(f"{label} ({error})")
@@ -470,7 +478,8 @@ def eval_outputs(plan: Plan, case, provider: str, dtype: str, batch: int) -> dic
     hooks = [m.register_forward_hook(keep(name)) for name, m in model_parts(prepared.module)]
     try:
         with torch.no_grad():
-            outputs["logits"] = make_step(prepared, case, batch, dtype, "eval", plan.device)().float()
+            step = make_step(prepared, case, batch, dtype, "eval", plan.device)
+            outputs["logits"] = step().float()
     finally:
         for h in hooks:
             h.remove()
@@ -507,7 +516,7 @@ def step_parity(plan: Plan, deadline: float) -> str:
            "", "Relative error ||out - ref|| / ||ref|| of each stage's output and the logits; "
                f"eager {plan.dtype}'s own error is the yardstick (verdict CHECK past twice it "
                f"and {ERROR_FLOOR[plan.dtype]:g}).", "")
-    references, errors, headline = {}, {}, []
+    references, errors, headline, failed = {}, {}, [], []
     for batch in plan.eval_batches:
         references[batch] = eval_outputs(plan, case, "eager", plan.ref_dtype, batch)
         eager = eval_outputs(plan, case, "eager", plan.dtype, batch)
@@ -515,7 +524,7 @@ def step_parity(plan: Plan, deadline: float) -> str:
         del eager
     for provider in ("triton", "cuda"):
         if provider == "cuda" and plan.device == "cuda":
-            reason = cuda_kernels_ready(_elapsed_left(deadline) - 30)
+            reason = cuda_kernels_ready(seconds_left(deadline) - 30)
             if reason:
                 append(PARITY, f"{provider}: skipped ({reason})", "")
                 headline.append(f"{provider} skipped ({reason})")
@@ -527,6 +536,11 @@ def step_parity(plan: Plan, deadline: float) -> str:
                 append(PARITY, f"{provider}: unavailable ({e})", "")
                 headline.append(f"{provider} unavailable ({e})")
                 break
+            except Exception as e:  # noqa: BLE001 - the other provider still runs
+                traceback.print_exc()
+                append(PARITY, f"{provider}, batch {batch}: FAILED ({failure(e)})", "")
+                failed.append(f"{provider} b{batch}: {failure(e)}")
+                continue
             ref = references[batch]
             errors[batch][provider] = {k: rel_err(v, ref[k]) for k, v in outputs.items()}
             del outputs
@@ -538,14 +552,17 @@ def step_parity(plan: Plan, deadline: float) -> str:
             headline.append(f"{provider} b{batch}: logits {logits:.2g} (eager "
                             f"{errors[batch]['eager']['logits']:.2g})" + worst_text(worst, "eager")
                             + (f", {checks} CHECK" if checks else ""))
+    if failed:
+        raise RuntimeError("; ".join(failed + headline))
     return "; ".join(headline)
 
 
 # --- eval throughput ---------------------------------------------------------
 
 
-def graph_replays(plan: Plan, batch: int, providers) -> list[str]:
-    """Each provider's eval forward captured in a CUDA graph, its replay timed."""
+def graph_replays(plan: Plan, batch: int, providers) -> tuple[list[str], list[str]]:
+    """Each provider's eval forward captured in a CUDA graph, its replay timed: (markdown
+    lines, headline parts)."""
     torch = _torch()
     from .cases import model_case
     from .providers import make_step, prepare
@@ -571,8 +588,7 @@ def graph_replays(plan: Plan, batch: int, providers) -> list[str]:
             lines.append(f"| {provider} | {t.median_ms:.3f} | {batch / t.median_ms * 1e3:,.0f} |")
             parts.append(f"{provider} {t.median_ms:.3g} ms")
         except Exception as e:  # noqa: BLE001 - one provider's failure is a result
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            lines.append(f"| {provider} | error: {_cell(reason)} | |")
+            lines.append(f"| {provider} | error: {_cell(failure(e))} | |")
             parts.append(f"{provider} error")
     return lines + [""], parts
 
@@ -580,13 +596,11 @@ def graph_replays(plan: Plan, batch: int, providers) -> list[str]:
 def step_eval(plan: Plan, deadline: float) -> str:
     append(EVAL, f"## Eval throughput: {plan.label}, {plan.dtype}, "
                  f"{plan.resolution}x{plan.resolution}", "")
-    headline = []
-    for batch in plan.eval_batches:
-        providers, notes = providers_here(plan, EVAL_PROVIDERS, _elapsed_left(deadline) / 3)
-        rows = harness_rows(plan, "eval", batch, providers, EVAL, f"batch {batch}")
-        if notes:
-            append(EVAL, *notes, "")
-        headline.append(brief(rows) + "".join(f"; {n}" for n in notes))
+    providers, notes = providers_here(plan, EVAL_PROVIDERS, seconds_left(deadline) / 3)
+    rows = harness_rows(plan, "eval", plan.eval_batches, providers, EVAL,
+                        "batch " + " and ".join(map(str, plan.eval_batches)))
+    append(EVAL, *notes, "")
+    headline = [brief(rows), *notes]
     batch = plan.graph_batch
     if plan.device != "cuda":
         append(EVAL, f"### CUDA-graph replay, batch {batch}", "", "skipped: no CUDA device", "")
@@ -604,7 +618,7 @@ def step_compile(plan: Plan, deadline: float) -> str:
         raise Skipped("dry run: compiling even the tiny model takes minutes on 2 CPU cores")
     headline = []
     for batch in plan.eval_batches:
-        rows = harness_rows(plan, "eval", batch, ("eager_cl", "compile"), EVAL,
+        rows = harness_rows(plan, "eval", (batch,), ("eager_cl", "compile"), EVAL,
                             f"torch.compile (default mode), batch {batch}")
         headline.append(brief(rows))
     return "; ".join(headline)
@@ -646,19 +660,27 @@ def step_train(plan: Plan, deadline: float) -> str:
            f"Parity: one step (forward, backward of a fixed random output gradient) against "
            f"eager {plan.ref_dtype}; eager_cl {plan.dtype}'s error is the yardstick.", "")
     reference = train_results(plan, case, "eager", plan.ref_dtype, batch)
-    errors = {}
-    for provider in TRAIN_PROVIDERS:
-        results = train_results(plan, case, provider, plan.dtype, batch)
-        errors[provider] = {k: rel_err(v, reference[k]) for k, v in results.items()}
-        del results
     base, tested = TRAIN_PROVIDERS
-    lines, worst, checks = error_table(f"parity, batch {batch}", list(reference), errors, base,
-                                       tested, plan.dtype)
-    append(TRAIN, *lines)
-    rows = harness_rows(plan, "train", batch, TRAIN_PROVIDERS, TRAIN, f"time, batch {batch}")
-    return (f"logits err {errors[tested]['logits']:.2g} ({base} {errors[base]['logits']:.2g})"
-            + worst_text(worst, base) + (f", {checks} CHECK" if checks else "")
-            + f"; step {brief(rows)}")
+    try:
+        errors = {}
+        for provider in TRAIN_PROVIDERS:
+            results = train_results(plan, case, provider, plan.dtype, batch)
+            errors[provider] = {k: rel_err(v, reference[k]) for k, v in results.items()}
+            del results
+        lines, worst, checks = error_table(f"parity, batch {batch}", list(reference), errors,
+                                           base, tested, plan.dtype)
+        append(TRAIN, *lines)
+        parity = (f"logits err {errors[tested]['logits']:.2g} ({base} "
+                  f"{errors[base]['logits']:.2g})" + worst_text(worst, base)
+                  + (f", {checks} CHECK" if checks else ""))
+    except Exception as e:  # noqa: BLE001 - the timing still runs; the step fails after it
+        traceback.print_exc()
+        append(TRAIN, f"parity: FAILED ({failure(e)})", "")
+        parity = None
+    rows = harness_rows(plan, "train", (batch,), TRAIN_PROVIDERS, TRAIN, f"time, batch {batch}")
+    if parity is None:
+        raise RuntimeError(f"parity failed (train.md, log.txt); step {brief(rows)}")
+    return f"{parity}; step {brief(rows)}"
 
 
 # --- stage 3's grouped conv, measured and predicted ---------------------------
@@ -767,12 +789,12 @@ def step_static(plan: Plan, deadline: float) -> str:
         raise Skipped("no FIRST_CALL_STATE: the stage3 step runs the static report itself")
     word = "ok"
     try:
-        found = run_static(plan, done.parent, _elapsed_left(deadline) - 5)
+        found = run_static(plan, done.parent, seconds_left(deadline) - 5)
         return "stage 3 predictions: " + "; ".join(
             f"{layer} {p}: {value}" for layer, columns in found.items()
             for p, (_, value) in columns.items())
     except BaseException as e:
-        word = str(e) if isinstance(e, Skipped) else f"{type(e).__name__}: {e}".splitlines()[0]
+        word = str(e) if isinstance(e, Skipped) else failure(e)
         raise
     finally:
         done.write_text(word + "\n")
@@ -784,10 +806,10 @@ def stage3_predictions(plan: Plan, deadline: float) -> tuple[dict, str, str]:
     done = _state("static.done")
     if done is None:
         try:
-            return static_predictions(plan, _elapsed_left(deadline) - 5), "", ""
+            return static_predictions(plan, seconds_left(deadline) - 5), "", ""
         except Skipped as e:
             return {}, str(e), ""
-    while not done.exists() and _elapsed_left(deadline) > 5:
+    while not done.exists() and seconds_left(deadline) > 5:
         time.sleep(1)
     word = done.read_text().strip() if done.exists() else \
         "the static report had not finished when this step had to end"
@@ -826,8 +848,8 @@ def step_stage3(plan: Plan, deadline: float) -> str:
     if plan.device == "cuda":
         torch.backends.cudnn.benchmark = True  # as the harness times cuDNN
     batch = plan.static_batch
-    providers, notes = providers_here(plan, STAGE3_PROVIDERS, _elapsed_left(deadline) / 4)
-    config, _ = bench_config(plan, "op", "eval", batch, providers)
+    providers, notes = providers_here(plan, STAGE3_PROVIDERS, seconds_left(deadline) / 4)
+    config, _ = bench_config(plan, "op", "eval", (batch,), providers)
     cases = [c for c in op_cases(plan.model, plan.resolution) if c.name in names]
     measured = {}
     for case in cases:  # the harness's timing loop, for these cases alone
