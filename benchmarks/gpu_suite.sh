@@ -21,11 +21,11 @@
 #
 # Files in $OUT: 00-summary.md (failures first, then a row per phase), tests.log (pytest -v
 # output of every phase, as it runs), junit-<phase>.xml, env.txt (the build).
-#   SUITE_BUDGET=530  seconds for the whole script     TEST_TIMEOUT=300  seconds per test
+#   SUITE_BUDGET=520  seconds for the whole script     TEST_TIMEOUT=300  seconds per test
 #   WORKERS=12        xdist processes                  DRY_RUN=1: CPU, the interpreter, and
 #   SUITE_DRY_TESTS   the dry run's tests (default tests/test_design.py)
 set -uo pipefail
-BUDGET=${SUITE_BUDGET:-530}
+BUDGET=${SUITE_BUDGET:-520}
 source "$(dirname "$0")/gpu_common.sh"
 export COLUMNS=${COLUMNS:-200}  # pytest: whole reasons in the short summary
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
