@@ -48,7 +48,6 @@ import traceback
 from pathlib import Path
 
 SUMMARY = "00-summary.md"
-LOG = "log.txt"  # the script's: every step's stdout and stderr
 ENV = "env.txt"
 PARITY = "parity.md"
 EVAL = "eval.md"
@@ -688,7 +687,7 @@ def step_train(plan: Plan, deadline: float) -> str:
 
 def static_command(plan: Plan) -> list[str]:
     """The static report of the model's eval launches (another issue's `bench --static`);
-    static_predictions adds --markdown and --csv."""
+    run_static adds --markdown and --csv."""
     return [sys.executable, "-m", "regnet_kernels", "bench", "--static", str(plan.model),
             "--batch", str(plan.static_batch), "--dtype", plan.dtype, "--mode", "eval"]
 
