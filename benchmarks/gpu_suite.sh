@@ -1,114 +1,143 @@
 #!/usr/bin/env bash
-# Everything a GPU session runs, in one call (GPU time is scarce): install, record the
-# machine and versions, run the whole test suite compiled (no interpreter; bf16 included),
-# then the benchmarks (python -m regnet_kernels bench), writing CSV, markdown and PNG charts.
-# Usage on the device machine, from the repository root:  bash benchmarks/gpu_suite.sh
-#   SUITE_TESTS=0       skip the test suite (e.g. a benchmarks-only session)
-#   SUITE_BENCH=quick   (default) bf16: ops and blocks at batch 32, models at batch 1/32/256,
-#                       torch.compile only for the blocks and regnety_8gf at batch 32
-#   SUITE_BENCH=full    every provider and batch size, and fp16 / fp32 whole models too
-#   SUITE_BENCH=0       no benchmarks
-#   SUITE_PYTEST_ARGS   extra pytest arguments, e.g. "tests/test_cuda_backend.py -x"
-#   TEST_TIMEOUT=...    seconds for the whole test run (default 480)
-#   BENCH_TIMEOUT=...   seconds per benchmark invocation (default 900)
-#   WORKERS=...         pytest-xdist workers where it is installed (default 8): Triton's
-#                       compiles, not the GPU, bound the suite's time
-# Where one call may run at most 10 minutes (the device tool), split the session:
-#   SUITE_BENCH=0 bash benchmarks/gpu_suite.sh, then
-#   SUITE_TESTS=0 BENCH_TIMEOUT=120 bash benchmarks/gpu_suite.sh
+# The second GPU call (after benchmarks/gpu_first_call.sh): the tests that only a GPU machine
+# runs, compiled (no interpreter), in under 9 minutes. From the repository root:
 #
-# Results: everything is written under $RESULTS (default ./gpu_out) and packed after
-# each stage into $OUT/results.tgz, so a run stopped at a limit still returns what it
-# finished; $OUT also gets the few files worth reading first (env, test summary, model
-# tables). The device tool returns at most 8 files: keep it at that.
+#   bash benchmarks/gpu_suite.sh                          # on the device machine ($OUT set)
+#   DRY_RUN=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh  # the CPU dry run (CI does this)
+#
+# Phases, in order, each one pytest run within what is left of the budget:
+#   gpu       -m gpu: the GPU-only tests (the C++ extension's CUDA kernels, CUDA graphs,
+#             autocast on the GPU backends, TF32)
+#   bf16      -m "bf16 and not gpu": the Triton ops', blocks' and models' bf16 tests (bf16
+#             never runs on the CPU machines: the interpreter computes bf16 dots wrongly)
+#   compiled  -m "not bf16 and not gpu": the same files' fp32 / fp16 / fp64 tests, compiled
+#             for the GPU, as far as the budget goes
+# The CPU-only checks (tests/test_compile_targets.py's sm_90 compile, test_cuda_sources.py's
+# nvcc checks, test_cuda_emulation.py, the C++ CPU backend) never run here.
+# The CUDA kernels are built first, in the background, for sm_90 only (as the first call
+# does). pytest-xdist (-n WORKERS) and pytest-timeout (--timeout TEST_TIMEOUT) are used where
+# installed (the device image has both); without pytest-timeout a test that hangs has its
+# stack dumped after TEST_TIMEOUT s (faulthandler) and its phase stops at the budget.
+#
+# Files in $OUT: 00-summary.md (failures first, then a row per phase), tests.log (pytest -v
+# output of every phase, as it runs), junit-<phase>.xml, env.txt (the build).
+#   SUITE_BUDGET=520  seconds for the whole script     TEST_TIMEOUT=300  seconds per test
+#   WORKERS=12        xdist processes                  DRY_RUN=1: CPU, the interpreter, and
+#   SUITE_DRY_TESTS   the dry run's tests (default tests/test_design.py)
 set -uo pipefail
-PY=${PY:-python3}
-OUT=${OUT:-gpu_out}
-RESULTS=${RESULTS:-gpu_out}
-mkdir -p "$OUT" "$RESULTS"
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-SUITE_TESTS=${SUITE_TESTS:-1}
-SUITE_BENCH=${SUITE_BENCH:-quick}
-TEST_TIMEOUT=${TEST_TIMEOUT:-480}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-900}
-WORKERS=${WORKERS:-8}
+BUDGET=${SUITE_BUDGET:-520}
+source "$(dirname "$0")/gpu_common.sh"
+export COLUMNS=${COLUMNS:-200}  # pytest: whole reasons in the short summary
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}
+WORKERS=${WORKERS:-12}
+LOG=$OUT/tests.log
+SUMMARY=$OUT/00-summary.md
+BUILD=$STATE/build  # the build step's own $OUT: its summary row and env.txt, folded in below
+mkdir -p "$BUILD"
 
-# Pack $RESULTS into $OUT and copy the summaries beside it (at most 8 files in $OUT).
-pack() {
-  if [ "$(cd "$RESULTS" && pwd)" != "$(cd "$OUT" && pwd)" ]; then
-    tar -czf "$OUT/results.tgz" -C "$RESULTS" . 2>/dev/null
-    for f in env.txt tests-summary.txt bench-models.md bench-models-compile.md traffic.md; do
-      [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
-    done
-  fi
-  return 0
-}
-
-$PY -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | tail -n 3
-{
-  date -u +%Y-%m-%dT%H:%M:%SZ
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.max.mem,driver_version --format=csv
-  $PY -c "import torch, triton; print('torch', torch.__version__, '| CUDA', torch.version.cuda,
-'| cuDNN', torch.backends.cudnn.version(), '| triton', triton.__version__)"
-  nvcc --version | tail -n 2
-  $PY -m regnet_kernels env  # builds the C++ extension and its CUDA kernels
-} > "$RESULTS/env.txt" 2>&1
-cat "$RESULTS/env.txt"
-pack
-
-if [ "$SUITE_TESTS" != 0 ]; then
-  parallel=()
-  if $PY -c "import xdist" 2>/dev/null && [ "$WORKERS" -gt 1 ]; then
-    parallel=(-n "$WORKERS")
-  fi
-  per_test=()
-  if $PY -c "import pytest_timeout" 2>/dev/null; then
-    per_test=(--timeout 300)  # a hung kernel fails its test, not the whole run
-  fi
-  # -m "slow or not slow": the heavy tests too, they are cheap when compiled. -v: a line per
-  # test as it ends, so a run stopped by the timeout still says what failed.
-  # shellcheck disable=SC2086
-  timeout "$TEST_TIMEOUT" $PY -m pytest -v -m "slow or not slow" -p no:cacheprovider \
-    "${parallel[@]}" "${per_test[@]}" --junitxml="$RESULTS/tests.xml" ${SUITE_PYTEST_ARGS:-} \
-    > "$RESULTS/tests.log" 2>&1
-  echo "pytest exit $?" >> "$RESULTS/tests.log"
-  # the failures' one-line reasons and the counts: what to read first
-  grep -E "FAILED|ERROR|passed|failed|pytest exit" "$RESULTS/tests.log" \
-    > "$RESULTS/tests-summary.txt"
-  tail -n 60 "$RESULTS/tests.log"
-  pack
-fi
-
-[ "$SUITE_BENCH" = 0 ] && exit 0
-
-# One benchmark invocation: its own CSV / markdown / plots under $RESULTS, progress in a
-# log; a hang or crash in one does not stop the others.
-bench() {
-  local name=$1; shift
-  echo "== bench $name: $*"
-  timeout "$BENCH_TIMEOUT" $PY -m regnet_kernels bench --device cuda "$@" \
-    --csv "$RESULTS/bench-$name.csv" --markdown "$RESULTS/bench-$name.md" \
-    --plot "$RESULTS/plots" > "$RESULTS/bench-$name.out" 2> "$RESULTS/bench-$name.log"
-  echo "   exit $? ($(grep -c '' "$RESULTS/bench-$name.csv" 2>/dev/null || echo 0) CSV lines)"
-  pack
-}
-
-$PY -m regnet_kernels bench --traffic > "$RESULTS/traffic.md"
-cat "$RESULTS/traffic.md"
-
-if [ "$SUITE_BENCH" = full ]; then
-  bench ops --level op,block --op-batch 32,128
-  bench models --level model
-  bench models-fp16-fp32 --level model --dtype fp16,fp32 --mode eval --batch 32,256 \
-    --provider eager,eager_cl,compile,triton,cuda
+TRITON_FILES=(tests/test_conv_bn_act.py tests/test_conv1x1_gate_residual.py
+  tests/test_se_excite.py tests/test_bn_act_backward.py tests/test_bn_add_relu.py
+  tests/test_bn_finalize.py tests/test_conv_bn_train.py tests/test_conv_grad.py
+  tests/test_fused_block_eval.py tests/test_fused_block_train.py tests/test_fused_model.py
+  tests/test_gradcheck.py)
+GPU_FILES=(tests/test_cuda_backend.py tests/test_cpp_train.py tests/test_fused_model.py
+  tests/test_fused_block_train.py tests/test_conv_bn_act.py)
+if [ "$DRY_RUN" != 0 ]; then
+  read -r -a DRY_FILES <<< "${SUITE_DRY_TESTS:-tests/test_design.py}"
+  PHASES=(dry)
 else
-  # torch.compile recompiles per shape and batch: only where it is few compiles
-  fast=eager,eager_cl,triton,cuda
-  bench models --level model --batch 1,32,256 --provider "$fast"
-  bench ops --level op --op-batch 32 --provider "$fast"
-  bench blocks --level block --op-batch 32
-  bench models-compile --level model --models regnety_8gf --batch 32 \
-    --provider eager_cl,compile,compile_max,triton
+  PHASES=(gpu bf16 compiled)
 fi
-tail -n 40 "$RESULTS"/bench-models.out
+
+phase_args() {  # the marker expression and files of a phase
+  case $1 in
+    gpu) MARKS="gpu"; FILES=("${GPU_FILES[@]}") ;;
+    bf16) MARKS="bf16 and not gpu"; FILES=("${TRITON_FILES[@]}") ;;
+    compiled) MARKS="not bf16 and not gpu"; FILES=("${TRITON_FILES[@]}") ;;
+    dry) MARKS="not slow"; FILES=("${DRY_FILES[@]}") ;;
+  esac
+}
+
+parallel=()
+if "$PY" -c "import xdist" 2>/dev/null && [ "$WORKERS" -gt 1 ] && [ "$DRY_RUN" = 0 ]; then
+  parallel=(-n "$WORKERS")
+fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+  per_test=(--timeout "$TEST_TIMEOUT")
+else
+  per_test=(-o "faulthandler_timeout=$TEST_TIMEOUT")
+fi
+
+declare -A RESULT SECONDS_OF
+
+# 00-summary.md from what has run so far: failures first, then the phases.
+summarize() {
+  local tmp=$SUMMARY.tmp failures
+  # pytest's short summary lines (with the reason), else the -v line of a test whose phase
+  # was stopped before its summary; faulthandler's dumps of a hung test
+  failures=$(awk '
+    /^(FAILED|ERROR) / { reason[$2] = $0; next }
+    / (FAILED|ERROR) +\[/ { seen[$1] = $2 " " $1; next }
+    /\] (FAILED|ERROR) / { for (i = 1; i < NF; i++) if ($i == "FAILED" || $i == "ERROR") seen[$(i + 1)] = $i " " $(i + 1); next }
+    /^Timeout \(/ { hung = hung $0 " (faulthandler: a test ran past TEST_TIMEOUT)\n" }
+    END { for (id in reason) print reason[id]; for (id in seen) if (!(id in reason)) print seen[id]; printf "%s", hung }
+  ' "$LOG" 2>/dev/null)
+  {
+    echo "# GPU test suite: summary"
+    echo
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ)$([ "$DRY_RUN" != 0 ] && echo ", DRY RUN (CPU)"); budget ${BUDGET} s;" \
+         "${parallel[*]:-no xdist}; ${per_test[*]}. Full output: tests.log."
+    echo
+    echo "## Failures"
+    echo
+    if [ -n "$failures" ]; then echo '```'; echo "$failures"; echo '```'; else echo "none"; fi
+    echo
+    echo "## Phases"
+    echo
+    echo "| phase | selection | result | s |"
+    echo "|---|---|---|---|"
+    grep -h '^| build ' "$BUILD/00-summary.md" 2>/dev/null
+    for p in "${PHASES[@]}"; do
+      phase_args "$p"
+      echo "| $p | -m \"$MARKS\", ${#FILES[@]} files | ${RESULT[$p]:-not run yet} | ${SECONDS_OF[$p]:-} |"
+    done
+  } > "$tmp"
+  mv "$tmp" "$SUMMARY"
+}
+
+: > "$LOG"
+echo "install: $(pip_install "$LOG")" >> "$LOG"
+# The CUDA kernels (sm_90 only), while the first tests start; a test that needs them waits.
+OUT=$BUILD timeout -k 10 330 "$PY" -m regnet_kernels.bench.first_call build --cap 330 \
+  >> "$BUILD/build.log" 2>&1 &
+build=$!
+summarize
+
+for p in "${PHASES[@]}"; do
+  phase_args "$p"
+  remaining=$(left)
+  if [ "$remaining" -lt 30 ]; then
+    RESULT[$p]="not run (${remaining} s of the budget left)"
+    continue
+  fi
+  echo "== phase $p: -m \"$MARKS\" ${FILES[*]} (cap ${remaining} s, $(date -u +%H:%M:%S))" >> "$LOG"
+  t0=$(date +%s)
+  first=$(( $(wc -l < "$LOG") + 1 ))
+  timeout -k 10 "$remaining" "$PY" -m pytest -v -rfE -p no:cacheprovider "${parallel[@]}" \
+    "${per_test[@]}" -m "$MARKS" --junitxml="$OUT/junit-$p.xml" "${FILES[@]}" >> "$LOG" 2>&1
+  rc=$?
+  SECONDS_OF[$p]=$(( $(date +%s) - t0 ))
+  counts=$(tail -n +"$first" "$LOG" | grep -E '^=+ .*(passed|failed|error|skipped|deselected|no tests ran).* =+$' | tail -n 1 | tr -d '=' | xargs)
+  case $rc in
+    124|137) RESULT[$p]="stopped at the budget (${counts:-no count}); tests.log has the tests that ended" ;;
+    *) RESULT[$p]="${counts:-no count} (exit $rc)" ;;
+  esac
+  summarize
+done
+wait "$build" || grep -q '^| build ' "$BUILD/00-summary.md" 2>/dev/null \
+  || echo "| build | FAILED (stopped at its cap or crashed; env.txt has its log) | | |" >> "$BUILD/00-summary.md"
+cat "$BUILD/env.txt" > "$OUT/env.txt" 2>/dev/null
+cat "$BUILD/build.log" >> "$OUT/env.txt" 2>/dev/null
+summarize
+printf "\nTotal: %s s.\n" "$(( $(date +%s) - START ))" >> "$SUMMARY"
+cat "$SUMMARY"

@@ -19,6 +19,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
+def gpu_only(*values):
+    """A parametrization that exists only on a GPU machine (the C++ extension's CUDA kernels,
+    autocast on the GPU backends), marked `gpu`: the GPU suite (benchmarks/gpu_suite.sh)
+    selects the tests the CPU machines never run with -m gpu."""
+    return pytest.param(*values, marks=pytest.mark.gpu)
+
+
 def vector_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the ops' per-channel vectors (BN scale/shift and statistics, SE gate
     and sums, weight gradients) for activations of `dtype`."""

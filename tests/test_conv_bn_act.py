@@ -79,6 +79,7 @@ def test_dot_precision_follows_the_cudnn_conv_flag(restore_precision_flags, conv
     assert _implicit_gemm.dot_precision(torch.float64) == "ieee"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="TF32 tensor cores need a CUDA device")
 def test_tf32_when_cudnn_convs_may_use_it(restore_precision_flags):
     torch.backends.cudnn.allow_tf32 = True

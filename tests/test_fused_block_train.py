@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from blocks import BLOCKS, OpRecorder, make_block
-from numerics import DEVICE, DTYPES, activation, nan_filled_empty, rel_err, tol
+from numerics import DEVICE, DTYPES, activation, gpu_only, nan_filled_empty, rel_err, tol
 from regnet_kernels import ops
 from regnet_kernels.models.fused import block_forward_train
 from regnet_kernels.ops import cpp
@@ -19,8 +19,8 @@ BN_BUFFERS = ("running_mean", "running_var")
 # (backend, dtype): the Triton ops in their dtypes; the C++ extension's ops (its CPU
 # kernels, or its CUDA kernels on a GPU machine) in fp32 and bf16.
 BLOCK_OPS = {"triton": ops, "cpp": cpp}
-BACKEND_DTYPES = [("triton", d) for d in DTYPES] + [("cpp", torch.float32),
-                                                    ("cpp", torch.bfloat16)]
+BACKEND_DTYPES = [("triton", d) for d in DTYPES] + [
+    ("cpp", d) if DEVICE == "cpu" else gpu_only("cpp", d) for d in (torch.float32, torch.bfloat16)]
 
 
 def run_block(block, x, grad, backend="triton"):

@@ -9,7 +9,7 @@ import torch
 
 import regnet_kernels as rk
 from blocks import OpRecorder
-from numerics import DEVICE, randomize_bn, rel_err
+from numerics import DEVICE, gpu_only, randomize_bn, rel_err
 from regnet_kernels.models.fused import FusedBlock, fuse, fused_model, unfuse
 from regnet_kernels.models.reference import ResBottleneckBlock
 from regnet_kernels.ops._implicit_gemm import interpreting
@@ -47,7 +47,7 @@ def test_eval_matches_reference(params, size):
 
 # On CPU tensors: the Triton kernels under the interpreter, and the C++ CPU ops; on
 # CUDA tensors: the Triton kernels and the C++ extension's CUDA kernels.
-TRAIN_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton", "cuda"]
+TRAIN_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton", gpu_only("cuda")]
 
 
 def assert_grads_and_buffers_match(fused, ref, tol=1e-5):
@@ -309,8 +309,9 @@ def test_eval_backends_on_cpu(backend, namespace):
 
 
 # (backend, autocast dtype): each backend that runs this device's tensors at full speed
-AUTOCAST_CASES = [(backend, dtype) for backend in (["cpu"] if DEVICE == "cpu" else ["triton", "cuda"])
-                  for dtype in (torch.bfloat16, torch.float16)]
+AUTOCAST_CASES = ([("cpu", dtype) for dtype in (torch.bfloat16, torch.float16)] if DEVICE == "cpu"
+                  else [gpu_only(backend, dtype) for backend in ("triton", "cuda")
+                        for dtype in (torch.bfloat16, torch.float16)])
 AUTOCAST_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 

@@ -1,6 +1,6 @@
 """Benchmark harness: one implementation behind ``python -m regnet_kernels bench``,
-``benchmarks/run.py``, the pytest-benchmark files ``benchmarks/bench_*.py`` and
-``benchmarks/gpu_suite.sh``.
+``benchmarks/run.py``, the pytest-benchmark files ``benchmarks/bench_*.py`` and the first GPU
+call ``benchmarks/gpu_first_call.sh`` (its steps: `first_call`).
 
 Modules: `shapes` (the distinct layer shapes of a model), `traffic` (bytes / FLOP each op,
 block and network must move and do; the roofline), `cases` (reference module, inputs and fused

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..ops import _extension, _triton
+from ..ops._implicit_gemm import interpreting
 from .cases import Case
 
 BASELINES = ("eager", "eager_cl", "compile", "compile_max")
@@ -29,16 +30,27 @@ class Unavailable(Exception):
     """A provider that cannot run here; the message says why."""
 
 
+#: Set to 1 (with TRITON_INTERPRET=1) to let the ``triton`` provider run CPU tensors through
+#: Triton's interpreter: for dry runs of the GPU scripts, which exercise the mechanics on tiny
+#: shapes; such a time measures the interpreter, not a kernel.
+INTERPRETER_ENV = "REGNET_BENCH_INTERPRETER"
+
+
+def interpreter_allowed() -> bool:
+    """The triton provider may run CPU tensors (INTERPRETER_ENV and TRITON_INTERPRET set)."""
+    return os.environ.get(INTERPRETER_ENV, "0") not in ("", "0") and interpreting()
+
+
 def unavailable_reason(provider: str, device: str) -> str | None:
     """Why ``provider`` cannot run on ``device`` ("cuda" or "cpu"), or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
     if provider == "triton" and _triton.IMPORT_ERROR is not None:
         return _triton.unavailable_reason()
-    if provider == "triton" and device != "cuda":
+    if provider == "triton" and device != "cuda" and not interpreter_allowed():
         return ("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (numpy, far "
                 "too slow to benchmark)")
-    if provider == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if provider == "triton" and device == "cuda" and interpreting():
         return "TRITON_INTERPRET=1 is set: the kernels would run in the interpreter"
     if provider == "cuda":
         if device != "cuda":
