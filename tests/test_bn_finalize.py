@@ -16,7 +16,10 @@ def tile_partials(y2d: torch.Tensor, rows: int):
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
-@pytest.mark.parametrize("n,c,h,w,rows", [(1, 24, 7, 7, 16), (3, 56, 13, 14, 128), (2, 130, 1, 1, 1)])
+# The last two have more than MERGE_ABOVE_TILES tiles (the group-merge pass runs), a last
+# tile and a last group that are partial, and channel blocks that end mid-way.
+@pytest.mark.parametrize("n,c,h,w,rows", [(1, 24, 7, 7, 16), (3, 56, 13, 14, 128), (2, 130, 1, 1, 1),
+                                          (4, 5, 30, 31, 7), (2, 70, 17, 19, 2)])
 def test_matches_batchnorm2d(n, c, h, w, rows, momentum):
     gen = torch.Generator().manual_seed(c)
     bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(DEVICE)

@@ -28,6 +28,7 @@ MAX_3X3_LOOP = 600
 DOT_KERNELS = {"_conv_bn_act_kernel", "_conv1x1_gate_residual_kernel",
                "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
 ELEMENTWISE_KERNELS = {"_se_excite_kernel", "_se_squeeze_kernel", "_bn_finalize_kernel",
+                       "_bn_merge_kernel",
                        "_bn_running_update_kernel", "_bn_add_relu_kernel",
                        "_bn_act_backward_kernel"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
@@ -122,10 +123,13 @@ def elementwise_variants(tiles):
     for dtype in ("fp32", "fp64"):  # the statistics' dtype
         for affine in (False, True):
             out.append(("_bn_finalize_kernel", dtype,
-                        dict(AFFINE=affine, BLOCK_C=tiles["finalize"])))
+                        dict(AFFINE=affine, BLOCK_T=tiles["finalize"].BLOCK_T,
+                             BLOCK_C=tiles["finalize"].BLOCK_C)))
+        out.append(("_bn_merge_kernel", dtype, dict(BLOCK_T=tiles["finalize"].MERGE_BLOCK_T,
+                                                    BLOCK_C=tiles["finalize"].MERGE_BLOCK_C)))
         for cumulative in (False, True):
             out.append(("_bn_running_update_kernel", dtype,
-                        dict(CUMULATIVE=cumulative, BLOCK_C=tiles["finalize"])))
+                        dict(CUMULATIVE=cumulative, BLOCK_C=tiles["finalize"].BLOCK_C)))
     return out
 
 
@@ -164,11 +168,12 @@ def elementwise_specs():
         for name in ("bn_act_backward", "bn_add_relu", "bn_finalize", "se_excite"))
     modules = {"_se_excite_kernel": se_excite, "_se_squeeze_kernel": se_excite,
                "_bn_act_backward_kernel": bn_act_backward, "_bn_add_relu_kernel": bn_add_relu,
-               "_bn_finalize_kernel": bn_finalize, "_bn_running_update_kernel": bn_finalize}
+               "_bn_finalize_kernel": bn_finalize, "_bn_running_update_kernel": bn_finalize,
+               "_bn_merge_kernel": bn_finalize}
     variants = [("_se_excite_kernel", dtype, c) for dtype, c in se_excite_variants(
         se_excite._tiles)]
     variants += elementwise_variants({"squeeze": se_excite._squeeze_tiles,
-                                      "finalize": bn_finalize.BLOCK_C,
+                                      "finalize": bn_finalize,
                                       "bn_act_backward": bn_act_backward._tiles})
     for name, dtype, constexprs in variants:
         fn = getattr(modules[name], name)

@@ -4,9 +4,13 @@ and (a separate, mutating op) the running-statistics update, exactly as
 nn.BatchNorm2d does it.
 
 Each row tile of the producing conv wrote, per channel, the tile's sum and its
-centered sum of squares M2 = sum((y - tile_mean)^2). They are merged here with
-Chan's parallel update in a fixed order: no cancellation from E[y^2] - E[y]^2,
-and no atomics, so the result is bit-identical run to run.
+centered sum of squares M2 = sum((y - tile_mean)^2). They are merged here in a
+fixed order: blocks of tiles at once (the block's mean first, then its M2 =
+sum M2_t + sum n_t (mean_t - block mean)^2), the blocks with Chan's parallel
+update. No cancellation from E[y^2] - E[y]^2, and no atomics, so the result is
+bit-identical run to run. Many tiles (a 1x1 conv at 112x112 and batch 256
+writes 50,176) are first merged in groups by a wide grid, so that no program
+walks them all.
 
     mean, var = merged statistics (biased var)           over count = N*H*W rows
     inv_std   = 1 / sqrt(var + eps)
@@ -28,6 +32,12 @@ from ._triton import tl, triton
 from ._implicit_gemm import acc_constexpr, acc_dtype, check_device, check_same
 
 BLOCK_C = 128
+# Tiles a finalize program loads at once; the group-merge pass's tiles and channels at once,
+# and the tile count above which it runs (with at most ~4 programs per SM of a large GPU).
+BLOCK_T = 16
+MERGE_BLOCK_T, MERGE_BLOCK_C = 32, 64
+MERGE_ABOVE_TILES = 256
+MERGE_PROGRAMS = 528
 STAT_ROWS = ("mean", "inv_std", "scale", "shift", "var")
 
 
@@ -42,28 +52,61 @@ class BatchStats(NamedTuple):
 
 
 @triton.jit
-def _bn_finalize_kernel(sum_ptr, m2_ptr, gamma_ptr, beta_ptr, stats_ptr,
-                        C, T, count, rows_per_tile,
-                        eps: tl.float64,  # passed exactly, rounded to ACC_DTYPE here
-                        AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+def _merge_tiles(sum_ptr, m2_ptr, c, c_ok, t_lo, t_hi, C, count, rows_per_tile,
+                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(n, mean, M2) of channels c over the row tiles [t_lo, t_hi): BLOCK_T tiles at a time,
+    each block's mean first and then its M2, the blocks merged in order (Chan)."""
     n = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
     mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
     m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    sum_row = sum_ptr + c
-    m2_row = m2_ptr + c
-    for t in range(0, T):
-        n_t = tl.minimum(rows_per_tile, count - t * rows_per_tile).to(ACC_DTYPE)
-        s_t = tl.load(sum_row, mask=c_ok, other=0.0)
-        m2_t = tl.load(m2_row, mask=c_ok, other=0.0)
-        sum_row += C  # pointer arithmetic: 64-bit however many tiles
-        m2_row += C
-        delta = s_t / n_t - mean
-        n_new = n + n_t
-        mean += delta * (n_t / n_new)
-        m2 += m2_t + delta * delta * (n * n_t / n_new)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < t_hi
+        rows = tl.minimum(rows_per_tile, count - t * rows_per_tile)
+        n_t = tl.where(t_ok, rows, 0).to(ACC_DTYPE)
+        off = t.to(tl.int64)[:, None] * C + c[None, :]
+        mask = t_ok[:, None] & c_ok[None, :]
+        s_t = tl.load(sum_ptr + off, mask=mask, other=0.0)
+        m2_t = tl.load(m2_ptr + off, mask=mask, other=0.0)
+        n_b = tl.sum(n_t, axis=0)
+        mean_b = tl.sum(s_t, axis=0) / n_b
+        d = tl.where(mask, s_t / tl.maximum(n_t, 1.0)[:, None] - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2_t, axis=0) + tl.sum(n_t[:, None] * d * d, axis=0)
+        delta = mean_b - mean
+        n_new = n + n_b
+        mean += delta * (n_b / n_new)
+        m2 += m2_b + delta * delta * (n * n_b / n_new)
         n = n_new
+    return n, mean, m2
+
+
+@triton.jit
+def _bn_merge_kernel(sum_ptr, m2_ptr, out_sum_ptr, out_m2_ptr, C, T, count, rows_per_tile,
+                     tiles_per_group, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr):
+    """Group g of `tiles_per_group` tiles merged into one partial of the same form (its
+    sum and M2): the partials of tiles of tiles_per_group * rows_per_tile rows."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    g = tl.program_id(1)
+    t_lo = g * tiles_per_group
+    n, mean, m2 = _merge_tiles(sum_ptr, m2_ptr, c, c_ok, t_lo,
+                               tl.minimum(t_lo + tiles_per_group, T), C, count, rows_per_tile,
+                               BLOCK_T, BLOCK_C, ACC_DTYPE)
+    tl.store(out_sum_ptr + g.to(tl.int64) * C + c, mean * n, mask=c_ok)
+    tl.store(out_m2_ptr + g.to(tl.int64) * C + c, m2, mask=c_ok)
+
+
+@triton.jit
+def _bn_finalize_kernel(sum_ptr, m2_ptr, gamma_ptr, beta_ptr, stats_ptr,
+                        C, T, count, rows_per_tile,
+                        eps: tl.float64,  # passed exactly, rounded to ACC_DTYPE here
+                        AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    n, mean, m2 = _merge_tiles(sum_ptr, m2_ptr, c, c_ok, 0, T, C, count, rows_per_tile,
+                               BLOCK_T, BLOCK_C, ACC_DTYPE)
     var = m2 / n
     inv_std = 1.0 / tl.sqrt(var + tl.full((BLOCK_C,), eps, ACC_DTYPE))
     scale = inv_std
@@ -104,13 +147,33 @@ def _bn_running_update_kernel(stats_ptr, rmean_ptr, rvar_ptr, nbt_ptr, C, count,
              mask=c_ok)
 
 
+def merge_groups(t: int, c: int) -> int:
+    """Tiles per group of the group-merge pass for (t, c) partials, or 0 when the finalize
+    reads them directly (few tiles)."""
+    if t <= MERGE_ABOVE_TILES:
+        return 0
+    groups = max(1, min(triton.cdiv(t, MERGE_BLOCK_T),
+                        MERGE_PROGRAMS // triton.cdiv(c, MERGE_BLOCK_C)))
+    return triton.cdiv(triton.cdiv(t, groups), MERGE_BLOCK_T) * MERGE_BLOCK_T
+
+
 def finalize_launch(tile_sum, tile_m2, count, rows_per_tile, weight, bias, eps) -> torch.Tensor:
-    """Launch the finalize kernel; returns (5, C) rows STAT_ROWS in the partials' dtype."""
+    """Launch the finalize kernel (after the group-merge pass when there are many tiles);
+    returns (5, C) rows STAT_ROWS in the partials' dtype."""
     t, c = tile_sum.shape
+    acc = acc_constexpr(tile_sum.dtype)
+    per_group = merge_groups(t, c)
+    if per_group:
+        groups = triton.cdiv(t, per_group)
+        merged = torch.empty((2, groups, c), dtype=tile_sum.dtype, device=tile_sum.device)
+        _bn_merge_kernel[(triton.cdiv(c, MERGE_BLOCK_C), groups)](
+            tile_sum, tile_m2, merged[0], merged[1], c, t, count, rows_per_tile, per_group,
+            BLOCK_T=MERGE_BLOCK_T, BLOCK_C=MERGE_BLOCK_C, ACC_DTYPE=acc)
+        tile_sum, tile_m2, t, rows_per_tile = merged[0], merged[1], groups, per_group * rows_per_tile
     out = torch.empty((len(STAT_ROWS), c), dtype=tile_sum.dtype, device=tile_sum.device)
     _bn_finalize_kernel[(triton.cdiv(c, BLOCK_C),)](
         tile_sum, tile_m2, weight, bias, out, c, t, count, rows_per_tile, eps,
-        AFFINE=weight is not None, BLOCK_C=BLOCK_C, ACC_DTYPE=acc_constexpr(tile_sum.dtype))
+        AFFINE=weight is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, ACC_DTYPE=acc)
     return out
 
 
