@@ -200,9 +200,30 @@ def conv_specs():
                 yield name, launch.spec()
 
 
+def tuning_candidate_specs():
+    """A grouped 3x3 eval conv and its dgrad under every tuning candidate's options."""
+    from regnet_kernels.ops._tuning import CANDIDATES
+
+    def launches():
+        import importlib
+        cba = importlib.import_module("regnet_kernels.ops.conv_bn_act")
+        grad = importlib.import_module("regnet_kernels.ops.conv_grad")
+        x = meta_activation(BATCH, 896, 14, 14, torch.bfloat16)
+        w = torch.empty(896, 56, 3, 3, device="meta", dtype=torch.bfloat16)
+        v = torch.empty(896, device="meta")
+        cba._launch(x, w, 1, 16, scale=v, shift=v, relu=True, squeeze=True)
+        grad._dgrad_launch(x, w, 14, 14, 1, 16, x, v, v, v, None, None, None)
+
+    with capture_launches() as recorder:
+        launches()
+    for launch in recorder.launches:
+        for options in CANDIDATES:
+            yield "bf16", dict(launch.spec(), options=dict(launch.options, **options))
+
+
 @pytest.fixture(scope="module")
 def records():
-    specs = list(conv_specs()) + list(elementwise_specs())
+    specs = list(conv_specs()) + list(elementwise_specs()) + list(tuning_candidate_specs())
     results = static.run_jobs([{"kind": "triton", "spec": spec, "capability": 90}
                                for _, spec in specs], workers=2)
     return [dict(result, kernel=spec["name"], dtype=dtype, constexprs=spec["constexprs"],

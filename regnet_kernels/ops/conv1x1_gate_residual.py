@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ._triton import tl, triton
+from ._tuning import launch_tuned
 from ._implicit_gemm import (
     SUPPORTED_DTYPES,
     TRITON_DTYPES,
@@ -102,19 +103,21 @@ def _launch(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, pr
     x = unit_channel_stride(x)
     shortcut = unit_channel_stride(shortcut)
     pw = packed_weight(proj_weight) if project else weight
-    _conv1x1_gate_residual_kernel[(triton.cdiv(n * ho * wo, block_m) * tiles_n,)](
+    args = (
         x, packed_weight(weight), scale, shift,
         gate if gate is not None else scale, shortcut,
         pw, proj_scale if project else scale, proj_shift if project else shift, y,
         ho, wo, n * ho * wo, hr, wr, proj_stride, tiles_n,
         *nhwc_strides(x)[:3], gate.stride(0) if gate is not None else 0,
-        *nhwc_strides(shortcut)[:3],
+        *nhwc_strides(shortcut)[:3])
+    constexprs = dict(
         CIN=c_in, COUT=c_out, C_RES=cr, HAS_GATE=gate is not None, PROJECT=project,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         X_ALIGN=row_alignment(x), R_ALIGN=row_alignment(shortcut),
-        DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype),
-        **launch_config(block_m, block_n, prologue=gate is not None),
-    )
+        DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype))
+    launch_tuned(_conv1x1_gate_residual_kernel, (triton.cdiv(n * ho * wo, block_m) * tiles_n,),
+                 args, constexprs, n * ho * wo,
+                 launch_config(block_m, block_n, prologue=gate is not None), x.device)
     return y
 
 

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._triton import tl, triton
+from ._tuning import launch_tuned
 from ._implicit_gemm import (
     TRITON_DTYPES,
     SUPPORTED_DTYPES,
@@ -141,21 +142,24 @@ def _launch(x, weight, stride, groups, *, scale=None, shift=None, relu=False, sq
     m_tiles = n * tiles_per_image if squeeze else triton.cdiv(n * ho * wo, block_m)
     unused = aux  # placeholder for pointers a variant does not read
     x = unit_channel_stride(x)
-    _conv_bn_act_kernel[(m_tiles * groups * tiles_n,)](
+    args = (
         x, packed_weight(weight),
         in_scale if in_scale is not None else unused, in_shift if in_shift is not None else unused,
         gate if gate is not None else unused,
         scale if scale is not None else unused, shift if shift is not None else unused,
         y, aux, aux[1] if stats else unused,
         h, w, ho, wo, groups, n * ho * wo, tiles_per_image, tiles_n, stride, k // 2,
-        *nhwc_strides(x)[:3], gate.stride(0) if gate is not None else 0,
+        *nhwc_strides(x)[:3], gate.stride(0) if gate is not None else 0)
+    constexprs = dict(
         CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, IN_AFFINE=in_scale is not None, IN_RELU=in_relu,
         HAS_GATE=gate is not None, AFFINE=scale is not None, RELU=relu, SQUEEZE=squeeze,
         STATS=stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         X_ALIGN=row_alignment(x),
-        DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype),
-        **launch_config(block_m, block_n, prologue=in_scale is not None or gate is not None),
-    )
+        DOT_PRECISION=dot_precision(x.dtype), ACC_DTYPE=acc_constexpr(x.dtype))
+    launch_tuned(_conv_bn_act_kernel, (m_tiles * groups * tiles_n,), args, constexprs,
+                 n * ho * wo,
+                 launch_config(block_m, block_n, prologue=in_scale is not None or gate is not None),
+                 x.device)
     return y, aux
 
 

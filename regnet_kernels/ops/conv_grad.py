@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ._triton import tl, triton
+from ._tuning import launch_tuned
 from ._implicit_gemm import (
     TRITON_DTYPES,
     _pow2_clamp,
@@ -395,14 +396,15 @@ def _dgrad_launch(dy, weight, h, w, stride, groups, y, dy_a, dy_b, dy_c, *mask):
     tiles_n = triton.cdiv(cin_g, block_n)
     dy, y, mask, strides, flags = _dy_args(dy, y, *mask)
     wa, wb, wc = _dgrad_weights(weight, groups, dy_a, dy_b, dy_c)
-    _conv_dgrad_kernel[(stride * stride * tiles_m, groups * tiles_n)](
-        dy, wa, dx, y, wb, wc, *mask,
-        h, w, ho, wo, groups, hq, wq, n * hq * wq, tiles_m, tiles_n, stride, k // 2, *strides,
-        CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, **flags,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=dot_precision(dy.dtype), ACC_DTYPE=acc_constexpr(dy.dtype),
-        **launch_config(block_m, block_n, prologue=flags["HAS_MASK"]),
-    )
+    args = (dy, wa, dx, y, wb, wc, *mask,
+            h, w, ho, wo, groups, hq, wq, n * hq * wq, tiles_m, tiles_n, stride, k // 2,
+            *strides)
+    constexprs = dict(CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, **flags,
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                      DOT_PRECISION=dot_precision(dy.dtype), ACC_DTYPE=acc_constexpr(dy.dtype))
+    launch_tuned(_conv_dgrad_kernel, (stride * stride * tiles_m, groups * tiles_n), args,
+                 constexprs, n * hq * wq,
+                 launch_config(block_m, block_n, prologue=flags["HAS_MASK"]), dy.device)
     return dx
 
 
@@ -426,16 +428,16 @@ def _wgrad_launch(u, dy, k, stride, groups, in_scale, in_shift, in_relu, gate, y
     u = unit_channel_stride(u)
     affine = in_scale is not None
     abc = (dy_a, dy_b, dy_c) if dy_a is not None else (dw, dw, dw)
-    _conv_wgrad_kernel[(splits, groups * tiles_co * tiles_ci * k * k)](
-        u, dy, dw, in_scale if affine else dw, in_shift if affine else dw,
-        gate if gate is not None else dw, y, *abc, *mask,
-        h, w, ho, wo, groups, m, rows_per_split, tiles_ci, tiles_co, stride, k // 2,
-        *nhwc_strides(u)[:3], gate.stride(0) if gate is not None else 0, *strides,
-        CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, IN_AFFINE=affine, IN_RELU=in_relu, HAS_GATE=gate is not None,
-        **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, U_ALIGN=row_alignment(u),
-        DOT_PRECISION=dot_precision(u.dtype), ACC_DTYPE=acc_constexpr(u.dtype),
-        **launch_config(block_m, block_n, prologue=any_prologue),
-    )
+    args = (u, dy, dw, in_scale if affine else dw, in_shift if affine else dw,
+            gate if gate is not None else dw, y, *abc, *mask,
+            h, w, ho, wo, groups, m, rows_per_split, tiles_ci, tiles_co, stride, k // 2,
+            *nhwc_strides(u)[:3], gate.stride(0) if gate is not None else 0, *strides)
+    constexprs = dict(CIN_G=cin_g, COUT_G=cout_g, KSIZE=k, IN_AFFINE=affine, IN_RELU=in_relu,
+                      HAS_GATE=gate is not None, **flags,
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, U_ALIGN=row_alignment(u),
+                      DOT_PRECISION=dot_precision(u.dtype), ACC_DTYPE=acc_constexpr(u.dtype))
+    launch_tuned(_conv_wgrad_kernel, (splits, groups * tiles_co * tiles_ci * k * k), args,
+                 constexprs, m, launch_config(block_m, block_n, prologue=any_prologue), u.device)
     # The chunks' partials, summed in a fixed order.
     return dw if splits == 1 else dw.sum(0)
 
