@@ -315,3 +315,17 @@ def test_3x3_main_loops_are_short(records):
             else:
                 steps = 9 * -(-channel_runs(r) // c["BLOCK_K"])
                 assert r["instructions"] <= MAX_3X3_LOOP * steps, show(r)
+
+
+@pytest.mark.parametrize("model", ["regnety_8gf", "regnetx_400mf"])
+def test_no_recompile_per_batch_size(model):
+    """The fused model's eval forward and training step specialize the same kernels at
+    batch 64 and 256 (row counts are not specialized on; tiles follow the per-image
+    shapes), so a new batch size compiles nothing new."""
+    from regnet_kernels.bench.capture import capture_model
+
+    def specializations(batch):
+        launches, _ = capture_model(model, batch, "bf16", ("eval", "train"))
+        return {launch.spec_key() for launch in launches}
+
+    assert specializations(64) == specializations(256)

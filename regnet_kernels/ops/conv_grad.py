@@ -117,7 +117,7 @@ def _masked_dy(dy_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr, off, co, co_ok,
     return g
 
 
-@triton.jit(do_not_specialize=["Mq"])
+@triton.jit(do_not_specialize=["Mq", "tiles_m"])
 def _conv_dgrad_kernel(
     dy_ptr, wa_ptr, dx_ptr, y_ptr, wb_ptr, wc_ptr, mask_ptr, mask_scale_ptr, mask_shift_ptr,
     H, W, Ho, Wo, groups, Hq, Wq, Mq, tiles_m, tiles_n, stride, pad, sdn, sdh, sdw,
