@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from regnet_kernels.bench.sass import parse_ptxas_log
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 SOURCES = sorted(CSRC.rglob("*.cu"))
@@ -58,11 +60,6 @@ pytestmark = [
                                               "instead of this compile-only check"),
 ]
 
-ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+a?)'")
-PROPS = re.compile(r"Function properties for (?P<name>\S+)\s*\n\s*(?P<stack>\d+) bytes stack frame, "
-                   r"(?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
-USED = re.compile(r"Used (?P<regs>\d+) registers")
-
 
 def _compile(src: Path, arch: str, out_dir: Path) -> dict:
     """nvcc -c for one arch, keeping the PTX; returns the log, PTX and per-kernel stats."""
@@ -74,21 +71,7 @@ def _compile(src: Path, arch: str, out_dir: Path) -> dict:
            "-keep", "-keep-dir", str(keep), "-I", str(src.parent), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=keep)
     log = proc.stdout + proc.stderr
-    kernels = {}
-    # ptxas prints, per entry: "Compiling entry function 'X' for 'sm_NN'", then
-    # "Function properties for X" + the spill line, then "Used N registers, ...".
-    for block in re.split(r"(?=ptxas info\s*: Compiling entry function)", log):
-        entry = ENTRY.search(block)
-        if not entry:
-            continue
-        props, used = PROPS.search(block), USED.search(block)
-        kernels[entry["name"]] = {
-            "arch": entry["arch"],
-            "stack": int(props["stack"]) if props else None,
-            "spill_stores": int(props["st"]) if props else None,
-            "spill_loads": int(props["ld"]) if props else None,
-            "registers": int(used["regs"]) if used else None,
-        }
+    kernels = parse_ptxas_log(log)
     ptx = "\n".join(p.read_text() for p in sorted(keep.glob("*.ptx")))
     return {"cmd": cmd, "returncode": proc.returncode, "log": log, "kernels": kernels, "ptx": ptx}
 
