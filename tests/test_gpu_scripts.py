@@ -100,23 +100,25 @@ def test_hopper_flags_keep_only_sm90():
     assert first_call.hopper_flags(sm80_only) == sm80_only  # never a build with no target
 
 
-STATIC_MD = """# Static sm_90 figures
-
-| layer | x | op | regs | floor us | expected us | limiter | CUDA est. us |
-|---|---|---|---|---|---|---|---|
-| s3.first.b | 1 | conv_bn_act+squeeze | 255 | 105 | 1338-2175 | issue | 293-702 |
-| s3.rest.b | 9 | conv_bn_act+squeeze | 255 | 57 | 1338-2175 | issue | 293-702 |
-| s3.rest.c | 9 | conv1x1_gate_residual | 190 | 102 | 226-324 | issue | 343-822 |
-"""
+STATIC_CSV = (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+              / "static-sm90-regnety_8gf-after-2026-12-01.csv")
 
 
-def test_predictions_from_the_static_report_tables():
-    rows = first_call.read_tables(STATIC_MD)
-    assert len(rows) == 3 and rows[0]["layer"] == "s3.first.b"
+def test_predictions_from_the_static_report_csv():
+    """The rows `bench --static` writes (its CSV, as committed under benchmarks/results)."""
+    import csv
+    with open(STATIC_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
     found = first_call.predictions(rows, ("s3.first.b", "s3.rest.b"))
-    assert found == {layer: {"triton": ("expected us", "1338-2175"),
-                             "cuda": ("CUDA est. us", "293-702")}
-                     for layer in ("s3.first.b", "s3.rest.b")}
+    first = next(r for r in rows if r["mode"] == "eval" and r["layers"] == "s3.b1"
+                 and r["op"] == "conv_bn_act_squeeze")
+    rest = next(r for r in rows if r["mode"] == "eval" and r["layers"].startswith("s3.b2..")
+                and r["op"] == "conv_bn_act_squeeze")
+    assert found == {"s3.first.b": {"triton": ("predicted us",
+                                               f"{float(first['predicted_us']):.0f}")},
+                     "s3.rest.b": {"triton": ("predicted us",
+                                              f"{float(rest['predicted_us']):.0f}")}}
+    assert first_call.predictions(rows, ("s5.first.b",)) == {}
     assert first_call._range_ratio(1500, "1338-2175") == "inside"
     assert first_call._range_ratio(4350, "1338-2175") == "2.00x above"
     assert first_call._range_ratio(500, "1000") == "0.50x"
@@ -133,9 +135,10 @@ def test_static_report_missing_is_a_reason_not_a_failure():
         first_call.static_predictions(PLAN, 30, fake)
 
 
-def test_static_report_read_from_its_markdown_file():
-    """The command gets --markdown PATH --csv PATH; the predictions come from those files."""
-    fake = [sys.executable, "-c", "import sys; a = sys.argv; "
-            f"open(a[a.index('--markdown') + 1], 'w').write({STATIC_MD!r})"]
+def test_static_report_read_from_its_csv_file():
+    """The command gets --markdown PATH --csv PATH; the predictions come from the CSV."""
+    fake = [sys.executable, "-c", "import shutil, sys; a = sys.argv; "
+            f"shutil.copy({str(STATIC_CSV)!r}, a[a.index('--csv') + 1])"]
     found = first_call.static_predictions(PLAN, 30, fake)
-    assert found["s3.rest.b"]["cuda"] == ("CUDA est. us", "293-702")
+    assert set(found) == {"s3.first.b", "s3.rest.b"}
+    assert found["s3.rest.b"]["triton"][0] == "predicted us"

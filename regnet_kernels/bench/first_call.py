@@ -14,8 +14,8 @@ Steps, in the script's order:
              the fp32 reference: logits and every stage's output          -> parity.md
     eval     eval throughput: eager NCHW, eager channels_last, fused
              Triton, fused CUDA; CUDA-graph replays at batch 1           -> eval.md, results.csv
-    static   (in the background of train and stage3) the static report of the same kernels:
-             `python -m regnet_kernels bench --static` (another issue's), if it exists
+    static   (in the background of train and stage3) the static report of the model's eval:
+             `python -m regnet_kernels bench --static` (its predictions, beside stage3's times)
     train    one training step: parity and time, Triton vs eager_cl      -> train.md, results.csv
     stage3   the grouped 3x3 conv of stage 3 alone, Triton vs CUDA vs
              cuDNN, beside the static report's prediction (or why none)  -> stage3.md
@@ -686,46 +686,27 @@ def step_train(plan: Plan, deadline: float) -> str:
 
 
 def static_command(plan: Plan) -> list[str]:
-    """The static report of the model's eval launches (another issue's `bench --static`);
-    run_static adds --markdown and --csv."""
+    """The static report of the model's eval launches (`bench --static`); run_static adds
+    --markdown and --csv."""
     return [sys.executable, "-m", "regnet_kernels", "bench", "--static", str(plan.model),
             "--batch", str(plan.static_batch), "--dtype", plan.dtype, "--mode", "eval"]
 
 
-def read_tables(md_text: str) -> list[dict]:
-    """Every row of every markdown table in a text, as {header: cell}."""
-    rows, header = [], None
-    for line in md_text.splitlines():
-        line = line.strip()
-        if not line.startswith("|"):
-            header = None
-            continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if header is None:
-            header = cells
-        elif not all(set(c) <= set("-: ") for c in cells):
-            rows.append(dict(zip(header, cells)))
-    return rows
-
-
-def predictions(rows: list[dict], layers) -> dict:
-    """{layer: {"triton": (column, value), "cuda": (column, value)}} from the static report's
-    rows: the row whose cells name the layer; Triton's prediction from an "expected" or
-    "predicted" column, the CUDA kernels' from one that names CUDA too."""
+def predictions(rows: list[dict], cases) -> dict:
+    """{case: {"triton": (column, value)}} from the static report's CSV rows: for "sN.first.b"
+    the eval row of block sN.b1 whose weight is 3x3, for "sN.rest.b" that of sN.b2 (the
+    report groups identical launches: "sN.b2..sN.b10 (9)"). The report predicts the Triton
+    kernels only."""
     found = {}
-    for row in rows:
-        layer = next((v for v in row.values() if v in layers), None)
-        if layer is None or layer in found:
-            continue
-        columns = {}
-        for key, value in row.items():
-            low = key.lower()
-            if not value or not any(w in low for w in ("expected", "predict", "est")):
-                continue
-            if "floor" in low:
-                continue
-            columns.setdefault("cuda" if "cuda" in low else "triton", (key, value))
-        found[layer] = columns
+    for case in cases:
+        stage, kind, _ = case.split(".")
+        block = f"{stage}.b1" if kind == "first" else f"{stage}.b2"
+        for row in rows:
+            names = row.get("layers", "")
+            if (row.get("mode") == "eval" and (names == block or names.startswith(block + ".."))
+                    and "x3x3 " in row.get("shape", "") + " " and row.get("predicted_us")):
+                found[case] = {"triton": ("predicted us", f"{float(row['predicted_us']):.0f}")}
+                break
     return found
 
 
@@ -762,9 +743,6 @@ def read_predictions(plan: Plan, folder: Path) -> dict:
     if (folder / "static.csv").exists():
         with open(folder / "static.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-    for name in ("static.md", "static.out"):
-        if (folder / name).exists():
-            rows += read_tables((folder / name).read_text())
     layers = stage3_cases(plan)
     found = predictions(rows, layers)
     if not found:
