@@ -337,3 +337,18 @@ def test_block_eval(name):
         ref = block.double()(x.double())
     assert y.is_contiguous(memory_format=torch.channels_last)
     check_close(y, ref, torch.float32)
+
+
+def test_cuda_architectures_from_the_environment(monkeypatch):
+    """REGNET_KERNELS_CUDA_ARCHS picks nvcc's targets (default sm_90a and sm_80); a bad
+    value is a clear error."""
+    from regnet_kernels.ops import _extension
+
+    monkeypatch.delenv(_extension.CUDA_ARCHS_ENV, raising=False)
+    assert _extension.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a",
+                                            "-gencode=arch=compute_80,code=sm_80"]
+    monkeypatch.setenv(_extension.CUDA_ARCHS_ENV, " 90a ")
+    assert _extension.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a"]
+    monkeypatch.setenv(_extension.CUDA_ARCHS_ENV, "sm_90")
+    with pytest.raises(_extension.ExtensionBuildError, match="expected compute capabilities"):
+        _extension.cuda_arch_flags()

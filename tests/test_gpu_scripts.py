@@ -93,13 +93,6 @@ def test_gpu_suite_dry_run_lists_failures_first(tmp_path):
     assert "test_passes PASSED" in (out / "tests.log").read_text()
 
 
-def test_hopper_flags_keep_only_sm90():
-    flags = ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
-    assert first_call.hopper_flags(flags) == flags[:2]
-    sm80_only = ["-O3", "-gencode=arch=compute_80,code=sm_80"]
-    assert first_call.hopper_flags(sm80_only) == sm80_only  # never a build with no target
-
-
 STATIC_CSV = (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
               / "static-sm90-regnety_8gf-after-2026-12-01.csv")
 

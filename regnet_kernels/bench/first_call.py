@@ -300,35 +300,6 @@ def step_env(plan: Plan, deadline: float) -> str:
             f"{info['cuda'] or '-'}, cuDNN {info['cudnn'] or '-'}; clocks {info['clocks'] or '-'}")
 
 
-def hopper_flags(flags: list[str]) -> list[str]:
-    """The nvcc flags less every -gencode that is not for sm_90 (or the flags as they are when
-    none is for sm_90)."""
-    kept = [f for f in flags if not f.startswith("-gencode") or "sm_90" in f]
-    return kept if any(f.startswith("-gencode") for f in kept) else list(flags)
-
-
-def build_for_hopper_only() -> None:
-    """CUDA builds in this process target sm_90 alone: the extension's loader names its
-    architectures itself (regnet_kernels/ops/_extension.py: sm_90a and sm_80, which
-    TORCH_CUDA_ARCH_LIST cannot change), so its `cpp_extension.load` gets the flags less the
-    sm_80 pass: half the nvcc time of conv_train.cu. The build cache is keyed without these
-    flags, so the scripts point REGNET_KERNELS_CACHE to a folder of its own."""
-    from torch.utils import cpp_extension
-
-    load = cpp_extension.load
-    if getattr(load, "hopper_only", False):
-        return
-
-    def load_for_hopper(*args, **kwargs):
-        if kwargs.get("extra_cuda_cflags"):
-            kwargs["extra_cuda_cflags"] = hopper_flags(kwargs["extra_cuda_cflags"])
-            say(f"CUDA build flags: {' '.join(kwargs['extra_cuda_cflags'])}")
-        return load(*args, **kwargs)
-
-    load_for_hopper.hopper_only = True
-    cpp_extension.load = load_for_hopper
-
-
 def step_build(plan: Plan, deadline: float) -> str:
     done = _state("build.done")
     try:
@@ -886,7 +857,6 @@ def run_step(name: str, cap: float) -> int:
     deadline = start + cap
     say(f"first_call {name}: start (cap {cap:.0f} s)")
     try:
-        build_for_hopper_only()
         result = STEPS[name](make_plan(), deadline)
         if os.environ.get("FIRST_CALL_FAIL") == name:  # after its work: its files stay
             raise RuntimeError(f"injected failure (FIRST_CALL_FAIL={name}) after: {result}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,23 @@ def _sources(csrc: Path, cuda: bool) -> list[Path]:
     if cuda:
         return sorted((csrc / "cuda").glob("*.cu")) + sorted((csrc / "cuda").glob("*.cpp"))
     return sorted(csrc.glob("*.cpp")) + sorted((csrc / "cpu").glob("*.cpp"))
+
+
+CUDA_ARCHS_ENV = "REGNET_KERNELS_CUDA_ARCHS"
+DEFAULT_CUDA_ARCHS = ("90a", "80")
+
+
+def cuda_arch_flags() -> list[str]:
+    """nvcc's -gencode flags for $REGNET_KERNELS_CUDA_ARCHS (comma-separated compute
+    capabilities, e.g. "90a" for an H100/H200 alone; default 90a and 80). Part of the build
+    cache's key, so builds for different architectures never share a folder."""
+    archs = [a.strip() for a in os.environ.get(CUDA_ARCHS_ENV, "").split(",") if a.strip()]
+    for arch in archs:
+        if not re.fullmatch(r"\d{2,3}a?", arch):
+            raise ExtensionBuildError(
+                f"{CUDA_ARCHS_ENV}={os.environ[CUDA_ARCHS_ENV]!r}: expected compute capabilities "
+                "such as 90a or 90a,80")
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs or DEFAULT_CUDA_ARCHS]
 
 
 def _build_key(csrc: Path, sources: list[Path], flags: list[str], cuda: bool) -> str:
@@ -156,8 +174,9 @@ def _build_and_load(cuda: bool = False) -> str:
         raise ExtensionBuildError(f"C++ sources not found at {csrc}. " + _how_to_build(csrc, None))
     name = CUDA_NAME if cuda else NAME
     flags = _cpu_flags()
+    cuda_flags = ["-O3", *cuda_arch_flags()] if cuda else []
     sources = _sources(csrc, cuda)
-    build_dir = cache_root() / _build_key(csrc, sources, flags, cuda)
+    build_dir = cache_root() / _build_key(csrc, sources, flags + cuda_flags, cuda)
     library = build_dir / f"{name}.so"
     done = build_dir / "BUILD_OK"
     what = "CUDA kernels" if cuda else "C++ extension"
@@ -171,9 +190,7 @@ def _build_and_load(cuda: bool = False) -> str:
 
                 kwargs, includes, ldflags = {}, [str(csrc)], ["-fopenmp"]
                 if cuda:
-                    kwargs["extra_cuda_cflags"] = [
-                        "-O3", "-gencode=arch=compute_90a,code=sm_90a",
-                        "-gencode=arch=compute_80,code=sm_80"]
+                    kwargs["extra_cuda_cflags"] = cuda_flags
                     cuda_includes, cuda_ldflags = _cuda_toolkit_flags()
                     includes += cuda_includes
                     ldflags += cuda_ldflags
