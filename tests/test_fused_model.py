@@ -48,6 +48,10 @@ def test_eval_matches_reference(params, size):
 # On CPU tensors: the Triton kernels under the interpreter, and the C++ CPU ops; on
 # CUDA tensors: the Triton kernels and the C++ extension's CUDA kernels.
 TRAIN_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton", gpu_only("cuda")]
+# Multi-step runs: minutes each for the Triton kernels under the interpreter, so `slow` on the
+# CPU (pytest -m slow); single steps of the same ops stay in the default run.
+MULTI_STEP_BACKENDS = ([pytest.param("triton", marks=pytest.mark.slow), "cpu"] if DEVICE == "cpu"
+                       else TRAIN_BACKENDS)
 
 
 def assert_grads_and_buffers_match(fused, ref, tol=1e-5):
@@ -75,7 +79,7 @@ def test_train_step_matches_reference(backend):
     assert_grads_and_buffers_match(fused, ref)
 
 
-@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+@pytest.mark.parametrize("backend", MULTI_STEP_BACKENDS)
 def test_sgd_steps_then_eval_match_reference(backend):
     """Three optimizer steps in train mode (same losses), then the eval forward."""
     ref, fused = pair(TINY, backend=backend)
@@ -159,7 +163,7 @@ def test_eval_with_grad_is_differentiable(backend):
     assert fused_ops_with_grad(fused, x) != set()
 
 
-@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+@pytest.mark.parametrize("backend", MULTI_STEP_BACKENDS)
 def test_frozen_batchnorm_detection_style(backend):
     """model.train() with every BN in eval mode and frozen, then with only the stem's BN
     frozen (mixed modes): outputs, gradients and running statistics match the
