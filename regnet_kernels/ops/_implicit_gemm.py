@@ -5,8 +5,10 @@ A convolution with `groups` groups is, per group, a GEMM
     out[m, co] = sum_k A[m, k] * B[k, co]
 with m = (n, oh, ow) over output pixels, co over the group's output channels and
 k = (kh, kw, ci) over taps x the group's input channels. A is gathered from the
-NHWC input as it is loaded (padding is a mask); B is read from the weight as
-stored, through its strides, so nn.Conv2d weights are used untouched.
+NHWC input (unit channel stride: `unit_channel_stride`) as it is loaded (padding is a
+mask); B from the weight packed (C_out, k, k, C_in/g), i.e. channels_last
+(`packed_weight`: a no-op for 1x1 convs and for the fused models' weights), so both
+operands' channel runs are contiguous (`conv_accumulate`).
 
 Accumulation dtype: fp32 for fp32/fp16/bf16 activations, fp64 for fp64 ones
 (`acc_dtype`), and every per-channel vector that goes with the activations (BN

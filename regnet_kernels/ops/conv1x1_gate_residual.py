@@ -7,7 +7,8 @@ in its prologue, folded BN, the shortcut, and the final ReLU.
 
 The projection is a second GEMM over the block input accumulated into its own
 accumulator in the same program, so its output never touches memory.
-Activations are NHWC (any strides are read; the output is channels_last).
+Activations are NHWC (inputs without unit channel stride are copied to channels_last
+first; the output is channels_last).
 """
 from __future__ import annotations
 

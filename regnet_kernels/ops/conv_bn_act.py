@@ -10,8 +10,9 @@ also writes per-(image, row tile, channel) sums of y in the accumulation dtype
 another pass over y. Row tiles then never straddle two images, and
 `se_excite` sums the tiles (a deterministic reduction, no atomics).
 
-Activations are NHWC: any input strides are read correctly, channels_last is
-the fast layout, and the output is always channels_last.
+Activations are NHWC: inputs with unit channel stride (channels_last) are read as
+they are, others are copied to channels_last first; the output is always
+channels_last.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ gradient (dgrad) and the weight gradient (wgrad), each one Triton implicit GEMM.
     dx = conv_dgrad(dy, w, (H, W), stride, groups)        # dL/du, NHWC
     dw = conv_wgrad(u, dy, k, stride, groups)             # dL/dw, float32 (or float64)
 
-Both read activations through their strides (channels_last is the fast layout)
-and accumulate on the tensor cores in fp32, or in fp64 for fp64 inputs (the
+Both read activations with unit channel stride (channels_last; others are copied
+to it first) and accumulate on the tensor cores in fp32, or in fp64 for fp64 inputs (the
 accumulation dtype, `acc_dtype`, which the prologues' vectors and dw are in too).
 
 Prologues fold the layers around the conv in, so no normalized tensor is ever written:
