@@ -50,6 +50,7 @@ import functools
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -365,6 +366,54 @@ __global__ void mma_probe(const float* A, const float* B, const float* C, float*
 }
 }  // namespace
 
+// cp.async: thread t of CTA b copies the 16 bytes src[b][t][0..3] into its shared slot
+// (group 0; zero-filled for t >= n_fill) and src[b][t][4..7] into a second slot (group
+// 1), reading both slots (set to -1 first) before any wait (seen[0]), after waiting for
+// all but one group (seen[1]) and after waiting for all (seen[2]): seen is
+// (CTA, thread, 3 reads, 8 ints).
+namespace {
+__global__ void cp_async_probe(const int* src, int* seen, int n_fill) {
+  __shared__ __align__(16) int slot[64][8];
+  const int t = threadIdx.x, id = blockIdx.x * blockDim.x + t;
+  for (int j = 0; j < 8; ++j) slot[t][j] = -1;
+  rk_emu::cp_async_16(&slot[t][0], src + 8 * id, t < n_fill);
+  rk_emu::cp_async_commit();
+  rk_emu::cp_async_16(&slot[t][4], src + 8 * id + 4, true);
+  rk_emu::cp_async_commit();
+  for (int j = 0; j < 8; ++j) seen[24 * id + j] = slot[t][j];
+  rk_emu::cp_async_wait(1);
+  for (int j = 0; j < 8; ++j) seen[24 * id + 8 + j] = slot[t][j];
+  rk_emu::cp_async_wait(0);
+  for (int j = 0; j < 8; ++j) seen[24 * id + 16 + j] = slot[t][j];
+}
+
+// ldmatrix: 32 shared rows of 8 16-bit elements (element c of row r = 16 r + c); lane l
+// passes the address of row perm[l]; out = (lane, 4 registers) for .x4, then (lane, 2)
+// for .x2.
+__global__ void ldmatrix_probe(const int* perm, uint32_t* out) {
+  __shared__ __align__(16) uint16_t rows[32][8];
+  const int l = threadIdx.x;
+  for (int c = 0; c < 8; ++c) rows[l][c] = static_cast<uint16_t>(16 * l + c);
+  __syncwarp();
+  uint32_t r4[4], r2[2];
+  rk_emu::ldmatrix(r4, 4, &rows[perm[l]][0]);
+  rk_emu::ldmatrix(r2, 2, &rows[perm[l]][0]);
+  for (int j = 0; j < 4; ++j) out[4 * l + j] = r4[j];
+  for (int j = 0; j < 2; ++j) out[128 + 2 * l + j] = r2[j];
+}
+}  // namespace
+
+extern "C" int rk_emu_cp_async_probe(const int* src, int* seen, int blocks, int threads,
+                                     int n_fill) {
+  RK_LAUNCH(dim3(blocks), threads, 0, 0, cp_async_probe)(src, seen, n_fill);
+  return cudaGetLastError();
+}
+
+extern "C" int rk_emu_ldmatrix_probe(const int* perm, uint32_t* out) {
+  RK_LAUNCH(dim3(1), 32, 0, 0, ldmatrix_probe)(perm, out);
+  return cudaGetLastError();
+}
+
 extern "C" int rk_emu_mma_probe(int bf16, const float* A, const float* B, const float* C,
                                 float* D, int blocks, int warps, int bad_b, int reps) {
   if (bf16)
@@ -463,6 +512,48 @@ def test_mma_m16n8k16_emulation(selftest_lib, dtype):
     with pytest.raises(pytest.fail.Exception, match="relative error"):
         assert_close("D with a transposed B fragment", Dbad, A.double() @ B.double() + C.double(),
                      TOL[dtype])
+
+
+@isolated
+def test_cp_async_emulation(selftest_lib):
+    """cp.async lands at the wait_group that retires its group in even CTAs (stale data
+    before), at once in odd CTAs; zero-fill writes zeros; wait_group(1) retires only the
+    older group."""
+    blocks, threads, n_fill = 2, 48, 40
+    src = torch.randint(0, 1 << 20, (blocks, threads, 8), dtype=torch.int32)
+    seen = torch.full((blocks, threads, 3, 8), -7, dtype=torch.int32)
+    f = selftest_lib.rk_emu_cp_async_probe
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    assert f(src.data_ptr(), seen.data_ptr(), blocks, threads, n_fill) == 0
+    landed = src.clone()
+    landed[:, n_fill:, :4] = 0
+    stale = torch.full((threads, 8), -1, dtype=torch.int32)
+    even, odd = seen[0], seen[1]
+    assert torch.equal(even[:, 0], stale), "even CTA: copies landed before any wait"
+    assert torch.equal(even[:, 1, :4], landed[0, :, :4]), "wait_group(1): first group missing"
+    assert torch.equal(even[:, 1, 4:], stale[:, 4:]), "wait_group(1) retired the newer group"
+    assert torch.equal(even[:, 2], landed[0])
+    for read in range(3):
+        assert torch.equal(odd[:, read], landed[1]), "odd CTA: copies not landed at once"
+
+
+@isolated
+def test_ldmatrix_emulation(selftest_lib):
+    """ldmatrix .x4 / .x2 per the PTX ISA: threads 8j..8j+7 give matrix j's row addresses;
+    lane l gets elements 2 (l % 4), 2 (l % 4) + 1 of row l / 4 of matrix j in register j."""
+    torch.manual_seed(3)
+    perm = torch.randperm(32).int()
+    out32 = torch.zeros(32 * 6, dtype=torch.int32)
+    f = selftest_lib.rk_emu_ldmatrix_probe
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    assert f(perm.data_ptr(), out32.data_ptr()) == 0
+    out = out32.long() & 0xFFFFFFFF
+    for lane in range(32):
+        for regs, base in ((4, 0), (2, 128)):
+            for j in range(regs):
+                row = int(perm[8 * j + lane // 4])
+                lo, hi = 16 * row + 2 * (lane % 4), 16 * row + 2 * (lane % 4) + 1
+                assert int(out[base + regs * lane + j]) == lo | (hi << 16), (lane, regs, j)
 
 
 def test_struct_mirrors_match_headers(tmp_path):
@@ -600,6 +691,32 @@ def test_conv_bn_act_16bit_cases_cover_every_tile(emu):
         launch(emu, "rk_conv_bn_act_plan", ref(args), int(squeeze), ref(plan))
         seen.add(f"{plan.block_m}x{plan.block_n}")
     assert seen == TILES_16, f"16-bit tiles not covered: {sorted(TILES_16 - seen)}"
+
+
+def test_static_report_mirrors_the_cuda_tile_choice(emu):
+    """bench/cuda_launches.py (the static report's model of the CUDA launches) picks the
+    tiles the launchers' plan function picks, and its tile and pipeline tables are the
+    ones in igemm.cuh / conv1x1_gate_residual.cu."""
+    from regnet_kernels.bench import cuda_launches as CL
+    for dtype, rk in (("fp32", S.RK_FLOAT32), ("bf16", S.RK_BFLOAT16)):
+        for n_g in (3, 8, 12, 16, 24, 32, 40, 56, 64, 96, 128, 264):
+            for rows in (7, 49, 64, 65, 3136):
+                args = S.rk_conv_bn_act_args(dtype=rk, n=1, h=rows, w=1, c_in=n_g, c_out=n_g,
+                                             k=1, stride=1, groups=1)
+                plan = S.rk_conv_plan()
+                launch(emu, "rk_conv_bn_act_plan", ref(args), 0, ref(plan))
+                assert CL.pick_tiles(dtype, n_g, rows) == (plan.block_m, plan.block_n)
+    src = (emu_build.CUDA_SRC / "igemm.cuh").read_text()
+    tiles = {(int(a), int(b)): (int(c), int(d)) for a, b, c, d in
+             re.findall(r"using T\d+x\d+ = Tile<(\d+), (\d+), (\d+), (\d+)>;", src)}
+    assert tiles == CL.CONV_TILES
+    gate = (emu_build.CUDA_SRC / "conv1x1_gate_residual.cu").read_text()
+    assert {(int(a), int(b)): (int(c), int(d)) for a, b, c, d in
+            re.findall(r"using G\d+x\d+ = Tile<(\d+), (\d+), (\d+), (\d+)>;", gate)} \
+        == CL.GATE_TILES
+    assert re.search(r"kBK = sizeof\(T\) == 2 \? 32 : 16;", src)
+    assert re.search(r"kStages = 3;", src) and CL.LAYOUT["bf16"] == (32, 40, 3)
+    assert CL.LAYOUT["fp32"] == (16, 20, 3)
 
 
 @isolated

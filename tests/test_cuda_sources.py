@@ -1,6 +1,7 @@
 """Every CUDA source (csrc/**/*.cu) compiles with this machine's nvcc for sm_90 and
-sm_80, without warnings, without register spills, and the fp16/bf16 GEMM kernels
-use the tensor cores (mma.sync in their PTX).
+sm_80, without warnings, without register spills, the fp16/bf16 GEMM kernels use the
+tensor cores (mma.sync in their PTX), the implicit GEMMs copy with cp.async and read
+fragments with ldmatrix, and their registers leave room for two CTAs per SM.
 
 This is the CPU machine's compile guard for the CUDA backend: the .cu files include only
 CUDA headers and expose plain C launchers (csrc/cuda/launchers.h, train_launchers.h), so
@@ -12,9 +13,9 @@ and fp16/bf16 through an emulated mma.sync).
 
 What only a GPU can verify: the bindings' allocation / stream / guard paths, the
 tensor cores' own rounding and summation order, the int64 offsets of tensors with
-N*H*W*C > 2^31, the memory model beyond the emulation's barrier semantics, and speed
-(the kernels are straightforward register-staged tiles, not tuned: no cp.async /
-ldmatrix / wgmma yet).
+N*H*W*C > 2^31, the memory model beyond the emulation's barrier and cp.async semantics,
+and speed (the kernels use a 3-stage cp.async pipeline, ldmatrix and mma.sync, no wgmma
+/ TMA yet; `bench --static` predicts their time).
 """
 from __future__ import annotations
 
@@ -132,6 +133,47 @@ def test_half_precision_gemms_use_tensor_cores(builds, name, arch):
     assert not missing, f"fp16/bf16 kernels without mma.sync m16n8k16: {missing}"
     # The fp32 variants are the FMA path: no tensor-core instruction in them.
     assert not [k for k, body in fp32.items() if "mma.sync" in body]
+
+
+# The implicit-GEMM kernels (igemm.cuh) that run the cp.async pipeline: everything in the
+# GEMM sources but the wgrad (its own transposed gather) and the wgrad's reduction.
+def _pipelined(kernel: str) -> bool:
+    return "wgrad" not in kernel
+
+
+@pytest.mark.parametrize("name,arch", [(n, a) for n in sorted(GEMM_SOURCES) for a in ARCHS])
+def test_gemms_use_the_cp_async_pipeline_and_ldmatrix(builds, name, arch):
+    """Every implicit-GEMM kernel copies its tiles with 16-byte cp.async (zero-filling
+    ignore-src form) and waits on commit groups; the 16-bit ones read their MMA fragments
+    with ldmatrix."""
+    b = builds[(name, arch)]
+    assert b["returncode"] == 0, b["log"]
+    entries = {k: body for k, body in _ptx_entries(b["ptx"]).items() if _pipelined(k)}
+    assert entries
+    for k, body in entries.items():
+        assert re.search(r"cp\.async\.cg\.shared\.global(\.\w+)* \[[^]]+\], \[[^]]+\], 16, ",
+                         body), f"{k}: no 16-byte cp.async with a source size"
+        assert "cp.async.wait_group" in body and "cp.async.commit_group" in body, k
+        if "6__half" in k or "13__nv_bfloat16" in k:
+            assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body, f"{k}: no ldmatrix"
+
+
+TILE = re.compile(r"TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
+
+
+@pytest.mark.parametrize("name,arch", [(n, a) for n in sorted(GEMM_SOURCES) for a in ARCHS])
+def test_gemm_registers_leave_room_for_two_ctas_per_sm(builds, name, arch):
+    """__launch_bounds__(threads, 2): the registers of every tiled kernel let two CTAs
+    share an SM (65536 registers, allocated per warp in units of 256)."""
+    b = builds[(name, arch)]
+    tiled = {k: v for k, v in b["kernels"].items() if TILE.search(k)}
+    assert tiled
+    for k, v in tiled.items():
+        bm, bn, wm, wn = map(int, TILE.search(k).groups())
+        warps = wm * wn
+        per_warp = -(-v["registers"] * 32 // 256) * 256
+        assert 65536 // per_warp // warps >= 2, (
+            f"{k}: {v['registers']} registers x {32 * warps} threads leave room for one CTA")
 
 
 def _cuda_include() -> Path:

@@ -5,7 +5,8 @@
 //             = (res[:, ::s, ::s, :] @ w_p^T) * scale_p + shift_p  (projection)
 // The projection is a second implicit GEMM (rk::gemm, igemm.cuh, with stride s and a
 // 1x1 kernel) into its own accumulator in the same CTA: its output never touches
-// memory. Grid: x over tiles of BM output pixels, y over tiles of BN output channels.
+// memory. Grid (1-D, cta_tile): tiles of BM output pixels x tiles of BN output
+// channels, the channel tiles of a row tile adjacent (x is read from DRAM about once).
 // fp16 / bf16 use tensor cores (mma.sync m16n8k16), fp32 uses FMAs.
 #include "igemm.cuh"
 #include "launchers.h"
@@ -15,12 +16,12 @@ namespace {
 
 template <typename T>
 struct GateParams {
-  AOperand<T> a;            // x (gated)
+  AOperand<T, true> a;      // x (gated)
   BOperand<T> b;            // weight
   AOperand<T> ra;           // res through the projection's stride
   BOperand<T> rb;           // proj weight
   RowMap rows;
-  int cout;
+  int cout, tiles_n;
   const float* scale;
   const float* shift;
   const float* pscale;
@@ -31,34 +32,45 @@ struct GateParams {
 };
 
 template <typename T, class TL, bool PROJECT>
-__global__ void __launch_bounds__(TL::kThreads, 1) conv1x1_gate_residual_kernel(
+__global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas) conv1x1_gate_residual_kernel(
     const GateParams<T> p) {
-  __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL>)];
+  RK_DYNAMIC_SMEM(uint4, smem_raw);
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
-  const int co0 = static_cast<int>(blockIdx.y) * TL::BN;
+  const CtaTile t = cta_tile(p.tiles_n);
+  RowMap rows = p.rows;
+  rows.tile = t.row;
+  const int co0 = t.col * TL::BN;
   const int n_valid = min(TL::BN, p.cout - co0);
 
   BOperand<T> b = p.b;
   b.co0 = co0;
   b.n_valid = n_valid;
+  const Frag<TL> f;
+  // The folded BNs are applied to each accumulator right after its GEMM, so no
+  // per-channel vectors are held across a GEMM (registers: two CTAs per SM).
   float acc[TL::MI][TL::NJ][4];
   zero<TL>(acc);
-  gemm<T, TL>(acc, p.a, b, p.rows, sm);
-
-  float accp[PROJECT ? TL::MI : 1][PROJECT ? TL::NJ : 1][4];
+  gemm<T, TL>(acc, p.a, b, rows, sm);
+  {
+    const ChannelVec<TL> sc(p.scale, f, co0, n_valid), sh(p.shift, f, co0, n_valid);
+    for_each_acc<TL>([&](int i, int j, int r) {
+      acc[i][j][r] = fmaf(acc[i][j][r], sc.v[j][r & 1], sh.v[j][r & 1]);
+    });
+  }
   if constexpr (PROJECT) {
     BOperand<T> rb = p.rb;
     rb.co0 = co0;
     rb.n_valid = n_valid;
+    float accp[TL::MI][TL::NJ][4];
     zero<TL>(accp);
-    gemm<T, TL>(accp, p.ra, rb, p.rows, sm);
+    gemm<T, TL>(accp, p.ra, rb, rows, sm);
+    const ChannelVec<TL> sc(p.pscale, f, co0, n_valid), sh(p.pshift, f, co0, n_valid);
+    for_each_acc<TL>([&](int i, int j, int r) {
+      acc[i][j][r] += fmaf(accp[i][j][r], sc.v[j][r & 1], sh.v[j][r & 1]);
+    });
   }
 
-  const Frag<TL> f;
-  const ChannelVec<TL> sc(p.scale, f, co0, n_valid), sh(p.shift, f, co0, n_valid);
-  const ChannelVec<TL> psc(PROJECT ? p.pscale : nullptr, f, co0, n_valid);
-  const ChannelVec<TL> psh(PROJECT ? p.pshift : nullptr, f, co0, n_valid);
-  for_each_row(f, p.rows, [&](int i, int h, int64_t m, int n, int oh, int ow, bool rok) {
+  for_each_row(f, rows, [&](int i, int h, int64_t m, int n, int oh, int ow, bool rok) {
     if (!rok) return;
     const int64_t res_row = static_cast<int64_t>(n) * p.srn + oh * p.srh + ow * p.srw;
 #pragma unroll
@@ -67,10 +79,8 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv1x1_gate_residual_kernel(
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int c = f.col(j, e);
-        v[e] = fmaf(acc[i][j][2 * h + e], sc.v[j][e], sh.v[j][e]);
-        if constexpr (PROJECT) {
-          v[e] += fmaf(accp[i][j][2 * h + e], psc.v[j][e], psh.v[j][e]);
-        } else {
+        v[e] = acc[i][j][2 * h + e];
+        if constexpr (!PROJECT) {
           if (c < n_valid) v[e] += Elem<T>::to_float(p.res[res_row + (co0 + c) * p.src]);
         }
         v[e] = fmaxf(v[e], 0.0f);
@@ -88,11 +98,16 @@ using G64x128 = Tile<64, 128, 2, 4>;
 
 template <typename T, class TL, bool PROJECT>
 cudaError_t launch_tile(const GateParams<T>& p, int64_t m_total, cudaStream_t stream) {
-  const int64_t grid_x = (m_total + TL::BM - 1) / TL::BM;
-  const int64_t grid_y = (p.cout + TL::BN - 1) / TL::BN;
-  if (grid_x > kInt32Max || grid_y > 65535) return cudaErrorInvalidValue;
-  RK_LAUNCH(dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), TL::kThreads, 0,
-            stream, conv1x1_gate_residual_kernel<T, TL, PROJECT>)(p);
+  const int64_t row_tiles = (m_total + TL::BM - 1) / TL::BM;
+  const int64_t tiles_n = (p.cout + TL::BN - 1) / TL::BN;
+  if (row_tiles * tiles_n > kInt32Max) return cudaErrorInvalidValue;
+  GateParams<T> q = p;
+  q.tiles_n = static_cast<int>(tiles_n);
+  const size_t smem = sizeof(Smem<T, TL>);
+  const cudaError_t err = allow_dynamic_smem(conv1x1_gate_residual_kernel<T, TL, PROJECT>, smem);
+  if (err != cudaSuccess) return err;
+  RK_LAUNCH(static_cast<unsigned>(row_tiles * tiles_n), TL::kThreads, smem, stream,
+            conv1x1_gate_residual_kernel<T, TL, PROJECT>)(q);
   return cudaGetLastError();
 }
 
@@ -106,17 +121,16 @@ cudaError_t launch_project(const GateParams<T>& p, int64_t m_total, cudaStream_t
 template <typename T>
 cudaError_t launch(const rk_conv1x1_gate_residual_args& a, cudaStream_t stream) {
   GateParams<T> p;
-  p.a = a_operand<T>(a.x, a.sx_n, a.sx_h, a.sx_w, a.sx_c, a.h, a.w, a.c_in, 1, 1);
-  p.a.gate = a.gate;
-  p.a.sg = a.s_gate_n;
+  p.a = a_operand<T, true>(a.x, a.sx_n, a.sx_h, a.sx_w, a.sx_c, a.h, a.w, a.c_in, 1, 1);
+  set_prologue(p.a, nullptr, nullptr, false, a.gate, a.s_gate_n);
   p.b = b_operand<T>(a.weight, a.sw_o, a.sw_i, 0, 0, a.c_in, 1);
   const bool project = a.proj_weight != nullptr;
   if (project) {
     p.ra = a_operand<T>(a.res, a.sr_n, a.sr_h, a.sr_w, a.sr_c, a.res_h, a.res_w, a.res_c, 1,
                         a.proj_stride);
     p.rb = b_operand<T>(a.proj_weight, a.sp_o, a.sp_i, 0, 0, a.res_c, 1);
-  } else {
-    p.ra = p.a;
+  } else {  // unused: the identity shortcut is read in the epilogue
+    p.ra = a_operand<T>(a.x, a.sx_n, a.sx_h, a.sx_w, a.sx_c, a.h, a.w, a.c_in, 1, 1);
     p.rb = p.b;
   }
   p.rows.m_total = a.n * a.h * a.w;

@@ -1,10 +1,11 @@
 // conv (k x k, odd k, padding k / 2, any stride, any groups) + folded BN + ReLU,
 // with the optional SE squeeze in the epilogue. NHWC, fp32 accumulation.
 //
-// Grid: x over row tiles (per image when squeezing), y over groups x channel tiles
-// of a group. The main loop is rk::gemm (igemm.cuh): tensor cores for fp16/bf16.
-// Epilogue: y = act(acc * scale[c] + shift[c]) stored in the input dtype; with
-// squeeze, the tile's fp32 column sums of y go to sums[blockIdx.x, c] = sums[n, t, c]
+// Grid (1-D, cta_tile): row tiles (per image when squeezing) x (groups x channel tiles
+// of a group), the channel tiles of a row tile adjacent. The main loop is rk::gemm
+// (igemm.cuh): cp.async pipeline, tensor cores for fp16/bf16. Epilogue:
+// y = act(acc * scale[c] + shift[c]) stored in the input dtype; with squeeze, the
+// tile's fp32 column sums of y go to sums[row tile, c] = sums[n, t, c]
 // (warp shuffles, then the warps' rows in a fixed order: deterministic, no atomics).
 #include "igemm.cuh"
 #include "launchers.h"
@@ -17,7 +18,7 @@ struct ConvParams {
   AOperand<T> a;            // ci0 set per CTA
   BOperand<T> b;            // co0 / n_valid set per CTA
   RowMap rows;
-  int cout, cout_g, tiles_n;
+  int cout, cout_g, tiles_n, cols;  // cols = groups * tiles_n
   const float* scale;
   const float* shift;
   bool relu;
@@ -26,44 +27,52 @@ struct ConvParams {
 };
 
 template <typename T, class TL>
-__global__ void __launch_bounds__(TL::kThreads, 1) conv_bn_act_kernel(const ConvParams<T> p) {
-  __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL>)];
+__global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
+    conv_bn_act_kernel(const ConvParams<T> p) {
+  RK_DYNAMIC_SMEM(uint4, smem_raw);
   __shared__ float red[TL::WARPS_M][TL::BN];
   __shared__ float tile_sums[TL::BN];
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
 
+  const CtaTile t = cta_tile(p.cols);
+  RowMap rows = p.rows;
+  rows.tile = t.row;
   float acc[TL::MI][TL::NJ][4];
-  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, p.rows, sm);
+  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, t.col, rows, sm);
 
   const Frag<TL> f;
-  const ChannelVec<TL> sc(p.scale, f, b.co0, b.n_valid), sh(p.shift, f, b.co0, b.n_valid);
+  {  // the affine in place: no per-channel vectors held through the stores (registers)
+    const ChannelVec<TL> sc(p.scale, f, b.co0, b.n_valid), sh(p.shift, f, b.co0, b.n_valid);
+    for_each_acc<TL>([&](int i, int j, int r) {
+      const float v = fmaf(acc[i][j][r], sc.v[j][r & 1], sh.v[j][r & 1]);
+      acc[i][j][r] = p.relu ? fmaxf(v, 0.0f) : v;
+    });
+  }
   float colsum[TL::NJ][2] = {};
-  for_each_row(f, p.rows, [&](int i, int h, int64_t m, int, int, int, bool rok) {
+  for_each_row(f, rows, [&](int i, int h, int64_t m, int, int, int, bool rok) {
+    if (!rok) return;
 #pragma unroll
     for (int j = 0; j < TL::NJ; ++j) {
-      float v[2];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        v[e] = fmaf(acc[i][j][2 * h + e], sc.v[j][e], sh.v[j][e]);
-        if (p.relu) v[e] = fmaxf(v[e], 0.0f);
-        if (rok && f.col(j, e) < b.n_valid) colsum[j][e] += v[e];
-      }
-      if (rok)
-        store_pair(p.y, m * p.cout + b.co0 + f.col(j, 0), v[0], v[1], f.col(j, 0) < b.n_valid,
-                   f.col(j, 1) < b.n_valid);
+      for (int e = 0; e < 2; ++e)
+        if (f.col(j, e) < b.n_valid) colsum[j][e] += acc[i][j][2 * h + e];
+      store_pair(p.y, m * p.cout + b.co0 + f.col(j, 0), acc[i][j][2 * h], acc[i][j][2 * h + 1],
+                 f.col(j, 0) < b.n_valid, f.col(j, 1) < b.n_valid);
     }
   });
 
   if (p.sums == nullptr) return;  // uniform over the CTA
   sum_columns<TL>(colsum, f, red, tile_sums);
   for (int c = threadIdx.x; c < b.n_valid; c += TL::kThreads)
-    p.sums[static_cast<int64_t>(blockIdx.x) * p.cout + b.co0 + c] = tile_sums[c];
+    p.sums[static_cast<int64_t>(t.row) * p.cout + b.co0 + c] = tile_sums[c];
 }
 
 template <typename T, class TL>
-cudaError_t launch_tile(ConvParams<T> p, int64_t grid_x, int64_t grid_y, cudaStream_t stream) {
-  RK_LAUNCH(dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), TL::kThreads, 0,
-            stream, conv_bn_act_kernel<T, TL>)(p);
+cudaError_t launch_tile(ConvParams<T> p, int64_t ctas, cudaStream_t stream) {
+  const size_t smem = sizeof(Smem<T, TL>);
+  const cudaError_t err = allow_dynamic_smem(conv_bn_act_kernel<T, TL>, smem);
+  if (err != cudaSuccess) return err;
+  RK_LAUNCH(static_cast<unsigned>(ctas), TL::kThreads, smem, stream, conv_bn_act_kernel<T, TL>)(p);
   return cudaGetLastError();
 }
 
@@ -89,12 +98,14 @@ cudaError_t launch(const rk_conv_bn_act_args& args, const rk_conv_plan& plan,
   p.y = static_cast<T*>(args.y);
   p.sums = args.sums;
 
-  const int64_t grid_x = plan.tiles_per_image > 0 ? args.n * plan.tiles_per_image
-                                                  : (args.n * hwo + plan.block_m - 1) / plan.block_m;
-  const int64_t grid_y = args.groups * p.tiles_n;
-  if (grid_x > kInt32Max || grid_y > 65535) return cudaErrorInvalidValue;
+  const int64_t row_tiles = plan.tiles_per_image > 0
+                               ? args.n * plan.tiles_per_image
+                               : (args.n * hwo + plan.block_m - 1) / plan.block_m;
+  const int64_t cols = args.groups * p.tiles_n;
+  if (cols > kInt32Max || row_tiles * cols > kInt32Max) return cudaErrorInvalidValue;
+  p.cols = static_cast<int>(cols);
   return with_tile<T>(plan.block_m, plan.block_n, [&](auto tile) {
-    return launch_tile<T, decltype(tile)>(p, grid_x, grid_y, stream);
+    return launch_tile<T, decltype(tile)>(p, row_tiles * cols, stream);
   });
 }
 

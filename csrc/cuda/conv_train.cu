@@ -31,27 +31,31 @@ namespace {
 
 template <typename T>
 struct TrainParams {
-  AOperand<T> a;            // ci0 set per CTA
+  AOperand<T, true> a;      // ci0 set per CTA
   BOperand<T> b;            // co0 / n_valid set per CTA
   RowMap rows;
-  int cout, cout_g, tiles_n;
+  int cout, cout_g, tiles_n, cols;  // cols = groups * tiles_n (1-D grid, cta_tile)
   T* y;
   float* partials;          // nullptr, or (tiles_m, 2, C_out)
 };
 
 template <typename T, class TL>
-__global__ void __launch_bounds__(TL::kThreads, 1) conv_train_kernel(const TrainParams<T> p) {
-  __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL>)];
+__global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
+    conv_train_kernel(const TrainParams<T> p) {
+  RK_DYNAMIC_SMEM(uint4, smem_raw);
   __shared__ float red[TL::WARPS_M][TL::BN];
   __shared__ float col[TL::BN];
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
 
+  const CtaTile t = cta_tile(p.cols);
+  RowMap rows = p.rows;
+  rows.tile = t.row;
   float acc[TL::MI][TL::NJ][4];
-  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, p.rows, sm);
+  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, t.col, rows, sm);
 
   const Frag<TL> f;
   float colsum[TL::NJ][2] = {};
-  for_each_row(f, p.rows, [&](int i, int h, int64_t m, int, int, int, bool rok) {
+  for_each_row(f, rows, [&](int i, int h, int64_t m, int, int, int, bool rok) {
     if (!rok) return;
 #pragma unroll
     for (int j = 0; j < TL::NJ; ++j) {
@@ -66,10 +70,10 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_train_kernel(const Train
 
   // The tile's mean per channel, then its centered sum of squares around that mean
   // (no E[y^2] - E[y]^2 cancellation), from the fp32 accumulators still in registers.
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * TL::BM;
+  const int64_t row0 = static_cast<int64_t>(t.row) * TL::BM;
   const float inv_rows =
       1.0f / static_cast<float>(min(static_cast<int64_t>(TL::BM), p.rows.m_total - row0));
-  float* out = p.partials + static_cast<int64_t>(blockIdx.x) * 2 * p.cout + b.co0;
+  float* out = p.partials + static_cast<int64_t>(t.row) * 2 * p.cout + b.co0;
   sum_columns<TL>(colsum, f, red, col);
   float mean[TL::NJ][2], m2[TL::NJ][2] = {};
 #pragma unroll
@@ -77,7 +81,7 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_train_kernel(const Train
 #pragma unroll
     for (int e = 0; e < 2; ++e) mean[j][e] = col[f.col(j, e)] * inv_rows;
   for (int c = threadIdx.x; c < b.n_valid; c += TL::kThreads) out[c] = col[c] * inv_rows;
-  for_each_row(f, p.rows, [&](int i, int h, int64_t, int, int, int, bool rok) {
+  for_each_row(f, rows, [&](int i, int h, int64_t, int, int, int, bool rok) {
     if (!rok) return;
 #pragma unroll
     for (int j = 0; j < TL::NJ; ++j)
@@ -153,11 +157,13 @@ struct DgradA {
     int64_t off;
     return source(r, q, off) ? dy[off + q.ci] : Elem<T>::from_float(0.0f);
   }
-  __device__ __forceinline__ uint4 load_vec(const RowPos& r, const KPos& q) const {
+  __device__ __forceinline__ const T* vec_src(const RowPos& r, const KPos& q) const {
     int64_t off;
-    return source(r, q, off) ? __ldg(reinterpret_cast<const uint4*>(dy + off + q.ci))
-                             : make_uint4(0u, 0u, 0u, 0u);
+    return source(r, q, off) ? dy + off + q.ci : nullptr;
   }
+  // dy is read as it is: no prologue (its backward runs in the epilogue).
+  __device__ __forceinline__ bool transforms() const { return false; }
+  __device__ __forceinline__ void transform_chunk(T*, const RowPos&, const KPos&) const {}
 };
 
 template <typename T>
@@ -182,8 +188,9 @@ __device__ __forceinline__ int64_t dgate_slot(int tiles_per_image) {
 }
 
 template <typename T, class TL>
-__global__ void __launch_bounds__(TL::kThreads, 1) conv_dgrad_kernel(const DgradParams<T> p) {
-  __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL>)];
+__global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
+    conv_dgrad_kernel(const DgradParams<T> p) {
+  RK_DYNAMIC_SMEM(uint4, smem_raw);
   __shared__ float red[TL::WARPS_M][TL::BN];
   __shared__ float col[TL::BN];
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
@@ -203,10 +210,12 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_dgrad_kernel(const Dgrad
       out[c] = 0.0f;
     return;
   }
-  const RowMap rows{static_cast<int64_t>(p.n) * hp * wp, hp * wp, wp, p.tiles_per_image};
+  const RowMap rows{static_cast<int64_t>(p.n) * hp * wp, hp * wp, wp, p.tiles_per_image,
+                    static_cast<int>(blockIdx.x)};
 
   float acc[TL::MI][TL::NJ][4];
-  const BOperand<T> b = grouped_gemm<T, TL>(acc, a, p.b, p.cin_g, p.tiles_n, rows, sm);
+  const BOperand<T> b =
+      grouped_gemm<T, TL>(acc, a, p.b, p.cin_g, p.tiles_n, static_cast<int>(blockIdx.y), rows, sm);
 
   // dx = du * gate * relu'(v) and dgate += du * relu?(v), v = x * in_scale + in_shift.
   const Frag<TL> f;
@@ -253,7 +262,7 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_dgrad_kernel(const Dgrad
 // transposed into the [row][reduction] shared-memory layout compute_stage reads.
 template <typename T>
 struct WgradParams {
-  AOperand<T> u;            // x through the prologue; ci0 set per CTA
+  AOperand<T, true> u;      // x through the prologue; ci0 set per CTA
   const T* dy;              // (M, C_out) dense
   bool dy_vec;              // 16-byte chunks of dy: C_out, cout_g multiples of kVec, aligned
   RowMap rows;              // over output pixels
@@ -272,11 +281,12 @@ union Chunk {
 };
 
 template <typename T, class TL>
-__global__ void __launch_bounds__(TL::kThreads, 1) conv_wgrad_kernel(const WgradParams<T> p) {
+__global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
+    conv_wgrad_kernel(const WgradParams<T> p) {
   constexpr int BK = Layout<T>::kBK, V = Layout<T>::kVec;
   static_assert(TL::BM % V == 0 && TL::BN % V == 0, "tiles of whole chunks");
-  __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL>)];
-  Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
+  __shared__ __align__(16) unsigned char smem_raw[sizeof(Smem<T, TL, 1>)];
+  Smem<T, TL, 1>& sm = *reinterpret_cast<Smem<T, TL, 1>*>(smem_raw);
 
   const int tile = static_cast<int>(blockIdx.y);
   const int group = tile / (p.tiles_co * p.tiles_k);
@@ -284,7 +294,7 @@ __global__ void __launch_bounds__(TL::kThreads, 1) conv_wgrad_kernel(const Wgrad
   const int co_t = (rest / p.tiles_k) * TL::BM, k_t = (rest % p.tiles_k) * TL::BN;
   const int co0 = group * p.cout_g + co_t;
   const int co_valid = min(TL::BM, p.cout_g - co_t), k_valid = min(TL::BN, p.kdim - k_t);
-  AOperand<T> u = p.u;
+  AOperand<T, true> u = p.u;
   u.set_group(group);
   const int64_t m_begin = static_cast<int64_t>(blockIdx.x) * p.chunk;
   const int64_t m_end = min(m_begin + p.chunk, p.rows.m_total);
@@ -390,12 +400,8 @@ bool bad_prologue(const rk_prologue& pro) {
 }
 
 template <typename T>
-void set_prologue(AOperand<T>& a, const rk_prologue& pro) {
-  a.in_scale = pro.in_scale;
-  a.in_shift = pro.in_shift;
-  a.in_relu = pro.in_relu != 0;
-  a.gate = pro.gate;
-  a.sg = pro.s_gate_n;
+void set_prologue(AOperand<T, true>& a, const rk_prologue& pro) {
+  rk::set_prologue(a, pro.in_scale, pro.in_shift, pro.in_relu != 0, pro.gate, pro.s_gate_n);
 }
 
 template <typename T>
@@ -406,22 +412,26 @@ cudaError_t launch_train(const rk_conv_train_args& args, const rk_conv_train_pla
   int64_t bm, bn;
   pick_tiles(args.dtype, cout_g, args.n * hwo, &bm, &bn);
   TrainParams<T> p;
-  p.a = a_operand<T>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w, cin_g,
+  p.a = a_operand<T, true>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w, cin_g,
                      args.k, args.stride);
   set_prologue(p.a, args.prologue);
   p.b = b_operand<T>(args.weight, args.sw_o, args.sw_i, args.sw_h, args.sw_w, cin_g, args.k);
-  p.rows = RowMap{args.n * hwo, static_cast<int>(hwo), static_cast<int>(plan.out_w), 0};
+  p.rows = RowMap{args.n * hwo, static_cast<int>(hwo), static_cast<int>(plan.out_w), 0, 0};
   p.cout = static_cast<int>(args.c_out);
   p.cout_g = static_cast<int>(cout_g);
   p.tiles_n = static_cast<int>((cout_g + bn - 1) / bn);
   p.y = static_cast<T*>(args.y);
   p.partials = args.partials;
-  const int64_t grid_y = args.groups * p.tiles_n;
-  if (plan.tiles_m > kInt32Max || grid_y > 65535) return cudaErrorInvalidValue;
+  const int64_t cols = args.groups * p.tiles_n;
+  if (cols > kInt32Max || plan.tiles_m * cols > kInt32Max) return cudaErrorInvalidValue;
+  p.cols = static_cast<int>(cols);
   return with_tile<T>(bm, bn, [&](auto tile) {
     using TL = decltype(tile);
-    RK_LAUNCH(dim3(static_cast<unsigned>(plan.tiles_m), static_cast<unsigned>(grid_y)),
-              TL::kThreads, 0, stream, conv_train_kernel<T, TL>)(p);
+    const size_t smem = sizeof(Smem<T, TL>);
+    const cudaError_t err = allow_dynamic_smem(conv_train_kernel<T, TL>, smem);
+    if (err != cudaSuccess) return err;
+    RK_LAUNCH(static_cast<unsigned>(plan.tiles_m * cols), TL::kThreads, smem, stream,
+              conv_train_kernel<T, TL>)(p);
     return cudaGetLastError();
   });
 }
@@ -482,9 +492,12 @@ cudaError_t launch_dgrad(const rk_conv_dgrad_args& args, const DgradPlan& plan,
   if (grid_x > kInt32Max || grid_y > 65535 || plan.phases > 65535) return cudaErrorInvalidValue;
   return with_tile<T>(plan.bm, plan.bn, [&](auto tile) {
     using TL = decltype(tile);
+    const size_t smem = sizeof(Smem<T, TL>);
+    const cudaError_t err = allow_dynamic_smem(conv_dgrad_kernel<T, TL>, smem);
+    if (err != cudaSuccess) return err;
     RK_LAUNCH(dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y),
                    static_cast<unsigned>(plan.phases)),
-              TL::kThreads, 0, stream, conv_dgrad_kernel<T, TL>)(p);
+              TL::kThreads, smem, stream, conv_dgrad_kernel<T, TL>)(p);
     return cudaGetLastError();
   });
 }
@@ -527,14 +540,14 @@ cudaError_t launch_wgrad(const rk_conv_wgrad_args& args, const WgradPlan& plan,
   const int64_t size = args.c_out * plan.kdim;
   if (plan.splits > 0) {
     WgradParams<T> p;
-    p.u = a_operand<T>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w, cin_g,
+    p.u = a_operand<T, true>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w, cin_g,
                        args.k, args.stride);
     set_prologue(p.u, args.prologue);
     p.dy = static_cast<const T*>(args.dy);
     constexpr int V = Layout<T>::kVec;
     p.dy_vec = args.c_out % V == 0 && (args.c_out / args.groups) % V == 0 && aligned16(args.dy);
     const int64_t hwo = args.out_h * args.out_w;
-    p.rows = RowMap{plan.m_total, static_cast<int>(hwo), static_cast<int>(args.out_w), 0};
+    p.rows = RowMap{plan.m_total, static_cast<int>(hwo), static_cast<int>(args.out_w), 0, 0};
     p.cout = static_cast<int>(args.c_out);
     p.cout_g = static_cast<int>(args.c_out / args.groups);
     p.kdim = static_cast<int>(plan.kdim);

@@ -1,4 +1,5 @@
-// The implicit-GEMM main loop shared by conv_bn_act.cu and conv1x1_gate_residual.cu.
+// The implicit-GEMM main loop shared by conv_bn_act.cu, conv1x1_gate_residual.cu and
+// conv_train.cu.
 //
 // A convolution with `groups` groups is, per group, a GEMM
 //     out[m, co] = sum_k A[m, k] * B[k, co]
@@ -8,14 +9,20 @@
 // from the (C_out, C_in_g, k, k) weight through its strides. One CTA computes a
 // BM x BN tile of one group (never a block-diagonal tile over several groups).
 //
-// Data movement: each K step of BK, every thread loads its 16-byte chunks of the A and
-// B tiles into registers (one 16-byte load per chunk on the vector path, element loads
-// otherwise), the CTA computes on the other shared-memory buffer meanwhile, then the
-// registers are stored to shared memory (double buffer, one barrier per K step).
+// Data movement (the vector path: unit channel stride, group width a multiple of 8
+// elements, 16-byte aligned rows, a channels_last weight): a kStages-deep ring of
+// shared-memory buffers filled by 16-byte cp.async copies (zero-filled outside the image
+// and past K), so kStages - 1 K steps are in flight while the tensor cores work on the
+// oldest; one barrier per K step. A prologue transform (folded BN of the previous layer,
+// ReLU, SE gate) is applied in shared memory by the thread that copied the chunk, after
+// its copies landed and before the barrier that publishes them. Any other layout (the
+// 3-channel stem, odd group widths, strided weights) takes a compact element-wise path
+// through one buffer.
 //
 // Compute: a warp owns a WM x WN sub-tile made of MI x NJ m16n8 fragments.
-// fp16 / bf16: mma.sync.m16n8k16 with fp32 accumulation (tensor cores, sm_80+).
-// fp32: scalar FMAs on the same fragment layout, so the epilogues are shared.
+// fp16 / bf16: fragments read with ldmatrix, mma.sync.m16n8k16 with fp32 accumulation
+// (tensor cores, sm_80+). fp32: scalar FMAs on the same fragment layout, so the
+// epilogues are shared.
 // Fragment layout (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
 //   acc[i][j][0..1]: row g,     cols 2t, 2t + 1 of fragment (i, j)
 //   acc[i][j][2..3]: row g + 8, cols 2t, 2t + 1
@@ -26,13 +33,75 @@
 
 namespace rk {
 
-// Elements per 16-byte chunk, the K step and the shared-memory row padding
-// (16 bytes: keeps 16-byte chunk stores aligned and fragment reads conflict-free).
+// Elements per 16-byte chunk, the K step, the shared-memory row padding (16 bytes: rows
+// of 80 bytes keep 16-byte copies aligned and put the 8 rows an ldmatrix reads in 8
+// different bank quads) and the depth of the copy pipeline.
 template <typename T> struct Layout {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   static constexpr int kBK = sizeof(T) == 2 ? 32 : 16;
   static constexpr int kLd = kBK + kVec;  // shared-memory row length in elements
+  static constexpr int kStages = 3;
 };
+
+// ---------------------------------------------------------------------------
+// Asynchronous copies and ldmatrix (sm_80+; emulated under RK_CUDA_EMULATION)
+// ---------------------------------------------------------------------------
+
+// 16 bytes from global to shared memory, or 16 zero bytes when !fill (src is then not
+// read, but must be a valid address).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
+#ifdef RK_CUDA_EMULATION
+  rk_emu::cp_async_16(dst, src, fill);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+               "r"(fill ? 16 : 0));
+#endif
+}
+
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef RK_CUDA_EMULATION
+  rk_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef RK_CUDA_EMULATION
+  rk_emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// ldmatrix .x4 / .x2 (b16, not transposed): lane l of the warp supplies the 16-byte row
+// address of row l % 8 of matrix l / 8; register j of lane l receives elements
+// 2 (l % 4), 2 (l % 4) + 1 of row l / 4 of matrix j.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef RK_CUDA_EMULATION
+  rk_emu::ldmatrix(r, 4, row);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+#ifdef RK_CUDA_EMULATION
+  rk_emu::ldmatrix(r, 2, row);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(s));
+#endif
+}
 
 // ---------------------------------------------------------------------------
 // Tensor-core MMA (m16n8k16, fp32 accumulate)
@@ -73,10 +142,13 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 // Tile configuration
 // ---------------------------------------------------------------------------
 
+// kMinCtas: the CTAs per SM every kernel's __launch_bounds__ asks for (the register cap
+// that leaves room for a second CTA's warps while the first one waits at its barrier).
 template <int BM_, int BN_, int WARPS_M_, int WARPS_N_>
 struct Tile {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
   static constexpr int kThreads = 32 * WARPS_M * WARPS_N;
+  static constexpr int kMinCtas = 2;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MI = WM / 16, NJ = WN / 8;
   static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be a multiple of m16n8");
@@ -110,13 +182,27 @@ __device__ __forceinline__ KPos decompose(int k, int K, int cin_g, int ks) {
   return q;
 }
 
+// N floats from a 16-byte aligned address, 16 bytes at a time.
+template <int N>
+__device__ __forceinline__ void load_floats(float (&out)[N], const float* p) {
+  static_assert(N % 4 == 0, "whole float4s");
+#pragma unroll
+  for (int j = 0; j < N; j += 4) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p + j));
+    out[j] = v.x, out[j + 1] = v.y, out[j + 2] = v.z, out[j + 3] = v.w;
+  }
+}
+
 // A = im2col of the NHWC input transformed by the conv's prologue,
 //   u = relu?(x * in_scale[c] + in_shift[c]) * gate[n, c]   (each part optional),
 // computed in fp32 and rounded once to T; zero outside the image (padding is zero
 // after the transform). The interface gemm() needs from an A operand: k_total(),
-// at(k), row(n, oh, ow, ok), load(pos, q), load_vec(pos, q) and vec (grouped_gemm()
-// also set_group(g)).
-template <typename T>
+// at(k), row(n, oh, ow, ok), load(pos, q) (one element, transformed), vec_src(pos, q)
+// (the kVec-element chunk's address, nullptr for zeros), transforms(),
+// transform_chunk(chunk, pos, q) and vec (grouped_gemm() also set_group(g)).
+// PROLOGUE: whether the operand may carry a prologue at all (a compile-time switch, so
+// the kernels without one have no transform code in their main loop).
+template <typename T, bool PROLOGUE = false>
 struct AOperand {
   const T* x;
   int64_t sn, sh, sw, sc;   // element strides of x
@@ -128,7 +214,8 @@ struct AOperand {
   bool in_relu;
   const float* gate;        // nullptr, or (N, C) fp32 with row stride sg
   int64_t sg;
-  bool vec;                 // 16-byte chunks: sc == 1, cin_g % kVec == 0, aligned
+  bool vec;                 // 16-byte chunks: sc == 1, cin_g % kVec == 0, aligned (and
+                            // the prologue's vectors 16-byte aligned)
 
   __device__ __forceinline__ void set_group(int g) { ci0 = g * cin_g; }
   __device__ __forceinline__ int k_total() const { return ks * ks * cin_g; }
@@ -137,7 +224,7 @@ struct AOperand {
     return RowPos{n, oh * stride - pad, ow * stride - pad, ok};
   }
   __device__ __forceinline__ bool transforms() const {
-    return in_scale != nullptr || in_relu || gate != nullptr;
+    return PROLOGUE && (in_scale != nullptr || in_relu || gate != nullptr);
   }
   // u of one element of image n, channel c (global index).
   __device__ __forceinline__ float prologue(float v, int n, int c) const {
@@ -160,19 +247,45 @@ struct AOperand {
     return transforms() ? Elem<T>::from_float(prologue(Elem<T>::to_float(v), r.n, c)) : v;
   }
   // kVec consecutive elements along k (same tap, contiguous channels: the vector path).
-  __device__ __forceinline__ uint4 load_vec(const RowPos& r, const KPos& q) const {
-    uint4 out = make_uint4(0u, 0u, 0u, 0u);
+  __device__ __forceinline__ const T* vec_src(const RowPos& r, const KPos& q) const {
     int ih, iw;
-    if (!inside(r, q, ih, iw)) return out;
+    if (!inside(r, q, ih, iw)) return nullptr;
+    return x + static_cast<int64_t>(r.n) * sn + ih * sh + iw * sw + ci0 + q.ci;
+  }
+  // The prologue on a chunk of raw x (where vec_src is not nullptr; zeros stay zeros),
+  // its per-channel vectors read 16 bytes at a time (c is a multiple of kVec).
+  __device__ __forceinline__ void transform_chunk(T* e, const RowPos& r, const KPos& q) const {
+    constexpr int V = Layout<T>::kVec;
+    int ih, iw;
+    if (!inside(r, q, ih, iw)) return;
     const int c = ci0 + q.ci;
-    out = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(r.n) * sn + ih * sh +
-                                               iw * sw + c));
-    if (transforms()) {
-      T* e = reinterpret_cast<T*>(&out);
+    float v[V], s[V], t[V];
 #pragma unroll
-      for (int j = 0; j < Layout<T>::kVec; ++j)
-        e[j] = Elem<T>::from_float(prologue(Elem<T>::to_float(e[j]), r.n, c + j));
+    for (int j = 0; j < V; ++j) v[j] = Elem<T>::to_float(e[j]);
+    if (in_scale != nullptr) {
+      load_floats<V>(s, in_scale + c);
+      load_floats<V>(t, in_shift + c);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = fmaf(v[j], s[j], t[j]);
     }
+    if (in_relu) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = fmaxf(v[j], 0.0f);
+    }
+    if (gate != nullptr) {
+      load_floats<V>(s, gate + static_cast<int64_t>(r.n) * sg + c);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] *= s[j];
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) e[j] = Elem<T>::from_float(v[j]);
+  }
+  // A transformed chunk in registers (the wgrad's gather).
+  __device__ __forceinline__ uint4 load_vec(const RowPos& r, const KPos& q) const {
+    const T* src = vec_src(r, q);
+    if (src == nullptr) return make_uint4(0u, 0u, 0u, 0u);
+    uint4 out = __ldg(reinterpret_cast<const uint4*>(src));
+    if (transforms()) transform_chunk(reinterpret_cast<T*>(&out), r, q);
     return out;
   }
 };
@@ -188,25 +301,27 @@ struct BOperand {
 };
 
 // Rows of the tile: per-image tiles (the SE squeeze; tiles_per_image > 0) cover
-// pixels [t * BM, (t + 1) * BM) of image n, blockIdx.x = n * tiles_per_image + t, so a
+// pixels [t * BM, (t + 1) * BM) of image n, tile = n * tiles_per_image + t, so a
 // per-image column sum of the tile needs no segmentation; otherwise the tile covers
-// rows m = blockIdx.x * BM + r of all N * Ho * Wo output pixels.
+// rows m = tile * BM + r of all N * Ho * Wo output pixels. `tile` is the CTA's row
+// tile, set by the kernel (cta_tile()).
 struct RowMap {
   int64_t m_total;          // N * Ho * Wo
   int hwo, wo;
   int tiles_per_image;
+  int tile;
 
   template <int BM>
   __device__ __forceinline__ bool decode(int r, int64_t& m, int& n, int& oh, int& ow) const {
     int p;
     bool ok;
     if (tiles_per_image > 0) {
-      n = static_cast<int>(blockIdx.x) / tiles_per_image;
-      p = (static_cast<int>(blockIdx.x) - n * tiles_per_image) * BM + r;
+      n = tile / tiles_per_image;
+      p = (tile - n * tiles_per_image) * BM + r;
       ok = p < hwo;
       m = static_cast<int64_t>(n) * hwo + p;
     } else {
-      m = static_cast<int64_t>(blockIdx.x) * BM + r;
+      m = static_cast<int64_t>(tile) * BM + r;
       ok = m < m_total;
       n = static_cast<int>(m / hwo);
       p = static_cast<int>(m - static_cast<int64_t>(n) * hwo);
@@ -217,18 +332,42 @@ struct RowMap {
   }
 };
 
-template <typename T, class TL>
-struct Smem {
-  T a[2][TL::BM][Layout<T>::kLd];
-  T b[2][TL::BN][Layout<T>::kLd];
+// This CTA's row tile and column tile (a group's channel tile, over all groups) in a
+// 1-D grid of rows x cols CTAs in which the column tiles of one row tile are adjacent:
+// CTAs running at the same time share their rows, so the activations are read from
+// DRAM about once while the (small) weights stay in L2.
+struct CtaTile {
+  int row, col;
 };
+__device__ __forceinline__ CtaTile cta_tile(int cols) {
+  const int row = static_cast<int>(blockIdx.x / static_cast<unsigned>(cols));
+  return CtaTile{row, static_cast<int>(blockIdx.x) - row * cols};
+}
+
+// The A and B tiles of S K steps (S = kStages for the pipelined main loop). Kernels keep
+// it in dynamic shared memory (dynamic_smem_bytes()).
+template <typename T, class TL, int S = Layout<T>::kStages>
+struct Smem {
+  T a[S][TL::BM][Layout<T>::kLd];
+  T b[S][TL::BN][Layout<T>::kLd];
+};
+
+// Raises the kernel's dynamic shared memory limit when it needs more than the default
+// 48 KB (a per-function attribute; cheap, and allowed during graph capture).
+template <class Kernel>
+inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
 
 // Fragment coordinates of this thread inside the CTA tile.
 template <class TL>
 struct Frag {
-  int wm0, wn0, g, t;
+  int wm0, wn0, g, t, lane;
   __device__ __forceinline__ Frag() {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5;
+    lane = threadIdx.x & 31;
     wm0 = (warp % TL::WARPS_M) * TL::WM;
     wn0 = (warp / TL::WARPS_M) * TL::WN;
     g = lane >> 2;
@@ -255,6 +394,18 @@ struct ChannelVec {
   }
 };
 
+// Calls fn(i, j, r) for every accumulator acc[i][j][r] of this thread (column
+// f.col(j, r & 1)).
+template <class TL, class Fn>
+__device__ __forceinline__ void for_each_acc(Fn&& fn) {
+#pragma unroll
+  for (int i = 0; i < TL::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < TL::NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) fn(i, j, r);
+}
+
 // Calls fn(i, h, m, n, oh, ow, ok) for the accumulator rows acc[i][*][2h..2h+1] of this
 // thread: flat output row m (image n, pixel oh, ow), ok when the row exists.
 template <class TL, class Fn>
@@ -270,28 +421,32 @@ __device__ __forceinline__ void for_each_row(const Frag<TL>& f, const RowMap& ro
     }
 }
 
-template <typename T, class TL>
+// acc += the A B product of one K step held in buffer `buf` of the shared memory.
+template <typename T, class TL, int S>
 __device__ __forceinline__ void compute_stage(float (&acc)[TL::MI][TL::NJ][4],
-                                              const Smem<T, TL>& sm, int buf, const Frag<TL>& f) {
-  constexpr int LD = Layout<T>::kLd, BK = Layout<T>::kBK;
+                                              const Smem<T, TL, S>& sm, int buf,
+                                              const Frag<TL>& f) {
+  constexpr int BK = Layout<T>::kBK;
   if constexpr (Elem<T>::kTensorCores) {
+    // ldmatrix rows: A's four 8x8 matrices (rows 0-7 / 8-15) x (k 0-7 / 8-15) are the
+    // m16n8k16 A fragment's registers 0..3; B (stored [n][k]) gives (n 0-7) x (k 0-7 /
+    // 8-15) per fragment j, two fragments per .x4.
+    const int a_row = f.lane & 15, a_col = (f.lane >> 4) * 8;
+    const int b_row = f.lane & 7, b_col = ((f.lane >> 3) & 1) * 8, b_frag = f.lane >> 4;
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
       uint32_t af[TL::MI][4], bf[TL::NJ][2];
 #pragma unroll
-      for (int i = 0; i < TL::MI; ++i) {
-        const T* p = &sm.a[buf][f.wm0 + i * 16 + f.g][ks + 2 * f.t];
-        af[i][0] = *reinterpret_cast<const uint32_t*>(p);
-        af[i][1] = *reinterpret_cast<const uint32_t*>(p + 8 * LD);
-        af[i][2] = *reinterpret_cast<const uint32_t*>(p + 8);
-        af[i][3] = *reinterpret_cast<const uint32_t*>(p + 8 * LD + 8);
-      }
+      for (int i = 0; i < TL::MI; ++i)
+        ldmatrix_x4(af[i], &sm.a[buf][f.wm0 + i * 16 + a_row][ks + a_col]);
 #pragma unroll
-      for (int j = 0; j < TL::NJ; ++j) {
-        const T* q = &sm.b[buf][f.wn0 + j * 8 + f.g][ks + 2 * f.t];
-        bf[j][0] = *reinterpret_cast<const uint32_t*>(q);
-        bf[j][1] = *reinterpret_cast<const uint32_t*>(q + 8);
+      for (int j = 0; j + 1 < TL::NJ; j += 2) {
+        uint32_t r[4];
+        ldmatrix_x4(r, &sm.b[buf][f.wn0 + (j + b_frag) * 8 + b_row][ks + b_col]);
+        bf[j][0] = r[0], bf[j][1] = r[1], bf[j + 1][0] = r[2], bf[j + 1][1] = r[3];
       }
+      if constexpr (TL::NJ % 2 == 1)
+        ldmatrix_x2(bf[TL::NJ - 1], &sm.b[buf][f.wn0 + (TL::NJ - 1) * 8 + b_row][ks + b_col]);
 #pragma unroll
       for (int i = 0; i < TL::MI; ++i)
 #pragma unroll
@@ -334,116 +489,140 @@ __device__ __forceinline__ void zero(float (&acc)[TL::MI][TL::NJ][4]) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 }
 
-// acc += A B over the whole reduction K = a.k_total(). A is an AOperand<T> or any type
-// with its interface (the dgrad's operand in conv_train.cu). Ends with a barrier, so
-// the shared memory may be reused (a second GEMM, the epilogue) right after.
-template <typename T, class TL, class A>
-__device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const A& a,
-                                     const BOperand<T>& b, const RowMap& rows, Smem<T, TL>& sm) {
-  constexpr int V = Layout<T>::kVec, BK = Layout<T>::kBK;
-  constexpr int kChunksRow = BK / V;
-  static_assert((TL::BM * kChunksRow) % TL::kThreads == 0, "A tile chunks per thread");
-  static_assert(TL::kThreads % kChunksRow == 0, "a thread keeps its k offset");
-  constexpr int kA = TL::BM * kChunksRow / TL::kThreads;
-  constexpr int kBTotal = TL::BN * kChunksRow;
-  constexpr int kB = (kBTotal + TL::kThreads - 1) / TL::kThreads;
-  const int tid = threadIdx.x;
-  const int K = a.k_total();
-  const int kc = (tid % kChunksRow) * V;  // this thread's k offset inside a K step
-
-  RowPos pos[kA];
-#pragma unroll
-  for (int i = 0; i < kA; ++i) {
-    const int r = (tid + i * TL::kThreads) / kChunksRow;
-    int64_t m;
-    int n, oh, ow;
-    const bool ok = rows.decode<TL::BM>(r, m, n, oh, ow);
-    pos[i] = a.row(n, oh, ow, ok);
+// Which 16-byte chunks of a K step's tiles a thread moves: chunk column kc (the same for
+// all its chunks, so one k decomposition per K step), A rows a_row(i), B rows b_row(i).
+template <typename T, class TL>
+struct ChunkMap {
+  static constexpr int V = Layout<T>::kVec, kPerRow = Layout<T>::kBK / V;
+  static_assert((TL::BM * kPerRow) % TL::kThreads == 0, "A tile chunks per thread");
+  static_assert(TL::kThreads % kPerRow == 0, "a thread keeps its k offset");
+  static constexpr int kA = TL::BM * kPerRow / TL::kThreads;
+  static constexpr int kBTotal = TL::BN * kPerRow;
+  static constexpr int kB = (kBTotal + TL::kThreads - 1) / TL::kThreads;
+  static __device__ __forceinline__ int kc() { return (threadIdx.x % kPerRow) * V; }
+  static __device__ __forceinline__ int a_row(int i) {
+    return (threadIdx.x + i * TL::kThreads) / kPerRow;
   }
+  static __device__ __forceinline__ int b_chunk(int i) { return threadIdx.x + i * TL::kThreads; }
+};
 
-  uint4 ra[kA], rb[kB];
-  const T* wrow[kB];
+// The pipelined main loop (vector path): cp.async into a ring of S buffers. Iteration kt
+// waits for its own copies of step kt, applies the prologue to them, and after the
+// barrier (everyone's step kt visible, everyone done with step kt - 1) refills step
+// kt - 1's buffer with step kt + S - 1 before computing step kt.
+template <typename T, class TL, int S, class A>
+__device__ __forceinline__ void gemm_pipelined(float (&acc)[TL::MI][TL::NJ][4], const A& a,
+                                               const BOperand<T>& b, const RowPos (&pos)[ChunkMap<T, TL>::kA],
+                                               Smem<T, TL, S>& sm) {
+  using CM = ChunkMap<T, TL>;
+  constexpr int BK = Layout<T>::kBK;
+  const int kc = CM::kc();
+  const T* wrow[CM::kB];
 #pragma unroll
-  for (int i = 0; i < kB; ++i) {
-    const int c = tid + i * TL::kThreads;
-    const int nn = c / kChunksRow;
-    wrow[i] = (c < kBTotal && nn < b.n_valid) ? b.w + static_cast<int64_t>(b.co0 + nn) * b.so
-                                              : nullptr;
+  for (int i = 0; i < CM::kB; ++i) {
+    const int nn = CM::b_chunk(i) / CM::kPerRow;
+    wrow[i] = (CM::b_chunk(i) < CM::kBTotal && nn < b.n_valid)
+                  ? b.w + static_cast<int64_t>(b.co0 + nn) * b.so
+                  : nullptr;
   }
-  // Vector paths: 16-byte global loads into registers, issued before the MMAs of the
-  // current stage and stored to shared memory after them.
-  auto fetch = [&](int k0) {
-    if (!a.vec && !b.vec) return;
-    const KPos q = a.at(k0 + kc);
-    if (a.vec) {
+  const int nk = (a.k_total() + BK - 1) / BK;
+  auto issue = [&](int kt) {
+    const int buf = kt % S;
+    const KPos q = a.at(kt * BK + kc);
 #pragma unroll
-      for (int i = 0; i < kA; ++i) ra[i] = a.load_vec(pos[i], q);
+    for (int i = 0; i < CM::kA; ++i) {
+      const T* src = a.vec_src(pos[i], q);
+      cp_async_16(&sm.a[buf][CM::a_row(i)][kc], src != nullptr ? src : b.w, src != nullptr);
     }
-    if (b.vec) {  // a chunk is kVec channels of one tap, contiguous: all in or all out
-      const int64_t off = q.kh * b.sh + q.kw * b.sw + q.ci;
+    // a chunk is kVec channels of one tap, contiguous: all in or all out
+    const int64_t off = q.kh * b.sh + q.kw * b.sw + q.ci;
 #pragma unroll
-      for (int i = 0; i < kB; ++i)
-        rb[i] = (wrow[i] != nullptr && q.ok)
-                    ? __ldg(reinterpret_cast<const uint4*>(wrow[i] + off))
-                    : make_uint4(0u, 0u, 0u, 0u);
-    }
-  };
-  // Element paths (channel strides != 1, group widths not a multiple of kVec such as
-  // the 3-channel stem, weights not k-contiguous): loaded straight into shared memory,
-  // one element column at a time, without overlap; a fallback, kept compact.
-  auto stash = [&](int buf, int k0) {
-    const int k = k0 + kc;
-    if (a.vec) {
-#pragma unroll
-      for (int i = 0; i < kA; ++i) {
-        const int r = (tid + i * TL::kThreads) / kChunksRow;
-        *reinterpret_cast<uint4*>(&sm.a[buf][r][kc]) = ra[i];
-      }
-    } else {
-#pragma unroll 1
-      for (int j = 0; j < V; ++j) {
-        const KPos q = a.at(k + j);
-#pragma unroll
-        for (int i = 0; i < kA; ++i) {
-          const int r = (tid + i * TL::kThreads) / kChunksRow;
-          sm.a[buf][r][kc + j] = a.load(pos[i], q);
-        }
-      }
-    }
-    if (b.vec) {
-#pragma unroll
-      for (int i = 0; i < kB; ++i) {
-        const int c = tid + i * TL::kThreads;
-        if (c < kBTotal) *reinterpret_cast<uint4*>(&sm.b[buf][c / kChunksRow][kc]) = rb[i];
-      }
-    } else {
-#pragma unroll 1
-      for (int j = 0; j < V; ++j) {
-        const KPos q = a.at(k + j);
-        const int64_t off = q.ci * b.si + q.kh * b.sh + q.kw * b.sw;
-#pragma unroll
-        for (int i = 0; i < kB; ++i) {
-          const int c = tid + i * TL::kThreads;
-          if (c < kBTotal)
-            sm.b[buf][c / kChunksRow][kc + j] =
-                (wrow[i] != nullptr && q.ok) ? wrow[i][off] : Elem<T>::from_float(0.0f);
-        }
-      }
+    for (int i = 0; i < CM::kB; ++i) {
+      if (CM::b_chunk(i) >= CM::kBTotal) continue;
+      const bool ok = wrow[i] != nullptr && q.ok;
+      cp_async_16(&sm.b[buf][CM::b_chunk(i) / CM::kPerRow][kc], ok ? wrow[i] + off : b.w, ok);
     }
   };
 
   const Frag<TL> f;
-  const int nk = (K + BK - 1) / BK;
-  fetch(0);
-  stash(0, 0);
-  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < nk) issue(s);
+    cp_async_commit();
+  }
   for (int kt = 0; kt < nk; ++kt) {
-    const bool more = kt + 1 < nk;
-    if (more) fetch((kt + 1) * BK);  // global loads in flight during the MMAs
-    compute_stage<T, TL>(acc, sm, kt & 1, f);
-    if (more) stash((kt + 1) & 1, (kt + 1) * BK);
+    cp_async_wait<S - 2>();
+    if (a.transforms()) {
+      const KPos q = a.at(kt * BK + kc);
+#pragma unroll
+      for (int i = 0; i < CM::kA; ++i)
+        a.transform_chunk(&sm.a[kt % S][CM::a_row(i)][kc], pos[i], q);
+    }
+    __syncthreads();
+    if (kt + S - 1 < nk) issue(kt + S - 1);
+    cp_async_commit();
+    compute_stage<T, TL>(acc, sm, kt % S, f);
+  }
+  cp_async_wait<0>();
+}
+
+// The element-wise main loop (channel strides != 1, group widths not a multiple of
+// kVec such as the 3-channel stem, weights not k-contiguous): each K step loaded into
+// buffer 0 element by element, without overlap; a fallback, kept compact.
+template <typename T, class TL, int S, class A>
+__device__ __forceinline__ void gemm_elementwise(float (&acc)[TL::MI][TL::NJ][4], const A& a,
+                                                 const BOperand<T>& b,
+                                                 const RowPos (&pos)[ChunkMap<T, TL>::kA],
+                                                 Smem<T, TL, S>& sm) {
+  using CM = ChunkMap<T, TL>;
+  constexpr int BK = Layout<T>::kBK, V = Layout<T>::kVec;
+  const int kc = CM::kc();
+  const Frag<TL> f;
+  const int nk = (a.k_total() + BK - 1) / BK;
+  for (int kt = 0; kt < nk; ++kt) {
+#pragma unroll 1
+    for (int j = 0; j < V; ++j) {
+      const KPos q = a.at(kt * BK + kc + j);
+#pragma unroll
+      for (int i = 0; i < CM::kA; ++i) sm.a[0][CM::a_row(i)][kc + j] = a.load(pos[i], q);
+      const int64_t off = q.ci * b.si + q.kh * b.sh + q.kw * b.sw;
+#pragma unroll
+      for (int i = 0; i < CM::kB; ++i) {
+        const int c = CM::b_chunk(i);
+        if (c >= CM::kBTotal) continue;
+        const int nn = c / CM::kPerRow;
+        sm.b[0][nn][kc + j] = (nn < b.n_valid && q.ok)
+                                  ? b.w[static_cast<int64_t>(b.co0 + nn) * b.so + off]
+                                  : Elem<T>::from_float(0.0f);
+      }
+    }
+    __syncthreads();
+    compute_stage<T, TL>(acc, sm, 0, f);
     __syncthreads();
   }
+}
+
+// acc += A B over the whole reduction K = a.k_total(). A is an AOperand<T> or any type
+// with its interface (the dgrad's operand in conv_train.cu). Ends with a barrier, so
+// the shared memory may be reused (a second GEMM, the epilogue) right after.
+template <typename T, class TL, class A, int S>
+__device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const A& a,
+                                     const BOperand<T>& b, const RowMap& rows,
+                                     Smem<T, TL, S>& sm) {
+  using CM = ChunkMap<T, TL>;
+  RowPos pos[CM::kA];
+#pragma unroll
+  for (int i = 0; i < CM::kA; ++i) {
+    int64_t m;
+    int n, oh, ow;
+    const bool ok = rows.decode<TL::BM>(CM::a_row(i), m, n, oh, ow);
+    pos[i] = a.row(n, oh, ow, ok);
+  }
+  if (a.vec && b.vec)
+    gemm_pipelined<T, TL>(acc, a, b, pos, sm);
+  else
+    gemm_elementwise<T, TL>(acc, a, b, pos, sm);
+  __syncthreads();
 }
 
 // Sums each column of the CTA tile over its rows, from per-thread partials colsum[j][e]
@@ -475,15 +654,16 @@ __device__ __forceinline__ void sum_columns(const float (&colsum)[TL::NJ][2], co
   __syncthreads();
 }
 
-// The main loop of a grouped conv's CTA: blockIdx.y = group * tiles_n + the N tile, so
-// A moves to the group and B to the tile's first row group * n_per_group + tile * BN.
-// Returns B as the CTA used it (co0, n_valid) for the epilogue.
-template <typename T, class TL, class A>
+// The main loop of a grouped conv's CTA: column tile col = group * tiles_n + the N
+// tile, so A moves to the group and B to the tile's first row group * n_per_group +
+// tile * BN. Returns B as the CTA used it (co0, n_valid) for the epilogue.
+template <typename T, class TL, class A, int S>
 __device__ __forceinline__ BOperand<T> grouped_gemm(float (&acc)[TL::MI][TL::NJ][4], A a,
                                                     BOperand<T> b, int n_per_group, int tiles_n,
-                                                    const RowMap& rows, Smem<T, TL>& sm) {
-  const int group = static_cast<int>(blockIdx.y) / tiles_n;
-  const int n0 = (static_cast<int>(blockIdx.y) - group * tiles_n) * TL::BN;
+                                                    int col, const RowMap& rows,
+                                                    Smem<T, TL, S>& sm) {
+  const int group = col / tiles_n;
+  const int n0 = (col - group * tiles_n) * TL::BN;
   a.set_group(group);
   b.co0 = group * n_per_group + n0;
   b.n_valid = min(TL::BN, n_per_group - n0);
@@ -513,12 +693,14 @@ __device__ __forceinline__ void store_pair(T* y, int64_t idx, float v0, float v1
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // An A operand over x (N, H, W, C) read through its element strides, for a k x k conv
-// with padding k / 2 and no prologue; the vector path when the layout allows.
-template <typename T>
-inline AOperand<T> a_operand(const void* x, int64_t sn, int64_t sh, int64_t sw, int64_t sc,
-                             int64_t h, int64_t w, int64_t cin_g, int64_t ks, int64_t stride) {
+// with padding k / 2 and no prologue (set_prologue adds one); the vector path when the
+// layout allows.
+template <typename T, bool PROLOGUE = false>
+inline AOperand<T, PROLOGUE> a_operand(const void* x, int64_t sn, int64_t sh, int64_t sw,
+                                       int64_t sc, int64_t h, int64_t w, int64_t cin_g,
+                                       int64_t ks, int64_t stride) {
   constexpr int V = Layout<T>::kVec;
-  AOperand<T> a{};
+  AOperand<T, PROLOGUE> a{};
   a.x = static_cast<const T*>(x);
   a.sn = sn, a.sh = sh, a.sw = sw, a.sc = sc;
   a.h = static_cast<int>(h), a.w = static_cast<int>(w);
@@ -526,6 +708,20 @@ inline AOperand<T> a_operand(const void* x, int64_t sn, int64_t sh, int64_t sw, 
   a.ks = static_cast<int>(ks), a.stride = static_cast<int>(stride), a.pad = a.ks / 2;
   a.vec = sc == 1 && cin_g % V == 0 && sn % V == 0 && sh % V == 0 && sw % V == 0 && aligned16(x);
   return a;
+}
+
+// u = relu?(x * in_scale + in_shift) * gate[n] on A's loads (each part optional: nullptr /
+// false). The vector path also needs the fp32 vectors 16-byte aligned (gate rows too).
+template <typename T>
+inline void set_prologue(AOperand<T, true>& a, const float* in_scale, const float* in_shift,
+                         bool in_relu, const float* gate, int64_t s_gate_n) {
+  a.in_scale = in_scale;
+  a.in_shift = in_shift;
+  a.in_relu = in_relu;
+  a.gate = gate;
+  a.sg = s_gate_n;
+  a.vec = a.vec && aligned16(in_scale) && aligned16(in_shift) && aligned16(gate) &&
+          (gate == nullptr || s_gate_n % 4 == 0);
 }
 
 // A B operand over a (C_out, cin_g, k, k) weight read through its element strides; the
@@ -551,8 +747,8 @@ inline BOperand<T> b_operand(const void* w, int64_t so, int64_t si, int64_t sh, 
 // Tile shapes: BN follows the GEMM's N width per group (one group per CTA); BM = 64
 // for small row counts (7x7 maps when tiling per image), for narrow groups (BN <= 16)
 // and for fp32, else 128.
-using T128x32 = Tile<128, 32, 4, 1>;
-using T128x64 = Tile<128, 64, 2, 2>;
+using T128x32 = Tile<128, 32, 8, 1>;
+using T128x64 = Tile<128, 64, 4, 2>;
 using T128x128 = Tile<128, 128, 2, 4>;
 using T64x8 = Tile<64, 8, 4, 1>;
 using T64x16 = Tile<64, 16, 4, 1>;

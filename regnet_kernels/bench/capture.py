@@ -82,12 +82,20 @@ NO_DOT_OPS = {"se_squeeze", "bn_add_relu", "bn_finalize", "bn_update_running",
 
 @dataclass
 class OpCall:
-    """One custom-op call: its name, a short description of its arguments, its FLOPs."""
+    """One custom-op call: its name, a short description of its arguments, its FLOPs, its
+    arguments by schema name (meta tensors: shapes, strides, dtypes) and the bytes of the
+    distinct tensors it reads and writes (what another backend's kernels for the same op
+    must move at least)."""
 
     name: str
     describe: str
     flops: Optional[int]  # None: no formula for this op (reported, never silently zero)
     launches: list = field(default_factory=list)
+    args: dict = field(default_factory=dict, repr=False)
+    bytes: int = 0
+    mode: str = ""
+    layer: str = ""
+    top_level: bool = True  # not called from inside another custom op
 
 
 @dataclass
@@ -291,14 +299,17 @@ class _CaptureMode(TorchDispatchMode):
         bound = dict(zip(names, args))
         bound.update(kwargs)
         short = qualname.split("::", 1)[1]
-        call = OpCall(short, _describe(bound), None)
         rec = self.recorder
+        call = OpCall(short, _describe(bound), None, args=bound, mode=rec.mode, layer=rec.layer,
+                      top_level=not rec.op_stack)
         rec.op_stack.append(call)
         try:
             with self:  # nested custom ops come back here
                 out = impl(*args, **kwargs)
         finally:
             rec.op_stack.pop()
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        call.bytes = _tensor_bytes([*bound.values(), *outs])
         if short in OP_FLOPS:
             call.flops = int(OP_FLOPS[short](bound, out))
         elif short in NO_DOT_OPS:

@@ -364,13 +364,17 @@ def _innermost(loops: list[Loop]) -> list[Loop]:
 
 
 def main_loop(loops: list[Loop]) -> Loop | None:
-    """The innermost loop with MMAs (the most MMAs, then the longest); without MMAs in any
-    loop, the longest innermost loop; None without loops."""
+    """The innermost loop with MMAs (the most MMAs, then the longest): one that contains
+    no other loop if there is such a loop with MMAs (a fallback path whose MMA loop
+    nests an element-wise load loop is not the main loop), else the innermost among the
+    loops with MMAs; without MMAs in any loop, the longest innermost loop; None without
+    loops."""
     if not loops:
         return None
     with_mma = [lp for lp in loops if lp.mma]
     if with_mma:
-        inner = _innermost(with_mma)
+        leaves = [lp for lp in _innermost(loops) if lp.mma]
+        inner = leaves or _innermost(with_mma)
         return max(inner, key=lambda lp: (lp.mma, lp.instructions))
     return max(_innermost(loops), key=lambda lp: lp.instructions)
 

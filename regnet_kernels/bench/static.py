@@ -11,8 +11,10 @@ long it should take, without a GPU.
    for the target, then ptxas's report (registers, spills) and the SASS (`sass`): load kinds,
    MMA kind, the main loop's length, MMAs and local-memory accesses. Results are cached by
    specialization and kernel source under ``~/.cache/regnet_kernels/static``.
-3. The CUDA kernels (csrc/cuda/*.cu): nvcc -cubin for the arch, the same per-kernel table
-   (per kernel, not mapped to launches).
+3. The CUDA kernels (csrc/cuda/*.cu): nvcc -cubin for the arch, the same per-kernel table;
+   with the eval mode, the eval forward's op calls mapped to the CUDA launchers' kernels,
+   tiles and grids (`cuda_launches`) and predicted like the Triton launches (mode
+   ``eval-cuda``).
 4. A time per launch from the model below; sums per kernel family, per mode, img/s.
 
 The model (predicted, not measured; calibrate it with the first GPU run). For a launch of C
@@ -87,7 +89,7 @@ H200_MODEL = {
 PREDICTION_NOTE = ("predicted (model, not a measurement; calibrate with the first GPU run): "
                    "roughly +-40%, worse for small launches")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def cache_dir() -> Path:
@@ -122,18 +124,29 @@ def _restore_constexpr(value):
     return value
 
 
+def _loop_fields(loop: Optional["sass.Loop"], num_warps: int) -> Optional[dict]:
+    return None if loop is None else {
+        "instructions": loop.instructions, "mma": loop.mma, "local": loop.local,
+        "loads": loop.loads, "mma_shapes": loop.mma_shapes,
+        "macs_per_iteration": loop.macs_per_iteration(num_warps),
+        "load_bytes_per_thread": loop.load_bytes_per_thread()}
+
+
 def _sass_fields(stats: "sass.SassStats", num_warps: int) -> dict:
-    loop = stats.main_loop
     return {
         "instructions": stats.instructions, "loads": stats.loads, "stores": stats.stores,
         "mma": stats.mma, "mma_shapes": stats.mma_shapes, "mma_kind": stats.mma_kind,
         "local_bytes": stats.local_bytes, "load_kinds": stats.load_kinds(),
-        "loop": None if loop is None else {
-            "instructions": loop.instructions, "mma": loop.mma, "local": loop.local,
-            "loads": loop.loads, "mma_shapes": loop.mma_shapes,
-            "macs_per_iteration": loop.macs_per_iteration(num_warps),
-            "load_bytes_per_thread": loop.load_bytes_per_thread()},
+        "loop": _loop_fields(stats.main_loop, num_warps),
     }
+
+
+def _element_loop(stats: "sass.SassStats") -> Optional["sass.Loop"]:
+    """A CUDA GEMM kernel's element-wise fallback main loop: the loop with the most MMAs
+    among those that nest another loop (its element loads), if any."""
+    leaves = {(lp.start, lp.end) for lp in sass._innermost(stats.loops)}
+    outer = [lp for lp in stats.loops if lp.mma and (lp.start, lp.end) not in leaves]
+    return max(outer, key=lambda lp: (lp.mma, lp.instructions)) if outer else None
 
 
 def compile_triton(spec: dict, capability: int) -> dict:
@@ -202,7 +215,8 @@ def compile_cuda_source(path: str, capability: int) -> dict:
         stats = sass.analyse_sass(listing, mangled)
         kernels[mangled] = {"name": mangled, **info,
                             "shared": usage.get(mangled, {}).get("SHARED", info["static_smem"]),
-                            **_sass_fields(stats, 1)}
+                            **_sass_fields(stats, 1),
+                            "element_loop": _loop_fields(_element_loop(stats), 1)}
     return {"ok": True, "source": Path(path).name, "compile_s": round(time.time() - start, 1),
             "kernels": kernels}
 
@@ -508,23 +522,39 @@ def static_report(model: str = "regnety_8gf", batch: int = 256, dtype: str = "bf
 static_report.last_meta = {}
 
 
-def cuda_source_report(arch: str = "sm_90", jobs: int = 2) -> list[dict]:
-    """Per-kernel rows of the CUDA .cu kernels (csrc/cuda/*.cu) compiled for the arch."""
+def compile_cuda_kernels(arch: str = "sm_90", jobs: int = 2) -> dict:
+    """Every CUDA .cu (csrc/cuda/*.cu) compiled for the arch: {"sources", "results"} as
+    run_jobs returns them, and "kernels": short C++ name (`cuda_launches.kernel_key`) ->
+    the kernel's analysis (per-warp loop MACs: compiled without a launch configuration),
+    and "names": mangled -> demangled."""
     from ..ops._extension import source_dir
+    from .cuda_launches import kernel_key
     sources = sorted((source_dir() / "cuda").glob("*.cu"))
     capability = arch_capability(arch)
     job_list = [{"kind": "cu", "path": str(p), "capability": capability} for p in sources]
-    rows = []
     results = run_jobs(job_list, jobs, label=lambda j: Path(j["path"]).name)
     names = _demangle([m for r in results if r.get("ok") for m in r["kernels"]])
-    for src, r in zip(sources, results):
+    kernels = {}
+    for r in results:
+        for mangled, k in (r["kernels"].items() if r.get("ok") else ()):
+            kernels[kernel_key(_short_cpp_name(names.get(mangled, mangled)))] = dict(
+                k, name=names.get(mangled, mangled))
+    return {"sources": sources, "results": results, "kernels": kernels, "names": names}
+
+
+def cuda_source_report(arch: str = "sm_90", jobs: int = 2,
+                       compiled: Optional[dict] = None) -> list[dict]:
+    """Per-kernel rows of the CUDA .cu kernels (csrc/cuda/*.cu) compiled for the arch."""
+    compiled = compiled or compile_cuda_kernels(arch, jobs)
+    rows = []
+    for src, r in zip(compiled["sources"], compiled["results"]):
         if not r.get("ok"):
             rows.append({"source": src.name, "kernel": "", "error": r.get("error", "")[:300]})
             continue
         for mangled, k in r["kernels"].items():
-            k = dict(k, name=names.get(mangled, mangled))
             loop = k.get("loop") or {}
-            rows.append({"source": src.name, "kernel": _short_cpp_name(k["name"]),
+            rows.append({"source": src.name,
+                         "kernel": _short_cpp_name(compiled["names"].get(mangled, mangled)),
                          "registers": k["registers"], "spill_stores": k["spill_stores"],
                          "spill_loads": k["spill_loads"], "stack": k["stack"],
                          "smem_kb": _kb(k["shared"]), "mma_kind": k["mma_kind"],
@@ -533,6 +563,77 @@ def cuda_source_report(arch: str = "sm_90", jobs: int = 2) -> list[dict]:
                          "loop_mma": loop.get("mma"), "loop_local": loop.get("local"),
                          "error": ""})
     return rows
+
+
+def cuda_eval_report(model: str = "regnety_8gf", batch: int = 256, dtype: str = "bf16",
+                     arch: str = "sm_90", resolution: int = 224, jobs: int = 2,
+                     machine: dict = H200_MODEL, compiled: Optional[dict] = None) -> list[dict]:
+    """The CUDA backend's eval forward, predicted per launch with the same model as the
+    Triton rows: the fused model's eval op calls (captured on meta tensors), each mapped
+    to the CUDA launcher's kernel, tile and grid (`cuda_launches`), with the static
+    figures of that kernel as nvcc compiled it (registers, shared memory incl. the
+    pipeline's dynamic buffers, main loop: the cp.async one, or the element-wise one
+    where the launch cannot take the 16-byte path). Rows grouped like static_report's."""
+    from .capture import capture_model
+    from .cuda_launches import eval_launch, kernel_key
+    compiled = compiled or compile_cuda_kernels(arch, jobs)
+    _, recorder = capture_model(model, batch, dtype, ("eval",), resolution,
+                                arch_capability(arch))
+    groups: dict[tuple, list] = {}
+    for call in recorder.op_calls:
+        if call.mode != "eval" or not call.top_level:
+            continue
+        launch = eval_launch(call.name, call.args, dtype)
+        if launch is None:
+            continue
+        key = (launch.kernel, launch.ctas, call.bytes, call.flops or 0, call.describe)
+        groups.setdefault(key, []).append((call, launch))
+    rows = []
+    for (kernel, ctas, nbytes, flops, describe), members in groups.items():
+        call, launch = members[0]
+        k = compiled["kernels"].get(kernel_key(kernel))
+        error = "" if k else f"kernel {kernel} not found in the compiled .cu files"
+        analysis = {"ok": False}
+        if k:
+            loop = k.get("loop") if launch.vector_path else (k.get("element_loop") or k.get("loop"))
+            if loop:
+                loop = dict(loop, macs_per_iteration=loop["macs_per_iteration"] * launch.warps,
+                            instructions=loop["instructions"])
+            analysis = {"ok": True, "registers": k["registers"],
+                        "shared": k["shared"] + launch.dynamic_smem, "loop": loop,
+                        "instructions": k["instructions"], "mma_kind": k["mma_kind"]}
+        p = predict(ctas, launch.warps, nbytes, flops, analysis, dtype, machine)
+        loop = analysis.get("loop") or {}
+        rows.append({
+            "model": model, "batch": batch, "dtype": dtype, "arch": arch,
+            "mode": CUDA_EVAL_MODE, "phase": "forward",
+            "layers": _layer_range([c.layer for c, _ in members]),
+            "count": len(members), "op": call.name, "kernel": kernel, "shape": describe,
+            "tile": launch.tile + ("" if launch.vector_path else " (element path)"),
+            "warps": launch.warps, "stages": LAYOUT_STAGES,
+            "registers": analysis.get("registers"),
+            "spill_stores": k.get("spill_stores") if k else None,
+            "spill_loads": k.get("spill_loads") if k else None,
+            "smem_kb": _kb(analysis.get("shared")), "ctas": ctas,
+            "ctas_per_sm": p.get("ctas_per_sm"), "occupancy_limit": p.get("occupancy_limit"),
+            "waves": p.get("waves"), "load_kinds": k.get("load_kinds") if k else None,
+            "mma_kind": analysis.get("mma_kind"), "loop_instructions": loop.get("instructions"),
+            "loop_mma": loop.get("mma"), "loop_local": loop.get("local"),
+            "iterations": p.get("iterations"), "mma_util": p.get("mma_util"),
+            "mb": nbytes / 1e6, "gflop": flops / 1e9, "floor_us": p["floor_us"],
+            "issue_us": p.get("issue_us"), "mma_us": p.get("mma_us"),
+            "memory_us": p.get("memory_us"), "predicted_us": p.get("predicted_us"),
+            "limiter": p.get("limiter"), "total_floor_us": p["floor_us"] * len(members),
+            "total_predicted_us": None if p.get("predicted_us") is None
+            else p["predicted_us"] * len(members),
+            "error": error})
+    return rows
+
+
+#: igemm.cuh's pipeline depth (cuda_launches.LAYOUT), for the rows' "stages" column.
+LAYOUT_STAGES = 3
+#: The mode of cuda_eval_report's rows (the CUDA backend's eval forward).
+CUDA_EVAL_MODE = "eval-cuda"
 
 
 def _short_cpp_name(name: str) -> str:
@@ -676,7 +777,8 @@ def markdown_report(rows: list[dict], cuda_rows: Optional[list[dict]], meta: dic
             if s["uncompiled"] else ""
         lines += ["", f"{mode}: floor {_fmt(s['floor_us'])} us = "
                       f"{_fmt(s['img_s_floor'])} img/s; predicted {_fmt(s['predicted_us'])} us = "
-                      f"{_fmt(s['img_s_predicted'])} img/s{note} (Triton kernels only).", ""]
+                      f"{_fmt(s['img_s_predicted'])} img/s{note} ("
+                      f"{'CUDA' if mode == CUDA_EVAL_MODE else 'Triton'} kernels only).", ""]
     lines += ["## Model totals", "",
               "| mode | launches | floor us | predicted us | img/s floor | img/s predicted |",
               "|---|---|---|---|---|---|"]
@@ -690,8 +792,9 @@ def markdown_report(rows: list[dict], cuda_rows: Optional[list[dict]], meta: dic
         lines += ["Notes:", ""] + [f"- {n}" for n in extra] + [""]
     if cuda_rows is not None:
         lines += [f"## CUDA kernels (csrc/cuda/*.cu), nvcc for {meta['arch']}a, per kernel", "",
-                  "Not mapped to launches (the tile choices are in csrc/cuda/launchers.h); "
-                  "static counts as above.", ""]
+                  f"Every compiled kernel; the eval forward's launches of them are the "
+                  f"`{CUDA_EVAL_MODE}` rows above (tiles and grids as csrc/cuda's launchers "
+                  "choose them, `bench/cuda_launches.py`). Static counts as above.", ""]
         lines += _md_table(
             ["source", "kernel", "regs", "spill B st/ld", "stack B", "smem KB (static)", "MMA",
              "loads (static count)", "loop instr / MMA / LDL+STL", "error"],
@@ -762,7 +865,13 @@ def run_static(args) -> int:
                + (f" --csv {args.csv}" if args.csv else "")
                + (" --no-cuda-sources" if args.no_cuda_sources else ""))
     rows = static_report(model, batch, dtype, modes, args.arch, resolution, args.jobs)
-    cuda_rows = None if args.no_cuda_sources else cuda_source_report(args.arch, args.jobs)
+    cuda_rows = None
+    if not args.no_cuda_sources:
+        compiled = compile_cuda_kernels(args.arch, args.jobs)
+        cuda_rows = cuda_source_report(args.arch, args.jobs, compiled)
+        if "eval" in modes:
+            rows += cuda_eval_report(model, batch, dtype, args.arch, resolution, args.jobs,
+                                     compiled=compiled)
     meta = {"model": model, "batch": batch, "dtype": dtype, "arch": args.arch,
             "resolution": resolution, "command": command, "versions": versions(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime(

@@ -44,14 +44,21 @@
 //   function) and computes its own four D elements (inputs converted to float exactly,
 //   the 16 products summed in fp32 in k order, then C added); the warp synchronizes
 //   again. All 32 lanes must call it.
+// - cp.async (rk_emu::cp_async_16 / cp_async_commit / cp_async_wait, what igemm.cuh's
+//   cp_async_* call under RK_CUDA_EMULATION): copies deferred to the wait_group that
+//   retires their group in even CTAs, landed at once in odd CTAs, so both a read before
+//   the wait and a refill before the barrier show up. ldmatrix (rk_emu::ldmatrix, .x2 /
+//   .x4, b16, not transposed): a warp collective like the shuffles, decoded as the PTX
+//   ISA specifies (quoted at the function).
 // - __trap() prints a message and aborts.
 //
 // What this verifies: index math, tiling, bounds / padding handling, the epilogues and
 // the (deterministic) reductions of the kernels, barrier placement as far as the
 // barrier semantics go, the element-wise kernels in fp16 / bf16 (host conversions of
 // cuda_fp16.h / cuda_bf16.h), and the fp16 / bf16 tensor-core GEMMs: that the fragments
-// the kernels load for mma.sync (igemm.cuh's compute_stage) and the accumulator layout
-// their epilogues assume match the ISA's m16n8k16 layout.
+// the kernels load with ldmatrix for mma.sync (igemm.cuh's compute_stage) and the
+// accumulator layout their epilogues assume match the ISA's m16n8k16 layout, and the
+// cp.async pipeline's waits and barriers.
 // What it cannot: the tensor core's own arithmetic (the emulated D is the in-order fp32
 // sum of the exact products; the hardware's internal rounding and summation order are
 // not modelled, so it is not bit-exact to a GPU); the GPU memory model (races that a
@@ -77,6 +84,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -180,6 +188,17 @@ struct DynSmem {  // 128-byte aligned, poisoned (0xff) before every CTA
   }
 };
 
+// One CUDA thread's cp.async copies: the open group (issued since the last commit) and
+// the committed groups, oldest first. A copy lands when a wait_group retires its group.
+struct AsyncCopy {
+  void* dst;
+  const void* src;  // nullptr: 16 zero bytes
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;
+  std::deque<std::vector<AsyncCopy>> committed;
+};
+
 #ifdef RK_EMU_OS_THREADS
 // ---- Backend: one std::thread per CUDA thread (real concurrency) ----
 struct Cta {
@@ -189,6 +208,8 @@ struct Cta {
   std::vector<uint64_t> slots;                            // 32 per warp
   std::vector<MmaLane> mma;                               // 32 per warp (mma.sync)
   unsigned char* dyn = nullptr;                           // dynamic shared memory
+  std::vector<AsyncCopies> async;                         // per thread (cp.async)
+  bool eager_copies = false;                              // this CTA lands cp.async at once
 };
 
 inline thread_local Cta* tls_cta = nullptr;
@@ -216,12 +237,15 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
   c.dyn = dyn.p;
   // Between CTAs: all threads meet here; the completion (one thread, the others
   // blocked) makes fresh barriers for the next CTA and poisons its dynamic smem.
-  auto next_cta = [&c, &dyn, nt, nwarps]() noexcept {
+  uint64_t seq = 0;
+  auto next_cta = [&c, &dyn, &seq, nt, nwarps]() noexcept {
     c.bar.reset();
     c.bar.emplace(nt);
     for (unsigned w = 0; w < nwarps; ++w)
       c.warp_bar[w] = std::make_unique<std::barrier<>>(std::min(32u, nt - 32 * w));
     dyn.poison();
+    c.async.assign(nt, AsyncCopies{});
+    c.eager_copies = (seq++ & 1) != 0;
   };
   std::barrier<decltype(next_cta)> between(nt, next_cta);
   auto worker = [&](unsigned t) {
@@ -250,7 +274,11 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
 // fiber of its scope that has not exited waits at it. Deterministic, and fast enough
 // for grids of thousands of CTAs. The fibers run in thread order in even CTAs and in
 // reverse order in odd ones, so a missing barrier between a write and another thread's
-// read shows up whichever of the two threads comes first.
+// read shows up whichever of the two threads comes first. In CTAs 2 and 3 of every 4,
+// one warp runs ahead: of the warps whose warp barrier (shuffle, mma, ldmatrix) is
+// complete only the lowest is released, so it runs on to its next __syncthreads while
+// the others wait (the warps otherwise advance in lockstep, collective by collective,
+// which would hide a missing __syncthreads between warps).
 enum FiberState : int { kRun = 0, kAtCta = 1, kAtWarp = 2, kDone = 3 };
 
 struct Cta {
@@ -262,6 +290,8 @@ struct Cta {
   std::vector<uint64_t> slots;  // 32 per warp
   std::vector<MmaLane> mma;     // 32 per warp (mma.sync fragments)
   unsigned char* dyn = nullptr;
+  std::vector<AsyncCopies> async;  // per thread (cp.async)
+  bool eager_copies = false;       // this CTA lands cp.async at once
   const std::function<void()>* body = nullptr;
 };
 
@@ -318,6 +348,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
   for (uint64_t b = 0; b < nblocks; ++b) {
     blockIdx = block_index(b, grid);
     dyn.poison();
+    c.async.assign(nt, AsyncCopies{});
+    c.eager_copies = (b & 1) != 0;
     for (unsigned t = 0; t < nt; ++t) {
       getcontext(&c.ctx[t]);
       c.ctx[t].uc_stack.ss_sp = stacks + t * slot + page;
@@ -327,6 +359,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
       c.state[t] = kRun;
     }
     const bool reverse = (b & 1) != 0;
+    const bool one_warp_ahead = (b & 2) != 0;
     for (;;) {
       for (unsigned i = 0; i < nt; ++i) {
         const unsigned t = reverse ? nt - 1 - i : i;
@@ -346,7 +379,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
           if (c.state[t] == kAtWarp) any = true; else all = false;
           if (c.state[t] != kAtCta) all_cta = false;
         }
-        if (any && all) {
+        if (any && all && !(one_warp_ahead && released)) {
           for (unsigned t = t0; t < t1; ++t)
             if (c.state[t] == kAtWarp) c.state[t] = kRun;
           released = true;
@@ -495,6 +528,71 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
     float s = 0.0f;
     for (int k = 0; k < 16; ++k) s += A[r][k] * B[k][n];
     d[i] = s + C[r][n];
+  }
+  warp_sync();  // nobody overwrites a slot before all have read
+}
+
+// ---- cp.async (cp.async.cg.shared.global, 16 bytes, zero fill) and its groups ----
+//
+// The copies are deferred: in even CTAs (in launch order) a copy lands only when
+// cp.async.wait_group retires its group (so reading shared memory before the wait sees
+// stale or poisoned data), in odd CTAs it lands at once (so refilling a buffer before every thread has
+// finished reading it, i.e. a missing barrier, overwrites data still in use). Both
+// addresses must be 16-byte aligned.
+inline bool eager_copies() { return cta().eager_copies; }
+
+inline void land(const AsyncCopy& cp) {
+  if (cp.src != nullptr)
+    std::memcpy(cp.dst, cp.src, 16);
+  else
+    std::memset(cp.dst, 0, 16);
+}
+
+inline void cp_async_16(void* dst, const void* src, bool fill) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+      (fill && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    fail("cp.async: a 16-byte copy needs 16-byte aligned addresses");
+  const AsyncCopy cp{dst, fill ? src : nullptr};
+  if (eager_copies())
+    land(cp);
+  else
+    cta().async[threadIdx.x].open.push_back(cp);
+}
+
+inline void cp_async_commit() {
+  AsyncCopies& a = cta().async[threadIdx.x];
+  a.committed.push_back(std::move(a.open));
+  a.open.clear();
+}
+
+inline void cp_async_wait(int pending) {
+  AsyncCopies& a = cta().async[threadIdx.x];
+  while (a.committed.size() > static_cast<size_t>(pending)) {
+    for (const AsyncCopy& cp : a.committed.front()) land(cp);
+    a.committed.pop_front();
+  }
+}
+
+// ---- ldmatrix.sync.aligned.m8n8.{x2,x4}.shared.b16 (not transposed) ----
+//
+// PTX ISA, "Warp-level matrix load instruction: ldmatrix": for .x1/.x2/.x4, threads
+// 0-7 / 0-15 / 0-31 supply the addresses of the 8 rows (16 bytes each) of matrix 0, 1,
+// 2, 3 in turn; in each matrix, lane l receives the two 16-bit elements 2 (l % 4),
+// 2 (l % 4) + 1 of row l / 4, in destination register j for matrix j. A warp
+// collective: all 32 lanes must call it. Row addresses must be 16-byte aligned.
+template <size_t R>
+inline void ldmatrix(uint32_t (&r)[R], int matrices, const void* row) {
+  Cta& c = cta();
+  if (warp_lanes() != 32) fail("ldmatrix needs a full warp of 32 threads");
+  if (matrices != static_cast<int>(R)) fail("ldmatrix: one register per matrix");
+  uint64_t* slots = c.slots.data() + (threadIdx.x & ~31u);
+  slots[lane_id()] = reinterpret_cast<uintptr_t>(row);
+  warp_sync();
+  const unsigned me = lane_id();
+  for (int j = 0; j < matrices; ++j) {
+    const uint64_t addr = slots[j * 8 + me / 4];
+    if (addr % 16 != 0) fail("ldmatrix: a row address is not 16-byte aligned");
+    std::memcpy(&r[j], reinterpret_cast<const unsigned char*>(addr) + 4 * (me % 4), 4);
   }
   warp_sync();  // nobody overwrites a slot before all have read
 }
