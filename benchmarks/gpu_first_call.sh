@@ -29,8 +29,10 @@
 #   FIRST_CALL_FAIL=STEP   make STEP raise after its work (the test that a failure is reported
 #                          and the steps after it run)
 #   DRY_RUN=1              CPU, tiny model at 16x16, batch 1-2, fp32, Triton's interpreter
+#   DRY_RUN_CAP_SCALE=4    the dry run's caps and budget, as multiples of the GPU's
 set -uo pipefail
 BUDGET=${FIRST_CALL_BUDGET:-520}
+[ "${DRY_RUN:-0}" != 0 ] && BUDGET=$(( BUDGET * ${DRY_RUN_CAP_SCALE:-4} ))
 COMPILE_MIN=${COMPILE_MIN:-60}
 source "$(dirname "$0")/gpu_common.sh"
 LOG=$OUT/log.txt
@@ -41,9 +43,11 @@ row() {  # step, status, seconds, result: the row a step could not write itself
 }
 
 # step NAME CAP [MIN]: one step, stopped at CAP seconds or what is left of the budget; skipped
-# when less than MIN (default 10) seconds are left.
+# when less than MIN (default 10) seconds are left. The dry run's caps are DRY_RUN_CAP_SCALE
+# (default 4) times the GPU's: the interpreter on a busy 2-core machine, not a GPU.
 step() {
   local name=$1 cap=$2 min=${3:-10} remaining t0 rc
+  [ "$DRY_RUN" != 0 ] && cap=$(( cap * ${DRY_RUN_CAP_SCALE:-4} ))
   remaining=$(left)
   [ "$remaining" -lt "$cap" ] && cap=$remaining
   if [ "$cap" -lt "$min" ]; then

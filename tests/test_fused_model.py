@@ -68,7 +68,7 @@ def assert_grads_and_buffers_match(fused, ref, tol=1e-5):
 def test_train_step_matches_reference(backend):
     ref, fused = pair(TINY, backend=backend)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, generator=gen).to(DEVICE)
     x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, out = ref.train()(x_ref), fused.train()(x_fused)
     grad = torch.randn(out.shape, generator=gen).to(DEVICE)
@@ -306,7 +306,7 @@ def fused_ops_used(model, x):
 def test_eval_backends_on_cpu(backend, namespace):
     ref, _ = pair(TINY)
     fused = fuse(copy.deepcopy(ref), backend=backend).eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     assert fused_ops_used(fused, x) == {namespace}
     with torch.no_grad():
         assert rel_err(fused(x), ref.eval()(x)) < 1e-5

@@ -21,7 +21,7 @@ STEPS = ("install", "env", "build", "warm", "parity", "eval", "static", "train",
 def run_script(name, out, **env):
     env = dict(os.environ, DRY_RUN="1", OUT=str(out), PY=sys.executable, **env)
     return subprocess.run(["bash", str(ROOT / "benchmarks" / name)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1200)
 
 
 def returned_files(out):
