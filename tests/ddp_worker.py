@@ -95,7 +95,8 @@ def scenario_frozen(rank, device):
     for kind, model in zip(("ref", "fused"), models()):
         model = model.to(device).train()
         for name, m in model.named_modules():
-            if isinstance(m, torch.nn.BatchNorm2d) and name.startswith(("stem", "trunk_output.block1")):
+            frozen = name.startswith(("stem", "trunk_output.block1"))
+            if isinstance(m, torch.nn.BatchNorm2d) and frozen:
                 m.eval()
                 if name.startswith("stem"):
                     m.requires_grad_(False)

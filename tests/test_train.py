@@ -77,7 +77,8 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     for index, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
+        momentum = b["optimizer"]["state"][index]["momentum_buffer"]
+        assert torch.equal(state["momentum_buffer"], momentum), index
     assert a["metrics"] == b["metrics"]
 
 
