@@ -193,7 +193,7 @@ def epoch_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def loader(dataset, batches: list[list[int]], workers: int):
+def loader(dataset, batches: list[list[int]], workers: int, pin_memory: bool = False):
     """Batches of (images, labels, skipped) in order; decoding in `workers` processes."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                       collate_fn=collate)
+                                       collate_fn=collate, pin_memory=pin_memory)

@@ -261,26 +261,28 @@ def _run(args) -> int:
               f"{len(train_set)} images, {num_classes} classes, {world} rank(s) x "
               f"{args.batch_size}, {steps_per_epoch} steps/epoch, lr {args.lr:g}, "
               f"amp {args.amp}, {device.type}", flush=True)
-    workers = 0 if args.data == "synthetic" else args.workers
-    skipped = 0
-    seen = 0
+    from_folder = args.data != "synthetic"  # images may be unreadable
+    workers = args.workers if from_folder else 0
+    skipped = seen = 0
     run_start = time.perf_counter()
-    epoch_loss = epoch_correct = epoch_images = 0.0
     for epoch in range(start_epoch, args.epochs):
         runner.train()
         train_set.epoch = epoch
         batches = datasets.epoch_batches(len(train_set), args.batch_size, epoch, args.seed, rank,
                                          world)
-        epoch_loss = epoch_correct = epoch_images = 0.0
+        # loss sum, correct, images of the epoch, on the device: no host sync per step
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
         tick, tick_images = time.perf_counter(), 0
-        for step, (x, y, bad) in enumerate(datasets.loader(train_set, batches, workers)):
+        for step, (x, y, bad) in enumerate(datasets.loader(train_set, batches, workers,
+                                                           pin_memory=device.type == "cuda")):
             skipped += bad
+            # a rank whose whole batch was unreadable has nothing to step on: every rank
+            # skips the step together (DDP's backward is collective)
+            if from_folder and _all_sum([x is None], device)[0] > 0:
+                continue
             global_step = epoch * steps_per_epoch + step
             for group in opt.param_groups:
                 group["lr"] = learning_rate(global_step, steps_per_epoch, args)
-            if x is None:  # every image of this batch was unreadable
-                x = torch.zeros(0, 3, args.resolution, args.resolution)
-                y = torch.zeros(0, dtype=torch.long)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -291,15 +293,16 @@ def _run(args) -> int:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            epoch_loss += float(loss.detach()) * len(y)
-            epoch_correct += float((logits.argmax(1) == y).sum())
-            epoch_images += len(y)
+            totals += torch.stack([loss.detach().double() * len(y),
+                                   (logits.argmax(1) == y).sum().double(),
+                                   totals.new_tensor(len(y))])
             tick_images += len(y)
             seen += len(y)
             if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                loss_sum, images = _all_sum([float(loss.detach()) * len(y), len(y)], device)
+                loss_sum, images, rate_images = _all_sum(
+                    [float(loss.detach()) * len(y), len(y), tick_images], device)
                 now = time.perf_counter()
-                rate = _all_sum([tick_images], device)[0] / max(now - tick, 1e-9)
+                rate = rate_images / max(now - tick, 1e-9)
                 left = (args.epochs - epoch) * steps_per_epoch - step - 1
                 if main:
                     print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} "
@@ -308,7 +311,7 @@ def _run(args) -> int:
                           f"eta {_eta(left * global_batch / max(rate, 1e-9))}", flush=True)
                 tick, tick_images = now, 0
         metrics = _epoch_metrics(runner, val_set, args, device, rank, world, workers,
-                                 [epoch_loss, epoch_correct, epoch_images, skipped])
+                                 totals.tolist() + [skipped])
         if main:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "scaler": scaler.state_dict(), "epoch": epoch + 1,

@@ -74,12 +74,13 @@ def assert_fused_matches_reference(ranks, tol=1e-5):
                 assert rel_err(s_fused["grads"][key], g_ref) < tol, (rank, step, key)
         for key, v_ref in ref["state"].items():
             assert rel_err(fused["state"][key], v_ref) < tol, (rank, key)
-    for step, s0 in enumerate(ranks[0]["fused"]["steps"]):
-        for key, g in s0["grads"].items():  # after DDP's all-reduce: one gradient
-            assert torch.equal(g, ranks[1]["fused"]["steps"][step]["grads"][key]), key
-    for key in ranks[0]["fused"]["steps"][0]["grads"]:  # buffers differ: each rank's last
-        v = ranks[0]["fused"]["state"][key]            # forward updated its own
-        assert torch.equal(v, ranks[1]["fused"]["state"][key]), key
+    first = ranks[0]["fused"]
+    for other in ranks[1:]:
+        for step, s0 in enumerate(first["steps"]):
+            for key, g in s0["grads"].items():  # after DDP's all-reduce: one gradient
+                assert torch.equal(g, other["fused"]["steps"][step]["grads"][key]), key
+        for key in first["steps"][0]["grads"]:  # buffers differ: each rank's last forward
+            assert torch.equal(first["state"][key], other["fused"]["state"][key]), key  # own
 
 
 def test_ddp_fused_matches_reference_ddp(cpu_runs):
@@ -182,12 +183,14 @@ def test_torch_compile_of_the_ddp_model(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (one per rank)")
-def test_sync_batchnorm_on_gpus_equals_torch_syncbatchnorm(tmp_path):
-    """NCCL, one GPU per rank: the fused model converted to SyncBatchNorm against the
-    reference with nn.SyncBatchNorm, both under DDP, uneven batches, two SGD steps."""
-    for scenario in (["ddp", "sync_vs_torch"]):
-        ranks = run_ranks(tmp_path, [scenario], device="cuda")[scenario]
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ddp_and_sync_batchnorm_on_gpus_equal_torch(tmp_path):
+    """NCCL, one GPU per rank (two ranks with two GPUs, else one): the fused model against
+    the reference under DDP, then both converted to SyncBatchNorm (nn.SyncBatchNorm for
+    the reference) under DDP with uneven batches; two SGD steps each."""
+    world = min(2, torch.cuda.device_count())
+    runs = run_ranks(tmp_path, ["ddp", "sync_vs_torch"], device="cuda", world=world)
+    for ranks in runs.values():
         assert_fused_matches_reference(ranks)
 
 
@@ -217,3 +220,5 @@ def test_sync_bn_without_a_process_group_is_plain_batchnorm():
     assert rel_err(fused(x), ref.train()(x.double())) < 1e-5
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(ddp_worker.models()[1]).train()
     assert rel_err(converted(x), ref(x.double())) < 1e-5
+    with torch.no_grad():  # training-mode SyncBatchNorm: batch statistics, not the eval fusion
+        assert rel_err(converted(x), ref(x.double())) < 1e-5
