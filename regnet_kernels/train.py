@@ -137,8 +137,6 @@ def datasets_for(args):
         return datasets.SyntheticDataset(args.synthetic_images, args.num_classes,
                                          args.resolution, args.seed), None
     root = Path(args.data)
-    if not root.is_dir():
-        raise datasets.DataError(f"data: {root} does not exist or is not a directory")
     train_root = root / "train" if (root / "train").is_dir() else root
     train = datasets.FolderDataset(train_root, args.resolution, train=True, seed=args.seed)
     val = None

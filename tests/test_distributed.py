@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import ddp_worker
 import regnet_kernels as rk
+from regnet_kernels.models.reference import ResBottleneckBlock
 from numerics import rel_err
 
 TESTS = Path(__file__).resolve().parent
@@ -204,6 +205,7 @@ def test_unsupported_norm_layers_are_refused_by_name():
     with pytest.raises(TypeError, match=r"trunk_output\.block1\.block1-0\.f\.b\.1 "
                                         r"\(OtherBatchNorm\)"):
         rk.fuse(model)
+    assert type(block) is ResBottleneckBlock  # left unfused
     fused = rk.fused_model(ddp_worker.TINY, num_classes=ddp_worker.CLASSES)
     fused.stem[1] = torch.nn.GroupNorm(2, fused.stem[1].num_features)
     x = torch.randn(2, 3, 16, 16)

@@ -130,7 +130,7 @@ def block_forward_train(x: torch.Tensor, block: nn.Module, block_ops=ops,
 
 def _conv_bn_train(block_ops, x, conv: nn.Conv2d, bn: nn.Module, dtype, sync_bn: bool, **kwargs):
     """One conv + BN of a training forward: the BN's mode says batch or running statistics,
-    and sync_group whether the batch statistics are every rank's."""
+    `sync_group` whether the batch statistics are this rank's or every rank's."""
     return block_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0],
                                    groups=conv.groups, frozen=not bn.training,
                                    sync_group=sync_group(bn, sync_bn), **kwargs)
@@ -222,7 +222,9 @@ class _FusedModule:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not torch.compiler.is_compiling():  # module types are fixed once traced
+        # Not under torch.compile: fullgraph tracing cannot walk the modules (fuse() and
+        # every eager call check; a compiled model's norm layers are the ones it was traced with)
+        if not torch.compiler.is_compiling():
             check_norms(self)
         dtype = _autocast_dtype(x)
         x = _cast(x, dtype)
@@ -328,7 +330,11 @@ def fuse(model: nn.Module, backend: str = "auto", sync_bn: bool = False) -> nn.M
         if type(module) in _FUSED:
             module.__class__ = _FUSED[type(module)]
     _set_options(model, backend, sync_bn)
-    check_norms(model)
+    try:
+        check_norms(model)
+    except TypeError:
+        unfuse(model)  # the model as it was given
+        raise
     return model
 
 

@@ -108,7 +108,6 @@ class _SyncConvBnTrain(torch.autograd.Function):
         x, weight, in_scale, in_shift, gate, y, stats = ctx.saved_tensors
         stride, groups, in_relu = ctx.conv
         conv = (x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate, False)
-        grad_v = grad_v.contiguous(memory_format=torch.channels_last)
         *_, d_gamma, d_beta = ctx.prims.backward(grad_v, *conv, (False, False), None)
         local = torch.stack([d_beta, d_gamma])
         bn_grads = (_gather(local, ctx.group).sum(0) * ctx.share).to(local.dtype)
