@@ -204,6 +204,9 @@ def _setup_device(args):
 
 def _run(args) -> int:
     device, rank, world = _setup_device(args)
+    if args.sync_bn and not args.fused and device.type != "cuda":
+        raise TrainError("train: --sync-bn with --reference needs CUDA devices (torch's "
+                         "SyncBatchNorm); the fused model synchronizes BN on the CPU too")
     main = rank == 0
     spec = model_spec(args)
     train_set, val_set = datasets_for(args)

@@ -120,6 +120,18 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     assert "is a checkpoint of regnetx_200mf" in capsys.readouterr().err
 
 
+def test_sync_bn_of_the_reference_model_on_cpu_is_refused(tmp_path, capsys):
+    """torch's SyncBatchNorm cannot run on CPU tensors: an error, not per-rank statistics."""
+    argv = ["train", *TINY_RUN, "--out", str(tmp_path), "--reference", "--sync-bn",
+            "--device", "cpu"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert "--sync-bn with --reference needs CUDA" in capsys.readouterr().err
+
+
 def test_learning_rate_schedule():
     class Args:
         lr, epochs, warmup_epochs, warmup_factor = 0.8, 10, 2.0, 0.1
