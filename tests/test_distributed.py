@@ -32,6 +32,7 @@ def free_port() -> int:
 def run_ranks(out_dir: Path, scenarios: list[str], device: str = "cpu", world: int = WORLD,
               timeout: float = 300) -> dict:
     """Run the scenarios on `world` ranks; returns {scenario: [rank 0's results, ...]}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS),
@@ -188,11 +189,19 @@ def test_torch_compile_of_the_ddp_model(tmp_path):
 def test_ddp_and_sync_batchnorm_on_gpus_equal_torch(tmp_path):
     """NCCL, one GPU per rank (two ranks with two GPUs, else one): the fused model against
     the reference under DDP, then both converted to SyncBatchNorm (nn.SyncBatchNorm for
-    the reference) under DDP with uneven batches; two SGD steps each."""
+    the reference) under DDP with uneven batches; two SGD steps each. A second run gives
+    bit-identical fused results (deterministic collectives and merges)."""
     world = min(2, torch.cuda.device_count())
-    runs = run_ranks(tmp_path, ["ddp", "sync_vs_torch"], device="cuda", world=world)
+    runs = run_ranks(tmp_path / "a", ["ddp", "sync_vs_torch"], device="cuda", world=world)
     for ranks in runs.values():
         assert_fused_matches_reference(ranks)
+    again = run_ranks(tmp_path / "b", ["sync_vs_torch"], device="cuda", world=world)
+    for first, second in zip(runs["sync_vs_torch"], again["sync_vs_torch"]):
+        for s1, s2 in zip(first["fused"]["steps"], second["fused"]["steps"]):
+            assert torch.equal(s1["loss"], s2["loss"])
+            assert all(torch.equal(g, s2["grads"][k]) for k, g in s1["grads"].items())
+        assert all(torch.equal(v, second["fused"]["state"][k])
+                   for k, v in first["fused"]["state"].items())
 
 
 def test_unsupported_norm_layers_are_refused_by_name():
