@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--sync-bn", action="store_true",
                         help="BatchNorm statistics over all ranks")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda if present")
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per process (default: torch's; torchrun sets 1)")
@@ -189,6 +190,8 @@ def _setup_device(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train: --device cuda, but torch sees no CUDA device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if device_type == "cuda":
