@@ -144,19 +144,9 @@ def check_norms(model: nn.Module) -> None:
     """Raise a TypeError naming every norm layer of a fused stem or block that the fused
     ops do not implement (e.g. torchvision's FrozenBatchNorm2d, GroupNorm, a BatchNorm2d
     subclass with its own forward), instead of running BN arithmetic in its place."""
-    bad = []
-    for name, module in model.named_modules():
-        if isinstance(module, FusedStem):
-            slots = {"1": module[1]}
-        elif isinstance(module, FusedBlock):
-            slots = {"f.a.1": module.f.a[1], "f.b.1": module.f.b[1], "f.c.1": module.f.c[1]}
-            if module.proj is not None:
-                slots["proj.1"] = module.proj[1]
-        else:
-            continue
-        for slot, norm in slots.items():
-            if type(norm) not in SUPPORTED_NORMS:
-                bad.append(f"{name + '.' if name else ''}{slot} ({type(norm).__name__})")
+    bad = [f"{name + '.' if name else ''}{slot} ({type(norm).__name__})"
+           for name, module in model.named_modules() if isinstance(module, _FusedModule)
+           for slot, norm in module._norm_slots().items() if type(norm) not in SUPPORTED_NORMS]
     if bad:
         raise TypeError("fused RegNet: the fused ops implement nn.BatchNorm2d and "
                         "nn.SyncBatchNorm only; unsupported norm layers: " + ", ".join(bad)
@@ -222,10 +212,8 @@ class _FusedModule:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        # Not under torch.compile: fullgraph tracing cannot walk the modules (fuse() and
-        # every eager call check; a compiled model's norm layers are the ones it was traced with)
-        if not torch.compiler.is_compiling():
-            check_norms(self)
+        if any(type(norm) not in SUPPORTED_NORMS for norm in self._norm_slots().values()):
+            check_norms(self)  # raises, naming them
         dtype = _autocast_dtype(x)
         x = _cast(x, dtype)
         if self._eval_fusion(x):
@@ -234,6 +222,10 @@ class _FusedModule:
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Model-level input checks (the stem's); the ops check the rest."""
+
+    def _norm_slots(self) -> dict:
+        """{path within this module: norm layer} of the BNs the fused ops implement."""
+        raise NotImplementedError
 
     def _folded(self, fold, dtype: Optional[torch.dtype]):
         if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
@@ -247,6 +239,13 @@ class _FusedModule:
 class FusedBlock(_FusedModule, ResBottleneckBlock):
     """ResBottleneckBlock through the fused ops: eval = BN folded from running
     statistics (3 or 4 launches), train = batch statistics with autograd."""
+
+    def _norm_slots(self) -> dict:
+        f = self.f
+        slots = {"f.a.1": f.a[1], "f.b.1": f.b[1], "f.c.1": f.c[1]}
+        if self.proj is not None:
+            slots["proj.1"] = self.proj[1]
+        return slots
 
     def _train_forward(self, x, fused_ops, dtype):
         return block_forward_train(x, self, fused_ops, dtype, self.sync_bn)
@@ -264,6 +263,9 @@ class FusedStem(_FusedModule, Stem):
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"the model takes (N, {channels}, H, W) images, got shape "
                              f"{tuple(x.shape)}")
+
+    def _norm_slots(self) -> dict:
+        return {"1": self[1]}
 
     def _train_forward(self, x, fused_ops, dtype):
         out = _conv_bn_train(fused_ops, x, self[0], self[1], dtype, self.sync_bn)
