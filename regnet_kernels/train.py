@@ -238,11 +238,12 @@ def _run(args) -> int:
     start_epoch = 0
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["settings"]["model"] != spec:
-            raise TrainError(f"train: {ckpt_path} is a checkpoint of "
-                             f"{ckpt['settings']['model']['name']} "
-                             f"{ckpt['settings']['model']['params']}, not of {spec['name']} "
-                             f"{spec['params']}")
+        written = ckpt.get("settings", {}).get("model") if isinstance(ckpt, dict) else None
+        if written is None:
+            raise TrainError(f"train: {ckpt_path} is not a checkpoint of this command")
+        if written != spec:
+            raise TrainError(f"train: {ckpt_path} is a checkpoint of {written['name']} "
+                             f"{written['params']}, not of {spec['name']} {spec['params']}")
         if ckpt["settings"] != settings:
             raise TrainError(f"train: {ckpt_path} was written by a run with {ckpt['settings']}; "
                              f"this one has {settings} (resuming would not continue it)")

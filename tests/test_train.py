@@ -118,6 +118,12 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert "is a checkpoint of regnetx_200mf" in capsys.readouterr().err
+    torch.save({"model": {}}, out / "checkpoint.pt")  # e.g. a bare state_dict file
+    try:
+        assert main(["train", *TINY_RUN, "--out", str(out), "--resume"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert "is not a checkpoint of this command" in capsys.readouterr().err
 
 
 def test_sync_bn_of_the_reference_model_on_cpu_is_refused(tmp_path, capsys):
