@@ -66,7 +66,7 @@ class ConvBnTrain : public torch::autograd::Function<ConvBnTrain> {
     static const auto op = find_op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymInt,
         c10::SymInt, const OptTensor&, const OptTensor&, bool, const OptTensor&, bool,
-        std::array<bool, 2>)>("regnet_kernels::conv_bn_train_backward");
+        std::array<bool, 2>, const OptTensor&)>("regnet_kernels::conv_bn_train_backward");
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &gate = saved[4], &y = saved[5];
     const int64_t gate_index = ctx->saved_data["gate_index"].toInt();
@@ -77,7 +77,7 @@ class ConvBnTrain : public torch::autograd::Function<ConvBnTrain> {
         op.call(grads[0], x, weight, y, saved[6], ctx->saved_data["stride"].toInt(),
                 ctx->saved_data["groups"].toInt(), or_none(saved[2]), or_none(saved[3]),
                 ctx->saved_data["in_relu"].toBool(), or_none(gate),
-                ctx->saved_data["frozen"].toBool(), {need_x, need_w});
+                ctx->saved_data["frozen"].toBool(), {need_x, need_w}, std::nullopt);
     variable_list out(12);  // one per forward argument
     if (ctx->needs_input_grad(0)) out[0] = grad_x;
     if (need_w) out[1] = grad_w;

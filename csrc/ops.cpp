@@ -47,11 +47,14 @@ TORCH_LIBRARY(regnet_kernels, m) {
   // Its backward from grad = dL/dv: (grad_x, grad_weight, grad_gate, grad_gamma, grad_beta);
   // grad_x is dL/dv_prev when x is a lazy BN output. output_mask = (x and gate, weight);
   // masked-off gradients, and grad_gate without a gate, are empty (0,) tensors.
+  // bn_grads: fp32 (2, C) rows (d_beta, d_gamma) that BN's backward uses for dy instead of
+  // this batch's (SyncBatchNorm: every rank's, scaled to this batch's row count); the
+  // returned grad_gamma / grad_beta are then those rows.
   m.def(
       "conv_bn_train_backward(Tensor grad, Tensor x, Tensor weight, Tensor y, Tensor stats, "
       "SymInt stride, SymInt groups, Tensor? in_scale, Tensor? in_shift, bool in_relu, "
-      "Tensor? gate, bool frozen, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "Tensor? gate, bool frozen, bool[2] output_mask, Tensor? bn_grads=None) -> (Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
   // nn.BatchNorm2d's running-statistics update (momentum None: cumulative average), in place.
   m.def(
       "bn_update_running(Tensor stats, SymInt count, Tensor(a!) running_mean, "

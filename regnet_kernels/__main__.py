@@ -74,6 +74,12 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_train(args: argparse.Namespace) -> int:
+    """Train a RegNet (alone or one rank under torchrun); see regnet_kernels/train.py."""
+    from .train import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m regnet_kernels", description="RegNet models and fused kernels."
@@ -93,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmarks: fused ops, blocks and models against eager / torch.compile")
     add_bench_arguments(bench_parser)
     bench_parser.set_defaults(run=run_bench)
+
+    from .train import add_arguments as add_train_arguments
+    train_parser = commands.add_parser(
+        "train", help="train a RegNet (pycls recipe; DDP under torchrun), checkpoint, resume")
+    add_train_arguments(train_parser)
+    train_parser.set_defaults(run=run_train)
 
     env_parser = commands.add_parser(
         "env", help="versions, devices and the usable backends (builds the C++ extension)")

@@ -174,3 +174,20 @@ def test_smoke_plot(smoke, tmp_path):
     written = report.plot(out / "smoke.csv", tmp_path)
     assert {p.name for p in written} == {"smoke-models.png", "smoke-ops.png"}
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_ddp_training_step_on_two_cpu_ranks(capsys, tmp_path):
+    """bench --mode train --ddp 2 on the CPU: two gloo ranks time a DDP step of the fused
+    model and of eager channels_last; the table has both, with positive times."""
+    out = tmp_path / "ddp.md"
+    assert main(["bench", "--mode", "train", "--ddp", "2", "--device", "cpu", "--models",
+                 "regnetx_200mf", "--batch", "2", "--resolution", "32", "--ddp-steps", "1",
+                 "--threads", "1", "--markdown", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "2 rank(s) on cpu (gloo)" in table and table.strip() == out.read_text().strip()
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2])
+            for line in table.splitlines() if line.startswith("| eager_cl") or
+            line.startswith("| fused")}
+    assert rows.keys() == {"eager_cl", "fused"} and all(ms > 0 for ms in rows.values())
+    with pytest.raises(SystemExit, match="use it with --mode train"):
+        main(["bench", "--mode", "eval", "--ddp", "2", "--device", "cpu"])

@@ -284,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     const at::Tensor& stats, int64_t stride, int64_t groups,
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
     bool in_relu, const std::optional<at::Tensor>& gate, bool frozen,
-    std::array<bool, 2> output_mask) {
+    std::array<bool, 2> output_mask, const std::optional<at::Tensor>& bn_grads) {
   const int64_t c_out = check_conv(x, weight, stride, groups);
   const Prologue prologue(x, in_scale, in_shift, in_relu, gate);
   check_cpu(grad_v, "grad");
@@ -312,13 +312,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const float* inv_std = st.data_ptr<float>() + kInvStd * c_out;
   const float* scale = st.data_ptr<float>() + kScale * c_out;
 
-  at::Tensor sums = at::empty({2, c_out}, stats.options());
-  REGNET_DISPATCH(y.scalar_type(), "conv_bn_train_backward", [&] {
-    bn_backward_sums(g.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), mean, rows, c_out,
-                     sums.data_ptr<float>());
-  });
-  const at::Tensor d_beta = sums[0].clone();
-  const at::Tensor d_gamma = at::mul(sums[1], st[kInvStd]);
+  at::Tensor d_beta, d_gamma;
+  if (bn_grads) {  // SyncBatchNorm: the reductions over every rank, given
+    check_cpu(*bn_grads, "bn_grads");
+    TORCH_CHECK(bn_grads->sizes() == at::IntArrayRef({2, c_out}) &&
+                    bn_grads->scalar_type() == at::kFloat,
+                "regnet_kernels: bn_grads must be float32 (2, ", c_out, "), got ",
+                bn_grads->scalar_type(), " ", bn_grads->sizes());
+    d_beta = (*bn_grads)[0].contiguous();
+    d_gamma = (*bn_grads)[1].contiguous();
+  } else {
+    at::Tensor sums = at::empty({2, c_out}, stats.options());
+    REGNET_DISPATCH(y.scalar_type(), "conv_bn_train_backward", [&] {
+      bn_backward_sums(g.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), mean, rows, c_out,
+                       sums.data_ptr<float>());
+    });
+    d_beta = sums[0].clone();
+    d_gamma = at::mul(sums[1], st[kInvStd]);
+  }
   const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   if (!output_mask[0] && !output_mask[1]) {
     return {empty(x), empty(weight), empty(stats), d_gamma, d_beta};
@@ -355,7 +366,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const auto grads = at::convolution_backward(
       dy, u, weight, std::nullopt, {stride, stride}, {pad, pad}, {1, 1}, false, {0, 0}, groups,
       {output_mask[0], output_mask[1], false});
-  at::Tensor grad_w = output_mask[1] ? std::get<1>(grads).contiguous() : empty(weight);
+  // In the weight's own strides: the layout contract DDP's gradient buckets expect (a 1x1
+  // weight's contiguous() keeps oneDNN's strides on its size-1 dims).
+  at::Tensor grad_w = empty(weight);
+  if (output_mask[1]) grad_w = at::empty_like(weight).copy_(std::get<1>(grads));
   if (!output_mask[0]) return {empty(x), grad_w, empty(stats), d_gamma, d_beta};
 
   at::Tensor grad_x = nhwc(std::get<0>(grads));

@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     const at::Tensor& stats, int64_t stride, int64_t groups,
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
     bool in_relu, const std::optional<at::Tensor>& gate, bool frozen,
-    std::array<bool, 2> output_mask) {
+    std::array<bool, 2> output_mask, const std::optional<at::Tensor>& bn_grads) {
   check_conv(x, weight, stride, groups);
   const Prologue prologue(x, in_scale, in_shift, in_relu, gate);
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
@@ -142,15 +142,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const auto f32 = stats.options();
 
   // BN's backward: d_beta = sum dv, d_gamma = inv_std * sum dv * (y - mean).
-  at::Tensor sums = at::empty({2, c_out}, f32);
-  at::Tensor ws = at::empty({rk_bn_backward_workspace(rows, c_out)}, f32);
-  rk_bn_backward_sums_args bs{};
-  bs.dtype = dtype, bs.dv = g.data_ptr(), bs.y = yc.data_ptr(), bs.rows = rows, bs.c = c_out;
-  bs.mean = st.data_ptr<float>() + RK_STAT_MEAN * c_out;
-  bs.workspace = ws.data_ptr<float>(), bs.sums = sums.data_ptr<float>();
-  check_launch(rk_bn_backward_sums(&bs, stream()), "bn_backward_sums");
-  const at::Tensor d_beta = sums[0].clone();
-  const at::Tensor d_gamma = sums[1] * st[RK_STAT_INV_STD];
+  at::Tensor sums, d_beta, d_gamma;
+  if (bn_grads) {  // SyncBatchNorm: the reductions over every rank, given as (d_beta, d_gamma)
+    check_on(*bn_grads, x, "bn_grads");
+    TORCH_CHECK(bn_grads->sizes() == at::IntArrayRef({2, c_out}) &&
+                    bn_grads->scalar_type() == at::kFloat,
+                "regnet_kernels (CUDA): bn_grads must be float32 (2, ", c_out, "), got ",
+                bn_grads->scalar_type(), " ", bn_grads->sizes());
+    d_beta = (*bn_grads)[0].contiguous();
+    d_gamma = (*bn_grads)[1].contiguous();
+    sums = at::stack({d_beta, d_gamma / st[RK_STAT_INV_STD]});  // the dy kernel's raw sums
+  } else {
+    sums = at::empty({2, c_out}, f32);
+    at::Tensor ws = at::empty({rk_bn_backward_workspace(rows, c_out)}, f32);
+    rk_bn_backward_sums_args bs{};
+    bs.dtype = dtype, bs.dv = g.data_ptr(), bs.y = yc.data_ptr(), bs.rows = rows, bs.c = c_out;
+    bs.mean = st.data_ptr<float>() + RK_STAT_MEAN * c_out;
+    bs.workspace = ws.data_ptr<float>(), bs.sums = sums.data_ptr<float>();
+    check_launch(rk_bn_backward_sums(&bs, stream()), "bn_backward_sums");
+    d_beta = sums[0].clone();
+    d_gamma = sums[1] * st[RK_STAT_INV_STD];
+  }
   if (!output_mask[0] && !output_mask[1]) {
     return {empty_like_vector(x), empty_like_vector(weight), empty_like_vector(stats), d_gamma,
             d_beta};
@@ -179,7 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     at::Tensor dw = at::empty({c_out, k, k, c_in / groups}, weight.options());
     wa.workspace = wws.data_ptr<float>(), wa.dw = dw.data_ptr();
     check_launch(rk_conv_wgrad(&wa, stream()), "conv_wgrad");
-    grad_w = dw.permute({0, 3, 1, 2}).contiguous();  // the layout the fake declares
+    // In the weight's own strides (DDP's gradient layout contract; a 1x1 weight's
+    // contiguous() would keep the permuted strides on its size-1 dims)
+    grad_w = at::empty_like(weight).copy_(dw.permute({0, 3, 1, 2}));
   }
   if (!output_mask[0]) {
     return {empty_like_vector(x), grad_w, empty_like_vector(stats), d_gamma, d_beta};

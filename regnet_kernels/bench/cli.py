@@ -141,6 +141,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--arch", default="sm_90", help="--static: target GPU architecture (default sm_90)")
     add("--jobs", type=int, default=2, help="--static: compiler processes (default 2)")
     add("--no-cuda-sources", action="store_true", help="--static: skip the .cu kernels")
+    add("--ddp", type=int, metavar="N", help="with --mode train: time a DDP training step, "
+        "fused against eager channels_last, on N ranks (N GPUs with NCCL, else N CPU processes "
+        "with gloo); the first of --models/--model (default regnety_400mf), --batch per rank "
+        "(default 32), --resolution, --dtype")
+    add("--ddp-steps", type=int, default=10, help="--ddp: timed steps (default 10)")
     add("--traffic", nargs="*", metavar="MODEL", help="print the analytic traffic table of these "
         f"models (default {', '.join(DEFAULT_MODELS)}) and exit; uses --dtype and --resolution")
 
@@ -365,6 +370,11 @@ def run(args: argparse.Namespace) -> int:
         print(traffic_table(args.traffic or list(DEFAULT_MODELS), args.resolution or 224, dtype,
                             bandwidth, flops))
         return 0
+    if args.ddp is not None:
+        if tuple(args.modes or ("train",)) != ("train",):
+            raise SystemExit("error: --ddp times training steps: use it with --mode train")
+        from .ddp import run_ddp
+        return run_ddp(args)
     config = make_config(args)
     if args.plot is not None:
         try:

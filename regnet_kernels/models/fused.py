@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import _triton
+from ..ops.sync_batchnorm import sync_group
 from ..design import RegNetParams
 from ..zoo import resolve_params
 from .reference import RegNet, ResBottleneckBlock, Stem
@@ -93,7 +94,7 @@ def block_forward_eval(x: torch.Tensor, fb: FoldedBlock, block_ops=ops) -> torch
 
 
 def block_forward_train(x: torch.Tensor, block: nn.Module, block_ops=ops,
-                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                        dtype: Optional[torch.dtype] = None, sync_bn: bool = False) -> torch.Tensor:
     """One training-mode X/Y block through the fused ops, differentiable.
 
     Each BN module does what its own mode says, as nn.BatchNorm2d would: in training
@@ -104,13 +105,13 @@ def block_forward_train(x: torch.Tensor, block: nn.Module, block_ops=ops,
 
     block_ops: the module providing conv_bn_train, se_squeeze, se_excite and bn_add_relu.
     dtype: the conv weights' compute dtype (autocast; a differentiable cast), None to keep it.
+    sync_bn: every training-mode BN takes the statistics of all ranks of the default
+    process group (an nn.SyncBatchNorm does so over its own group in any case).
     """
     f = block.f
 
     def conv_bn(x, layers, **kwargs):  # layers: (conv, BN[, ReLU]); the ReLU is fused later
-        conv, bn = layers[0], layers[1]
-        return block_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0],
-                                       groups=conv.groups, frozen=not bn.training, **kwargs)
+        return _conv_bn_train(block_ops, x, layers[0], layers[1], dtype, sync_bn, **kwargs)
 
     a = conv_bn(x, f.a)
     b = conv_bn(a.y, f.b, in_scale=a.scale, in_shift=a.shift, in_relu=True)
@@ -125,6 +126,31 @@ def block_forward_train(x: torch.Tensor, block: nn.Module, block_ops=ops,
         return block_ops.bn_add_relu(c.y, c.scale, c.shift, x)
     p = conv_bn(x, block.proj)
     return block_ops.bn_add_relu(c.y, c.scale, c.shift, p.y, p.scale, p.shift)
+
+
+def _conv_bn_train(block_ops, x, conv: nn.Conv2d, bn: nn.Module, dtype, sync_bn: bool, **kwargs):
+    """One conv + BN of a training forward: the BN's mode says batch or running statistics,
+    `sync_group` whether the batch statistics are this rank's or every rank's."""
+    return block_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0],
+                                   groups=conv.groups, frozen=not bn.training,
+                                   sync_group=sync_group(bn, sync_bn), **kwargs)
+
+
+# The norm layers the fused ops implement; anything else in a BN slot is refused by name.
+SUPPORTED_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def check_norms(model: nn.Module) -> None:
+    """Raise a TypeError naming every norm layer of a fused stem or block that the fused
+    ops do not implement (e.g. torchvision's FrozenBatchNorm2d, GroupNorm, a BatchNorm2d
+    subclass with its own forward), instead of running BN arithmetic in its place."""
+    bad = [f"{name + '.' if name else ''}{slot} ({type(norm).__name__})"
+           for name, module in model.named_modules() if isinstance(module, _FusedModule)
+           for slot, norm in module._norm_slots().items() if type(norm) not in SUPPORTED_NORMS]
+    if bad:
+        raise TypeError("fused RegNet: the fused ops implement nn.BatchNorm2d and "
+                        "nn.SyncBatchNorm only; unsupported norm layers: " + ", ".join(bad)
+                        + " (unfuse the model to run them in PyTorch)")
 
 
 # ---------------------------------------------------------------------------
@@ -159,6 +185,7 @@ class _FusedModule:
 
     backend = "auto"  # "auto": CPU tensors -> the C++ CPU ops, CUDA tensors -> Triton
                       # (the C++ extension's CUDA kernels where Triton is not installed)
+    sync_bn = False   # True: training BN statistics over the default process group
 
     def _ops(self, x: torch.Tensor):
         """The module of fused ops for x: `regnet_kernels.ops` (Triton) or `.ops.cpp` (the
@@ -178,13 +205,15 @@ class _FusedModule:
         """The eval fusion (BN folded, no autograd) when every BN is in eval mode and no
         gradient is needed; otherwise the differentiable path, in which each BN follows
         its own mode (frozen BN in a training model, or gradients through eval BN)."""
-        if any(m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
+        if any(m.training for m in self.modules() if isinstance(m, SUPPORTED_NORMS)):
             return False
         return not (torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if any(type(norm) not in SUPPORTED_NORMS for norm in self._norm_slots().values()):
+            check_norms(self)  # raises, naming them
         dtype = _autocast_dtype(x)
         x = _cast(x, dtype)
         if self._eval_fusion(x):
@@ -193,6 +222,10 @@ class _FusedModule:
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Model-level input checks (the stem's); the ops check the rest."""
+
+    def _norm_slots(self) -> dict:
+        """{path within this module: norm layer} of the BNs the fused ops implement."""
+        raise NotImplementedError
 
     def _folded(self, fold, dtype: Optional[torch.dtype]):
         if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
@@ -207,8 +240,15 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
     """ResBottleneckBlock through the fused ops: eval = BN folded from running
     statistics (3 or 4 launches), train = batch statistics with autograd."""
 
+    def _norm_slots(self) -> dict:
+        f = self.f
+        slots = {"f.a.1": f.a[1], "f.b.1": f.b[1], "f.c.1": f.c[1]}
+        if self.proj is not None:
+            slots["proj.1"] = self.proj[1]
+        return slots
+
     def _train_forward(self, x, fused_ops, dtype):
-        return block_forward_train(x, self, fused_ops, dtype)
+        return block_forward_train(x, self, fused_ops, dtype, self.sync_bn)
 
     def _eval_forward(self, x, fused_ops, dtype):
         return block_forward_eval(x, self._folded(fold_block, dtype), fused_ops)
@@ -224,10 +264,11 @@ class FusedStem(_FusedModule, Stem):
             raise ValueError(f"the model takes (N, {channels}, H, W) images, got shape "
                              f"{tuple(x.shape)}")
 
+    def _norm_slots(self) -> dict:
+        return {"1": self[1]}
+
     def _train_forward(self, x, fused_ops, dtype):
-        conv, bn = self[0], self[1]
-        out = fused_ops.conv_bn_train(x, _cast(conv.weight, dtype), bn, stride=conv.stride[0],
-                                      frozen=not bn.training)
+        out = _conv_bn_train(fused_ops, x, self[0], self[1], dtype, self.sync_bn)
         return fused_ops.bn_add_relu(out.y, out.scale, out.shift)
 
     def _eval_forward(self, x, fused_ops, dtype):
@@ -245,14 +286,15 @@ def _check_backend(backend: str) -> None:
                          + ", ".join(repr(b) for b in BACKENDS))
 
 
-def _set_backend(model: nn.Module, backend: str) -> None:
+def _set_options(model: nn.Module, backend: str, sync_bn: bool) -> None:
     for module in model.modules():
         if isinstance(module, _FusedModule):
             module.backend = backend
+            module.sync_bn = sync_bn
 
 
 def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
-                num_classes: int = 1000) -> RegNet:
+                num_classes: int = 1000, sync_bn: bool = False) -> RegNet:
     """A RegNet built by the reference builder with fused stem and blocks: the same
     state_dict keys and shapes as `reference_model`, so checkpoints load into it.
 
@@ -267,21 +309,34 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     batch statistics with the running-statistics update in training mode, the running
     statistics in eval mode (frozen BN in a training model, or gradients through an
     eval-mode model). Under torch.autocast the convs run in the autocast dtype.
+
+    sync_bn: training-mode BN takes the batch statistics of every rank of the default
+    process group (torch.distributed initialized, more than one rank), as nn.SyncBatchNorm
+    does, while the modules stay BatchNorm2d: so it runs on CPU (gloo) too, where torch's
+    SyncBatchNorm does not. `nn.SyncBatchNorm.convert_sync_batchnorm(model)` works as well
+    (each SyncBatchNorm syncs over its own process_group).
     """
     _check_backend(backend)
     model = RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
-    _set_backend(model, backend)
+    _set_options(model, backend, sync_bn)
     return model
 
 
-def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
+def fuse(model: nn.Module, backend: str = "auto", sync_bn: bool = False) -> nn.Module:
     """Make a reference RegNet (or any model built from the reference stem and
-    blocks) run through the fused ops, in place: parameters and buffers are kept."""
+    blocks) run through the fused ops, in place: parameters and buffers are kept.
+    sync_bn: as for `fused_model`. A norm layer the fused ops do not implement (anything
+    but BatchNorm2d and SyncBatchNorm) raises a TypeError naming it."""
     _check_backend(backend)
     for module in model.modules():
         if type(module) in _FUSED:
             module.__class__ = _FUSED[type(module)]
-    _set_backend(model, backend)
+    _set_options(model, backend, sync_bn)
+    try:
+        check_norms(model)
+    except TypeError:
+        unfuse(model)  # the model as it was given
+        raise
     return model
 
 
@@ -290,7 +345,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     reference = {fused: ref for ref, fused in _FUSED.items()}
     for module in model.modules():
         if type(module) in reference:
-            for attr in ("_fold_cache", "backend"):
+            for attr in ("_fold_cache", "backend", "sync_bn"):
                 module.__dict__.pop(attr, None)
             module.__class__ = reference[type(module)]
     return model

@@ -29,6 +29,7 @@ from .bn_act_backward import bn_act_backward
 from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count, finalize_launch
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
 from ._implicit_gemm import acc_dtype, check_prologue_conv, conv_output_size
+from .sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
 
 
 class TrainOutput(NamedTuple):
@@ -84,26 +85,49 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_v, _grad_stats):
     x, weight, in_scale, in_shift, gate, bn_weight, y, stats = ctx.saved_tensors
     stride, groups, in_relu = ctx.conv
+    need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[7]
+    grad_x, grad_w, grad_gate, d_gamma, d_beta = conv_bn_train_backward(
+        grad_v, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate,
+        ctx.frozen, (need_x, ctx.needs_input_grad[1]))
+    grad_gamma = grad_beta = None
+    if bn_weight is not None:
+        grad_gamma, grad_beta = d_gamma.to(bn_weight.dtype), d_beta.to(bn_weight.dtype)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_w, None, None, None, None, None,
+            grad_gate, grad_gamma, grad_beta, None, None)
+
+
+def conv_bn_train_backward(grad_v, x, weight, y, stats, stride, groups, in_scale, in_shift,
+                           in_relu, gate, frozen, output_mask, bn_grads=None):
+    """The op's backward from grad_v = dL/dv, as the C++ op `conv_bn_train_backward`:
+    (grad_x, grad_weight, grad_gate, grad_gamma, grad_beta), None where output_mask =
+    (x and gate, weight) says not needed. bn_grads: (2, C) rows (d_beta, d_gamma) used
+    for BN's backward instead of this batch's (SyncBatchNorm: every rank's, scaled to this
+    batch's row count); grad_gamma / grad_beta are then those rows."""
     mean, inv_std, scale, _, _ = stats.unbind(0)
     count = y.shape[0] * y.shape[2] * y.shape[3]
-    sums = bn_act_backward(grad_v, y, relu=False, write_dv=False, reduce=True)
-    d_beta = sums.sum_dv
-    d_gamma = inv_std * (sums.sum_dv_y - mean * sums.sum_dv)
-    if ctx.frozen:  # constant statistics: dy = scale * dv
+    if bn_grads is None:
+        sums = bn_act_backward(grad_v, y, relu=False, write_dv=False, reduce=True)
+        d_beta = sums.sum_dv
+        d_gamma = inv_std * (sums.sum_dv_y - mean * sums.sum_dv)
+    else:
+        d_beta, d_gamma = bn_grads.unbind(0)
+    if not any(output_mask):
+        return None, None, None, d_gamma, d_beta
+    if frozen:  # constant statistics: dy = scale * dv
         dy = DyPrologue(y, scale, torch.zeros_like(scale), torch.zeros_like(scale))
     else:
         b = -scale * inv_std / count * d_gamma
         dy = DyPrologue(y, scale, b, -scale / count * d_beta - b * mean)
 
     grad_x = grad_w = grad_gate = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[7]:
+    if output_mask[0]:
         du = conv_dgrad(grad_v, weight, x.shape[2:], stride, groups, dy_prologue=dy)
         if in_scale is None and gate is None:
             grad_x = du
         else:  # x is the previous lazy BN output: hand back dL/dv_prev
             pro = bn_act_backward(du, x, in_scale, in_shift, relu=in_relu, gate=gate)
             grad_x, grad_gate = pro.dv, pro.dgate
-    if ctx.needs_input_grad[1]:
+    if output_mask[1]:
         identity = dict(dtype=stats.dtype, device=x.device)  # for a gate without an affine
         u_prologue = None if in_scale is None and gate is None else UPrologue(
             in_scale if in_scale is not None else torch.ones(x.shape[1], **identity),
@@ -111,12 +135,9 @@ def _backward(ctx, grad_v, _grad_stats):
             in_relu, gate)
         dw = conv_wgrad(x, grad_v, weight.shape[-1], stride, groups, u_prologue=u_prologue,
                         dy_prologue=dy)
-        grad_w = dw.to(weight.dtype)
-    grad_gamma = grad_beta = None
-    if bn_weight is not None:
-        grad_gamma, grad_beta = d_gamma.to(bn_weight.dtype), d_beta.to(bn_weight.dtype)
-    return (grad_x, grad_w, None, None, None, None, None, grad_gate, grad_gamma, grad_beta, None,
-            None)
+        # in the weight's own strides: the gradient layout contract DDP's buckets expect
+        grad_w = torch.empty_like(weight).copy_(dw)
+    return grad_x, grad_w, grad_gate, d_gamma, d_beta
 
 
 _conv_bn_train_op.register_autograd(_backward, setup_context=_setup_context)
@@ -125,7 +146,8 @@ _conv_bn_train_op.register_autograd(_backward, setup_context=_setup_context)
 def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
-                  gate: Optional[torch.Tensor] = None, frozen: bool = False) -> TrainOutput:
+                  gate: Optional[torch.Tensor] = None, frozen: bool = False,
+                  sync_group=None) -> TrainOutput:
     """Training-mode conv + BN with batch statistics, differentiable.
 
     Args:
@@ -139,6 +161,8 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
         frozen: BN as in eval mode (e.g. frozen BN while fine-tuning): normalize with the
             running statistics, leave them unchanged; still differentiable (dy = scale * dv,
             and gamma/beta get their gradients).
+        sync_group: a torch.distributed process group: the batch statistics of all its
+            ranks, as nn.SyncBatchNorm (see `sync_batchnorm`); None: this rank's own.
         x may be float32/float16/bfloat16 or float64; in_scale, in_shift, the gate and
         the statistics are float32, float64 for a float64 x (computed in float64
         throughout: `acc_dtype`).
@@ -154,6 +178,11 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
         k = weight.shape[-1]
         check_count(n * conv_output_size(h, k, stride) * conv_output_size(w, k, stride))
     args.check(c_out, x)
+    if sync_group is not None and not frozen:
+        prims = ConvBnPrimitives(_conv_bn_train_op, conv_bn_train_backward, args.update_running)
+        y, stats = sync_conv_bn_train(prims, sync_group, x, weight, stride, groups, in_scale,
+                                      in_shift, in_relu, gate, args.weight, args.bias, args.eps)
+        return TrainOutput(y, *stats.unbind(0))
     frozen_stats = args.frozen_stats(c_out, x) if frozen else None
     y, stats = _conv_bn_train_op(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,
                                  args.weight, args.bias, args.eps, frozen_stats)

@@ -36,6 +36,7 @@ from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count
 from .conv1x1_gate_residual import check_gate_residual_args
 from .conv_bn_act import check_conv_bn_act_args
 from .conv_bn_train import TrainOutput
+from .sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
 from .se_excite import _se_excite_backward, _se_excite_setup, check_se_excite_args
 
 
@@ -103,7 +104,7 @@ def _register() -> None:
 
     @torch.library.register_fake("regnet_kernels::conv_bn_train_backward")
     def _(grad, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate, frozen,
-          output_mask):
+          output_mask, bn_grads=None):
         need_x, need_w = output_mask
         none = stats.new_empty((0,))
         return (new_activation(*x.shape, x) if need_x else x.new_empty((0,)),
@@ -210,7 +211,8 @@ def conv1x1_gate_residual(
 def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
-                  gate: Optional[torch.Tensor] = None, frozen: bool = False) -> TrainOutput:
+                  gate: Optional[torch.Tensor] = None, frozen: bool = False,
+                  sync_group=None) -> TrainOutput:
     """Training-mode conv + BN with batch statistics, differentiable (CPU or CUDA).
 
     As `regnet_kernels.ops.conv_bn_train`: the conv reads relu?(x * in_scale + in_shift)
@@ -218,6 +220,7 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     autograd, the BN's running statistics are updated in place as nn.BatchNorm2d does,
     and gradients flow to x (dL/dv_prev when in_scale is given), weight, gate and the
     BN's weight and bias. frozen: BN as in eval mode (running statistics, not updated).
+    sync_group: a process group whose ranks' statistics are merged (SyncBatchNorm).
     """
     args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
     c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate,
@@ -229,12 +232,22 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
         check_count(count)
     args.check(c_out, x)
     ops = _ops()
+
+    def update_running(stats, count):
+        if args.running_mean is not None:
+            ops.bn_update_running(stats.detach(), count, args.running_mean, args.running_var,
+                                  args.num_batches_tracked, args.momentum)
+
+    if sync_group is not None and not frozen:
+        prims = ConvBnPrimitives(ops.conv_bn_train, ops.conv_bn_train_backward, update_running)
+        y, stats = sync_conv_bn_train(prims, sync_group, x, weight, stride, groups, in_scale,
+                                      in_shift, in_relu, gate, args.weight, args.bias, args.eps)
+        return TrainOutput(y, *stats.unbind(0))
     y, stats = ops.conv_bn_train(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,
                                  args.weight, args.bias, args.eps,
                                  args.frozen_stats(c_out, x) if frozen else None)
-    if args.running_mean is not None and not frozen:
-        ops.bn_update_running(stats.detach(), count, args.running_mean, args.running_var,
-                              args.num_batches_tracked, args.momentum)
+    if not frozen:
+        update_running(stats, count)
     return TrainOutput(y, *stats.unbind(0))
 
 
