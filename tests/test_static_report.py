@@ -264,3 +264,52 @@ def test_static_command_end_to_end(tmp_path):
     # tensor cores everywhere: wgmma, mma.sync for tiles under 64 rows (batch 2 at 64x64)
     kinds = {r["mma_kind"] for r in rows if r["op"].startswith("conv")}
     assert "wgmma" in kinds and kinds <= {"wgmma", "mma.sync"}
+
+
+# ---------------------------------------------------------------------------
+# The CUDA backend's eval forward (kernel figures stubbed: nvcc's are the slow part)
+# ---------------------------------------------------------------------------
+
+
+def _stub_cuda_kernel(vector_loop_mma: int) -> dict:
+    loop = {"instructions": 250, "mma": vector_loop_mma, "local": 0, "loads": {},
+            "mma_shapes": {"HMMA.16816.F32.BF16": vector_loop_mma},
+            "macs_per_iteration": vector_loop_mma * 2048, "load_bytes_per_thread": 64}
+    element = dict(loop, instructions=900)
+    return {"registers": 128, "shared": 1024, "instructions": 3000, "mma_kind": "mma.sync",
+            "spill_stores": 0, "spill_loads": 0, "load_kinds": "cp.async16x4",
+            "loop": loop, "element_loop": element}
+
+
+@pytest.mark.parametrize("model,launches", [("regnety_200mf", 1 + 13 * 4),
+                                            ("regnetx_200mf", 1 + 13 * 3)])
+def test_cuda_eval_report_maps_every_eval_op(model, launches):
+    """Every eval op call becomes one CUDA launch row of mode eval-cuda with a prediction;
+    the 3-channel stem takes the element-wise loop (longer), the blocks the cp.async one."""
+    from regnet_kernels.bench import cuda_launches as CL
+    from regnet_kernels.bench.static import CUDA_EVAL_MODE, cuda_eval_report
+    names = ([f"conv_bn_act_kernel<bf16,Tile<{bm},{bn},{wm},{wn}>>"
+              for (bm, bn), (wm, wn) in CL.CONV_TILES.items()]
+             + [f"conv1x1_gate_residual_kernel<bf16,Tile<{bm},{bn},{wm},{wn}>,{p}>"
+                for (bm, bn), (wm, wn) in CL.GATE_TILES.items() for p in ("true", "false")]
+             + ["se_excite_kernel<bf16>"])
+    compiled = {"kernels": {CL.kernel_key(n): _stub_cuda_kernel(16) for n in names}}
+    rows = cuda_eval_report(model, 8, "bf16", resolution=64, compiled=compiled)
+    assert sum(r["count"] for r in rows) == launches
+    assert all(r["mode"] == CUDA_EVAL_MODE and r["predicted_us"] > 0 and not r["error"]
+               for r in rows)
+    stem = [r for r in rows if r["layers"] == "stem"]
+    assert len(stem) == 1 and stem[0]["tile"].endswith("(element path)")
+    assert stem[0]["loop_instructions"] == 900
+    assert all(r["loop_instructions"] == 250 for r in rows if r["op"] != "se_excite"
+               and r["layers"] != "stem")
+    if model.startswith("regnety"):
+        assert {r["op"] for r in rows} == {"conv_bn_act", "conv_bn_act_squeeze", "se_excite",
+                                          "conv1x1_gate_residual"}
+    # a kernel the compiled sources lack is an error row, not a silent zero
+    del compiled["kernels"][CL.kernel_key("se_excite_kernel<bf16>")]
+    rows = cuda_eval_report(model, 8, "bf16", resolution=64, compiled=compiled)
+    if model.startswith("regnety"):
+        missing = [r for r in rows if r["op"] == "se_excite"]
+        assert missing and all("not found" in r["error"] and r["predicted_us"] is None
+                               for r in missing)

@@ -412,8 +412,8 @@ cudaError_t launch_train(const rk_conv_train_args& args, const rk_conv_train_pla
   int64_t bm, bn;
   pick_tiles(args.dtype, cout_g, args.n * hwo, &bm, &bn);
   TrainParams<T> p;
-  p.a = a_operand<T, true>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w, cin_g,
-                     args.k, args.stride);
+  p.a = a_operand<T, true>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w,
+                           cin_g, args.k, args.stride);
   set_prologue(p.a, args.prologue);
   p.b = b_operand<T>(args.weight, args.sw_o, args.sw_i, args.sw_h, args.sw_w, cin_g, args.k);
   p.rows = RowMap{args.n * hwo, static_cast<int>(hwo), static_cast<int>(plan.out_w), 0, 0};
@@ -540,8 +540,8 @@ cudaError_t launch_wgrad(const rk_conv_wgrad_args& args, const WgradPlan& plan,
   const int64_t size = args.c_out * plan.kdim;
   if (plan.splits > 0) {
     WgradParams<T> p;
-    p.u = a_operand<T, true>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w, cin_g,
-                       args.k, args.stride);
+    p.u = a_operand<T, true>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w,
+                             cin_g, args.k, args.stride);
     set_prologue(p.u, args.prologue);
     p.dy = static_cast<const T*>(args.dy);
     constexpr int V = Layout<T>::kVec;

@@ -512,7 +512,8 @@ struct ChunkMap {
 // kt - 1's buffer with step kt + S - 1 before computing step kt.
 template <typename T, class TL, int S, class A>
 __device__ __forceinline__ void gemm_pipelined(float (&acc)[TL::MI][TL::NJ][4], const A& a,
-                                               const BOperand<T>& b, const RowPos (&pos)[ChunkMap<T, TL>::kA],
+                                               const BOperand<T>& b,
+                                               const RowPos (&pos)[ChunkMap<T, TL>::kA],
                                                Smem<T, TL, S>& sm) {
   using CM = ChunkMap<T, TL>;
   constexpr int BK = Layout<T>::kBK;

@@ -536,9 +536,9 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 //
 // The copies are deferred: in even CTAs (in launch order) a copy lands only when
 // cp.async.wait_group retires its group (so reading shared memory before the wait sees
-// stale or poisoned data), in odd CTAs it lands at once (so refilling a buffer before every thread has
-// finished reading it, i.e. a missing barrier, overwrites data still in use). Both
-// addresses must be 16-byte aligned.
+// stale or poisoned data), in odd CTAs it lands at once (so refilling a buffer before
+// every thread has finished reading it, i.e. a missing barrier, overwrites data still in
+// use). Both addresses must be 16-byte aligned.
 inline bool eager_copies() { return cta().eager_copies; }
 
 inline void land(const AsyncCopy& cp) {
