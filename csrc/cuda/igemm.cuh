@@ -321,10 +321,16 @@ struct RowMap {
       ok = p < hwo;
       m = static_cast<int64_t>(n) * hwo + p;
     } else {
-      m = static_cast<int64_t>(tile) * BM + r;
+      // One 64-bit division per tile (the same for every row: computed once after
+      // inlining), the row's in 32 bits: (tile start % hwo) + r < hwo + BM.
+      const int64_t m0 = static_cast<int64_t>(tile) * BM;
+      const int64_t n0 = m0 / hwo;
+      const int q = static_cast<int>(m0 - n0 * hwo) + r;
+      const int dn = q / hwo;
+      m = m0 + r;
       ok = m < m_total;
-      n = static_cast<int>(m / hwo);
-      p = static_cast<int>(m - static_cast<int64_t>(n) * hwo);
+      n = static_cast<int>(n0) + dn;
+      p = q - dn * hwo;
     }
     oh = p / wo;
     ow = p - oh * wo;
