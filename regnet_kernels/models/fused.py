@@ -1,13 +1,12 @@
 """Fused RegNets: the reference builder given fused stem and blocks.
 
-Eval mode: BN folded to per-channel scale/shift (`fold_block`, cached until a
-parameter or buffer changes), then a Y block is 4 kernel launches and an X
+Eval mode: BN folded to per-channel scale/shift on every forward (`fold_block`, a few
+foreach launches: nothing to go stale), then a Y block is 4 kernel launches and an X
 block 3 (`block_forward_eval`). Training mode: BN batch statistics computed in
 the conv epilogues, differentiable (`block_forward_train`).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,12 +32,20 @@ class FoldedConv:
     @classmethod
     def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
            dtype: Optional[torch.dtype] = None) -> "FoldedConv":
-        """dtype: the weight's compute dtype (autocast), None to keep it. The weight is
-        kept channels_last ((kh, kw, c_in) contiguous, the order of the implicit GEMM's
-        reduction and of oneDNN's NHWC convs, which otherwise reorder it every call)."""
-        scale, shift = ops.fold_bn(bn)
-        weight = _cast(conv.weight.detach(), dtype).contiguous(memory_format=torch.channels_last)
-        return cls(weight, scale, shift, conv.stride[0], conv.groups)
+        return fold_convs([(conv, bn)], dtype)[0]
+
+
+def fold_convs(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
+               dtype: Optional[torch.dtype] = None) -> list[FoldedConv]:
+    """(conv, BN) pairs folded, the BNs together (`ops.fold_bns`). dtype: the weights'
+    compute dtype (autocast), None to keep it. The weights are channels_last ((kh, kw,
+    c_in) contiguous, the order of the implicit GEMM's reduction and of oneDNN's NHWC
+    convs, which otherwise reorder them every call; a no-op copy for 1x1 convs)."""
+    folded = ops.fold_bns([bn for _, bn in pairs])
+    return [FoldedConv(_cast(conv.weight.detach(), dtype).contiguous(
+                           memory_format=torch.channels_last),
+                       scale, shift, conv.stride[0], conv.groups)
+            for (conv, _), (scale, shift) in zip(pairs, folded)]
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,10 @@ def fold_block(block: nn.Module, dtype: Optional[torch.dtype] = None) -> FoldedB
     weights cast to dtype (the autocast dtype) unless it is None."""
     f = block.f
     se = getattr(f, "se", None)
+    layers = [f.a, f.b, f.c] + ([] if block.proj is None else [block.proj])
+    a, b, c, *proj = fold_convs([(layer[0], layer[1]) for layer in layers], dtype)
     return FoldedBlock(
-        a=FoldedConv.of(f.a[0], f.a[1], dtype),
-        b=FoldedConv.of(f.b[0], f.b[1], dtype),
-        c=FoldedConv.of(f.c[0], f.c[1], dtype),
-        proj=None if block.proj is None else FoldedConv.of(block.proj[0], block.proj[1], dtype),
+        a=a, b=b, c=c, proj=proj[0] if proj else None,
         se=None if se is None else tuple(
             t.detach() for t in (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)),
     )
@@ -135,12 +141,6 @@ def block_forward_train(x: torch.Tensor, block: nn.Module, block_ops=ops,
 BACKENDS = ("triton", "cpu", "cuda")
 
 
-def _state_key(module: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                 for t in itertools.chain(module.parameters(), module.buffers()))
-
-
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast runs convolutions in for x's device, or None."""
     device = x.device.type
@@ -154,8 +154,8 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 class _FusedModule:
     """What the fused stem and blocks share: the backend choice; the path (the eval
     fusion, or the differentiable training path in which each BN follows its mode);
-    autocast; and eval-mode BN folding cached until a parameter or buffer changes, so
-    an eval forward launches only the fused kernels."""
+    autocast; and eval-mode BN folding, redone by every eval forward: no version counter
+    sees a change through `.data` or of a BN's eps, and a cached fold would then be stale."""
 
     backend = "auto"  # "auto": CPU tensors -> the C++ CPU ops, CUDA tensors -> Triton
                       # (the C++ extension's CUDA kernels where Triton is not installed)
@@ -194,14 +194,6 @@ class _FusedModule:
     def _check_input(self, x: torch.Tensor) -> None:
         """Model-level input checks (the stem's); the ops check the rest."""
 
-    def _folded(self, fold, dtype: Optional[torch.dtype]):
-        if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
-            return fold(self, dtype)
-        key = (_state_key(self), dtype)
-        if getattr(self, "_fold_cache", (None,))[0] != key:
-            self._fold_cache = (key, fold(self, dtype))
-        return self._fold_cache[1]
-
 
 class FusedBlock(_FusedModule, ResBottleneckBlock):
     """ResBottleneckBlock through the fused ops: eval = BN folded from running
@@ -211,7 +203,7 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
         return block_forward_train(x, self, fused_ops, dtype)
 
     def _eval_forward(self, x, fused_ops, dtype):
-        return block_forward_eval(x, self._folded(fold_block, dtype), fused_ops)
+        return block_forward_eval(x, fold_block(self, dtype), fused_ops)
 
 
 class FusedStem(_FusedModule, Stem):
@@ -231,7 +223,7 @@ class FusedStem(_FusedModule, Stem):
         return fused_ops.bn_add_relu(out.y, out.scale, out.shift)
 
     def _eval_forward(self, x, fused_ops, dtype):
-        folded = self._folded(lambda stem, dt: FoldedConv.of(stem[0], stem[1], dt), dtype)
+        folded = FoldedConv.of(self[0], self[1], dtype)
         return fused_ops.conv_bn_act(x, folded.weight, folded.scale, folded.shift,
                                      stride=folded.stride)
 
@@ -290,7 +282,6 @@ def unfuse(model: nn.Module) -> nn.Module:
     reference = {fused: ref for ref, fused in _FUSED.items()}
     for module in model.modules():
         if type(module) in reference:
-            for attr in ("_fold_cache", "backend"):
-                module.__dict__.pop(attr, None)
+            module.__dict__.pop("backend", None)
             module.__class__ = reference[type(module)]
     return model
