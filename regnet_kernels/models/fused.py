@@ -163,16 +163,14 @@ class _FusedModule:
     def _ops(self, x: torch.Tensor):
         """The module of fused ops for x: `regnet_kernels.ops` (Triton) or `.ops.cpp` (the
         C++ extension: its CPU or CUDA kernels, by x's device)."""
-        if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
-            raise RuntimeError(f"{type(self).__name__}: backend={self.backend!r} runs "
-                               f"{self.backend.upper()} tensors, got a tensor on {x.device}")
-        if self.backend == "triton" and _triton.IMPORT_ERROR is not None:
-            raise _triton.TritonUnavailable(f"backend='triton': {_triton.unavailable_reason()}")
-        if self.backend in ("cpu", "cuda") or (self.backend == "auto" and (
-                x.device.type == "cpu" or _triton.IMPORT_ERROR is not None)):
-            from ..ops import cpp
-            return cpp
-        return ops
+        resolved = resolve_backend(self.backend, x.device, type(self).__name__)
+        return ops if resolved == "triton" else ops.cpp
+
+    def extra_repr(self) -> str:
+        if self.backend != "auto":
+            return f"backend={self.backend!r}"
+        on_cuda = "triton" if _triton.IMPORT_ERROR is None else "cuda"
+        return f"backend='auto' (CPU tensors: 'cpu', CUDA tensors: {on_cuda!r})"
 
     def _eval_fusion(self, x: torch.Tensor) -> bool:
         """The eval fusion (BN folded, no autograd) when every BN is in eval mode and no
@@ -231,6 +229,39 @@ class FusedStem(_FusedModule, Stem):
 _FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}
 
 
+def resolve_backend(backend: str, device: torch.device | str, owner: str = "model") -> str:
+    """The fused ops a module with this `backend` runs for tensors on device: "triton",
+    "cpu" (the C++ CPU ops) or "cuda" (the C++ extension's CUDA kernels). Raises as a
+    forward would when the backend cannot run them."""
+    device_type = torch.device(device).type
+    if backend in ("cpu", "cuda") and device_type != backend:
+        raise RuntimeError(f"{owner}: backend={backend!r} runs {backend.upper()} tensors, "
+                           f"got a tensor on {device}")
+    if backend == "triton" and _triton.IMPORT_ERROR is not None:
+        raise _triton.TritonUnavailable(f"backend='triton': {_triton.unavailable_reason()}")
+    if backend != "auto":
+        return backend
+    if device_type == "cpu":
+        return "cpu"
+    return "cuda" if _triton.IMPORT_ERROR is not None else "triton"
+
+
+def resolved_backend(model: nn.Module, device: torch.device | str) -> str:
+    """Which fused ops `model` runs for tensors on device: "triton", "cpu" (the C++ CPU ops)
+    or "cuda" (the C++ extension's CUDA kernels), as its `backend=` resolves ("auto": by
+    the device). Raises ValueError for a model without fused modules or whose modules
+    resolve differently."""
+    resolved = {resolve_backend(m.backend, device, type(m).__name__)
+                for m in model.modules() if isinstance(m, _FusedModule)}
+    if not resolved:
+        raise ValueError(f"resolved_backend: {type(model).__name__} has no fused modules "
+                         "(build it with fused_model() or convert it with fuse())")
+    if len(resolved) > 1:
+        raise ValueError(f"resolved_backend: the fused modules run different backends on "
+                         f"{device}: {sorted(resolved)}")
+    return resolved.pop()
+
+
 def _check_backend(backend: str) -> None:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: 'auto', "
@@ -266,22 +297,106 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     return model
 
 
+def _conv_bn_mismatch(layers: nn.Module, k: int, relu: bool) -> Optional[str]:
+    """Why layers is not (k x k Conv2d with 'same' zero padding and no bias, BatchNorm2d
+    with running statistics[, ReLU]), or None."""
+    expected = "conv, BN, ReLU" if relu else "conv, BN"
+    if not isinstance(layers, nn.Sequential) or len(layers) != (3 if relu else 2):
+        return f"expected ({expected}), found {type(layers).__name__}"
+    conv, bn = layers[0], layers[1]
+    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (k, k) and conv.bias is None
+            and conv.padding == (k // 2, k // 2) and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and conv.stride[0] == conv.stride[1]):
+        return f"{conv} is not a {k}x{k} conv with 'same' zero padding and no bias"
+    if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or not bn.affine:
+        return f"{bn} is not an affine BatchNorm2d with running statistics"
+    if relu and type(layers[2]) is not nn.ReLU:
+        return f"{layers[2]} is not a ReLU"
+    return None
+
+
+def _block_mismatch(block: nn.Module) -> Optional[str]:
+    """Why block does not compute relu(proj(x) or x + c(se(b(a(x))))) as the fused block
+    does (torchvision's ResBottleneckBlock: same structure, same state_dict keys), or None."""
+    f = getattr(block, "f", None)
+    if not isinstance(f, nn.Module) or not hasattr(block, "proj"):
+        return "no residual branch `f` and shortcut `proj`"
+    if list(f._modules) not in (["a", "b", "c"], ["a", "b", "se", "c"]):
+        return f"its branch f has parts {list(f._modules)}, not a, b[, se], c"
+    parts = [("f.a", f.a, 1, True), ("f.b", f.b, 3, True), ("f.c", f.c, 1, False)]
+    if block.proj is not None:
+        parts.append(("proj", block.proj, 1, False))
+    for name, layers, k, relu in parts:
+        why = _conv_bn_mismatch(layers, k, relu)
+        if why:
+            return f"{name}: {why}"
+    if any(layers[0].groups != 1 for name, layers, _, _ in parts if name != "f.b") or \
+            f.a[0].stride != (1, 1) or f.c[0].stride != (1, 1):
+        return "its 1x1 convs a and c must be dense with stride 1"
+    se = getattr(f, "se", None)
+    if se is not None:
+        convs = [getattr(se, name, None) for name in ("fc1", "fc2")]
+        if not all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and c.bias is not None
+                   for c in convs):
+            return "its SE is not fc1, fc2: 1x1 convs with bias"
+        if type(getattr(se, "activation", nn.ReLU())) is not nn.ReLU or \
+                type(getattr(se, "scale_activation", nn.Sigmoid())) is not nn.Sigmoid:
+            return "its SE is not ReLU then sigmoid"
+    if type(getattr(block, "activation", nn.ReLU())) is not nn.ReLU:
+        return f"its output activation {block.activation} is not a ReLU"
+    return None
+
+
+# Other libraries' RegNet modules with the reference's structure and state_dict keys
+# (torchvision's), by class name: the fused class, and why one is not fusable (or None).
+_LOOKALIKES = {
+    "ResBottleneckBlock": (FusedBlock, _block_mismatch),
+    "SimpleStemIN": (FusedStem, lambda stem: _conv_bn_mismatch(stem, 3, relu=True)),
+}
+
+
 def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Make a reference RegNet (or any model built from the reference stem and
-    blocks) run through the fused ops, in place: parameters and buffers are kept."""
+    """Make a RegNet run through the fused ops, in place: parameters and buffers are kept.
+
+    Fuses the reference stem and blocks (`reference_model`, or any model built from them)
+    and torchvision's RegNets (`torchvision.models.regnet_*`: their SimpleStemIN and
+    ResBottleneckBlocks, checked to have the reference's structure). Raises ValueError, before
+    changing anything, for a block of those names it cannot compute, or when it finds
+    nothing to fuse (a timm or pycls model: load its state_dict into `fused_model`)."""
     _check_backend(backend)
-    for module in model.modules():
-        if type(module) in _FUSED:
-            module.__class__ = _FUSED[type(module)]
+    plan = []
+    for path, module in model.named_modules():
+        fused_class = _FUSED.get(type(module))
+        name = type(module).__name__
+        if fused_class is None and name in _LOOKALIKES and not isinstance(module, _FusedModule):
+            fused_class, mismatch = _LOOKALIKES[name]
+            why = mismatch(module)
+            if why:
+                raise ValueError(f"fuse: {path or 'the model'} ({type(module).__module__}."
+                                 f"{name}) is not what the fused ops compute: {why}")
+        if fused_class is not None:
+            plan.append((module, fused_class))
+    if not plan and not any(isinstance(m, _FusedModule) for m in model.modules()):
+        raise ValueError(
+            f"fuse: found no RegNet stem or block in {type(model).__name__}. fuse converts "
+            "regnet_kernels' reference models and torchvision's RegNets; for a timm or pycls "
+            "RegNet, load its weights into a fused model: model = rk.fused_model(name); "
+            "rk.load_checkpoint(model, other.state_dict())")
+    for module, fused_class in plan:
+        module._unfused_class = type(module)
+        module.__class__ = fused_class
     _set_backend(model, backend)
     return model
 
 
 def unfuse(model: nn.Module) -> nn.Module:
-    """Undo `fuse` in place (for debugging: the plain PyTorch forward again)."""
+    """Undo `fuse` in place (for debugging: the plain PyTorch forward again); the modules of
+    `fused_model` become the reference's."""
     reference = {fused: ref for ref, fused in _FUSED.items()}
     for module in model.modules():
-        if type(module) in reference:
-            module.__dict__.pop("backend", None)
-            module.__class__ = reference[type(module)]
+        if isinstance(module, _FusedModule):
+            original = module.__dict__.pop("_unfused_class", None) or reference.get(type(module))
+            if original is not None:
+                module.__dict__.pop("backend", None)
+                module.__class__ = original
     return model

@@ -31,6 +31,7 @@ from .conv_bn_act import ConvStats, conv_bn_act, conv_bn_stats
 from .conv_bn_train import TrainOutput, conv_bn_train
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
 from .se_excite import se_excite, se_squeeze
+from . import cpp  # the C++ extension's ops: importing builds nothing (see cpp.py)
 
 
 def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,4 +74,4 @@ def fold_bns(bns: Sequence[torch.nn.BatchNorm2d]) -> list[tuple[torch.Tensor, to
 __all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "fold_bn", "fold_bns",
            "conv_bn_stats", "ConvStats", "bn_finalize", "BatchStats", "BatchNormArgs", "se_squeeze", "bn_add_relu",
            "conv_bn_train", "TrainOutput", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
-           "bn_act_backward"]
+           "bn_act_backward", "cpp"]
