@@ -32,6 +32,7 @@ class FoldedConv:
     @classmethod
     def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
            dtype: Optional[torch.dtype] = None) -> "FoldedConv":
+        """One (conv, BN) pair folded, as `fold_convs` folds them."""
         return fold_convs([(conv, bn)], dtype)[0]
 
 

@@ -144,7 +144,7 @@ def _build_lock(path: Path, what: str):
                 if now >= next_note:
                     f.seek(0)
                     owner = f.read().strip() or "?"
-                    waited = f" ({now - start:.0f} s so far)" if now > start else ""
+                    waited = f" ({now - start:.0f} s so far)" if now - start >= 1 else ""
                     _say(f"waiting for another process (pid {owner}) building the {what} in "
                          f"{path.parent}{waited}")
                     next_note = now + WAIT_NOTE_SECONDS
