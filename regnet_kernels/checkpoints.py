@@ -171,6 +171,9 @@ def _read_file(path: Path) -> object:
     except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
         # torch's own message advises weights_only=False, unsafe for an untrusted file: not
         # repeated (nor chained) here. A zip or a pickle is a checkpoint holding other objects.
+        if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+            raise ValueError(f"load_checkpoint: {str(path)!r} is a truncated or damaged "
+                             "torch.save checkpoint (its zip directory is missing)") from None
         if zipfile.is_zipfile(path) or head[:1] == b"\x80":
             found = re.search(r"Unsupported global: [^\n]*", str(error))
             raise ValueError(

@@ -242,6 +242,16 @@ def test_unreadable_files_are_named(tmp_path: Path, content, message):
     assert_no_unsafe_advice(info.value)
 
 
+def test_truncated_checkpoint_is_named(tmp_path: Path):
+    path = tmp_path / "model.pth"
+    torch.save(reference_model("regnetx_200mf").state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100_000])  # a download cut short
+    with pytest.raises(ValueError, match="is a truncated or damaged torch.save checkpoint") \
+            as info:
+        load_checkpoint(reference_model("regnetx_200mf"), path)
+    assert_no_unsafe_advice(info.value)
+
+
 SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.int64: "I64"}
 
 
