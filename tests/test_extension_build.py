@@ -49,8 +49,9 @@ def load_command(src: Path) -> list[str]:
 
 
 def env_with(cache: Path, **extra) -> dict:
-    env = dict(os.environ, REGNET_KERNELS_CACHE=str(cache), **extra)
-    env.pop("CXX", None) if "CXX" not in extra else None
+    env = dict(os.environ, REGNET_KERNELS_CACHE=str(cache))
+    env.pop("CXX", None)  # the default compiler, unless the test picks one
+    env.update(extra)
     return env
 
 
