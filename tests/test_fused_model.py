@@ -151,6 +151,34 @@ def test_eval_is_never_stale(change):
         assert rel_err(fused(x), after) < 1e-5
 
 
+def folding_ops(model, x):
+    """The ops of one eval forward that fold BNs (everything but the fused ops and the head)."""
+    with torch.no_grad(), OpRecorder() as rec:
+        model(x)
+    return {op for op in rec.ops if "foreach" in op or "rsqrt" in op}
+
+
+def test_freeze_folds_once_for_inference():
+    ref, fused = pair(TINY)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    assert folding_ops(fused.eval(), x)  # unfrozen: every forward folds
+    assert rk.freeze(fused) is fused
+    with torch.no_grad():
+        assert rel_err(fused(x), ref.eval()(x)) < 1e-5
+    assert folding_ops(fused.eval(), x) == set()  # frozen: folded once, eval() keeps it
+
+    for model in (ref, fused):
+        model.trunk_output.block2[0].f.b[1].running_var.data.add_(0.5)
+    rk.unfreeze(fused)
+    with torch.no_grad():
+        assert rel_err(fused(x), ref(x)) < 1e-5
+    rk.freeze(fused)
+    fused.train()  # training unfreezes
+    assert folding_ops(fused.eval(), x)
+    with pytest.raises(ValueError, match="freeze: RegNet has no fused modules"):
+        rk.freeze(rk.reference_model(TINY))
+
+
 def test_fuse_and_unfuse_keep_parameters():
     ref, _ = pair(TINY)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
