@@ -225,8 +225,9 @@ def load_checkpoint(
         model: a model with torchvision's module names, e.g. from
             :func:`~regnet_kernels.reference_model`.
         path_or_state_dict: a file written by ``torch.save`` (read with ``weights_only=True``),
-            a ``.safetensors`` file (read without the safetensors package), or a mapping: a state dict, or a checkpoint wrapping one under ``model_state``
-            (pycls), ``state_dict`` or ``model``.
+            a ``.safetensors`` file (read without the safetensors package), or a mapping: a
+            state dict, or a checkpoint wrapping one under ``model_state`` (pycls),
+            ``state_dict`` or ``model``.
         source: "torchvision", "timm", "pycls", or "auto" to tell from the keys.
         bgr_to_rgb: flip the stem conv's input channels. None (default) flips for pycls
             checkpoints only, whose weights expect BGR input; timm's converted pycls weights

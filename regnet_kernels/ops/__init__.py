@@ -72,6 +72,6 @@ def fold_bns(bns: Sequence[torch.nn.BatchNorm2d]) -> list[tuple[torch.Tensor, to
 
 
 __all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "fold_bn", "fold_bns",
-           "conv_bn_stats", "ConvStats", "bn_finalize", "BatchStats", "BatchNormArgs", "se_squeeze", "bn_add_relu",
-           "conv_bn_train", "TrainOutput", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
+           "conv_bn_stats", "ConvStats", "bn_finalize", "BatchStats", "BatchNormArgs",
+           "se_squeeze", "bn_add_relu", "conv_bn_train", "TrainOutput", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
            "bn_act_backward", "cpp"]
