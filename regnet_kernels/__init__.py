@@ -4,8 +4,8 @@ Public API:
   design space:   RegNetParams, sample_params
   model zoo:      list_models, model_params
   complexity:     complexity
-  modules:        reference_model, fused_model, fuse, unfuse
-  backends:       available_backends
+  modules:        reference_model, fused_model, fuse, unfuse, freeze, unfreeze
+  backends:       available_backends, resolved_backend
   checkpoints:    load_checkpoint
   fused ops:      regnet_kernels.ops (conv_bn_act, se_excite, conv1x1_gate_residual)
 """
@@ -13,7 +13,7 @@ from .design import RegNetParams, sample_params
 from .zoo import list_models, model_params
 from .complexity import complexity
 from .models.reference import reference_model
-from .models.fused import fuse, fused_model, unfuse
+from .models.fused import freeze, fuse, fused_model, resolved_backend, unfreeze, unfuse
 from .checkpoints import load_checkpoint
 from .backends import available_backends
 from . import ops
@@ -30,6 +30,9 @@ __all__ = [
     "fused_model",
     "fuse",
     "unfuse",
+    "freeze",
+    "unfreeze",
+    "resolved_backend",
     "load_checkpoint",
     "available_backends",
     "ops",

@@ -18,9 +18,12 @@ channels for them by default so the model takes RGB like the others.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import zipfile
+from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import torch
@@ -111,20 +114,84 @@ def torchvision_key(key: str, source: str) -> str | None:
     return f"trunk_output.block{stage}.block{stage}-{int(index) - 1}.{mapped}.{tensor}"
 
 
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, "Format").
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    """A .safetensors name, or the format's start: an 8-byte header size, then a JSON object."""
+    return path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"
+                                             and 0 < int.from_bytes(head[:8], "little") < 2**32)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, read here (the format is an 8-byte little-endian header size, a
+    JSON header of dtype, shape and byte offsets per tensor, then the little-endian data), so
+    that it needs no extra package and never runs code."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + size])
+        body = memoryview(data)[8 + size:]
+        state = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {key!r} has dtype {info['dtype']}, which is not one of "
+                                 f"{', '.join(_SAFETENSORS_DTYPES)}")
+            begin, end = info["data_offsets"]
+            if not 0 <= begin <= end <= len(body):
+                raise ValueError(f"tensor {key!r} lies outside the file (truncated?)")
+            flat = (torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin
+                    else torch.empty(0, dtype=dtype))
+            state[key] = flat.reshape(info["shape"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"load_checkpoint: {str(path)!r} is not a valid safetensors file: "
+                         f"{error}") from None
+    return state
+
+
+def _read_file(path: Path) -> object:
+    """A torch.save file (read with weights_only=True: tensors and plain containers only) or a
+    safetensors file, with errors that say what the file is instead of torch's."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ValueError(f"load_checkpoint: {str(path)!r} is empty")
+    if _is_safetensors(path, head):
+        return _read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        # torch's own message advises weights_only=False, unsafe for an untrusted file: not
+        # repeated (nor chained) here. A zip or a pickle is a checkpoint holding other objects.
+        if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+            raise ValueError(f"load_checkpoint: {str(path)!r} is a truncated or damaged "
+                             "torch.save checkpoint (its zip directory is missing)") from None
+        if zipfile.is_zipfile(path) or head[:1] == b"\x80":
+            found = re.search(r"Unsupported global: [^\n]*", str(error))
+            raise ValueError(
+                f"load_checkpoint: {str(path)!r} holds Python objects besides tensors "
+                f"({found.group(0) if found else type(error).__name__}); it reads only tensors "
+                "and plain containers. Save the model's state_dict() and load that file."
+            ) from None
+        raise ValueError(f"load_checkpoint: {str(path)!r} is neither a torch.save checkpoint "
+                         "nor a safetensors file") from None
+
+
 def _read_state_dict(
     path_or_state_dict: str | os.PathLike | Mapping[str, object],
 ) -> Mapping[str, torch.Tensor]:
     """The state dict in a file or mapping, unwrapped from a training checkpoint if needed."""
     checkpoint = path_or_state_dict
     if isinstance(checkpoint, (str, os.PathLike)):
-        try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"{os.fspath(path_or_state_dict)!r} holds more than tensors and plain "
-                f"containers; if you trust it, torch.load it with weights_only=False and pass "
-                f"the state dict\n{error}"
-            ) from error
+        checkpoint = _read_file(Path(checkpoint))
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"expected a state dict or a path, got {type(checkpoint).__name__}")
     for wrapper in _WRAPPER_KEYS:
@@ -157,9 +224,10 @@ def load_checkpoint(
     Args:
         model: a model with torchvision's module names, e.g. from
             :func:`~regnet_kernels.reference_model`.
-        path_or_state_dict: a file written by ``torch.save`` (read with ``weights_only=True``)
-            or a mapping: a state dict, or a checkpoint wrapping one under ``model_state``
-            (pycls), ``state_dict`` or ``model``.
+        path_or_state_dict: a file written by ``torch.save`` (read with ``weights_only=True``),
+            a ``.safetensors`` file (read without the safetensors package), or a mapping: a
+            state dict, or a checkpoint wrapping one under ``model_state`` (pycls),
+            ``state_dict`` or ``model``.
         source: "torchvision", "timm", "pycls", or "auto" to tell from the keys.
         bgr_to_rgb: flip the stem conv's input channels. None (default) flips for pycls
             checkpoints only, whose weights expect BGR input; timm's converted pycls weights

@@ -1,8 +1,10 @@
 """The standard RegNet models and every name people use for them.
 
 Canonical names:
-  * ``regnetx_200mf`` ... ``regnetx_32gf``, ``regnety_200mf`` ... ``regnety_32gf`` and
-    ``regnety_128gf``: the paper's networks (pycls configurations, "pycls" rounding).
+  * ``regnetx_200mf`` ... ``regnetx_32gf``, ``regnety_200mf`` ... ``regnety_32gf``: the
+    paper's networks (pycls configurations, "pycls" rounding); ``regnety_128gf`` (torchvision,
+    timm), ``regnety_64gf`` and ``regnety_256gf`` (timm's ``regnety_640``, ``regnety_2560``,
+    the SEER models), with the same rounding.
   * ``regnet_x_400mf`` ... ``regnet_y_128gf``: torchvision's builders ("torchvision" rounding),
     which differ from the paper's networks for X-400MF, Y-800MF and Y-8GF.
 
@@ -45,7 +47,9 @@ _PAPER_CONFIGS = (
     ("Y", "12GF", 19, 168, 73.36, 2.37, 112),
     ("Y", "16GF", 18, 200, 106.23, 2.48, 112),
     ("Y", "32GF", 20, 232, 115.89, 2.53, 232),
+    ("Y", "64GF", 20, 352, 147.48, 2.4, 328),  # timm only (SEER); no pycls config
     ("Y", "128GF", 27, 456, 160.83, 2.52, 264),  # torchvision/timm only; no pycls config
+    ("Y", "256GF", 27, 640, 230.83, 2.53, 373),  # timm only (SEER); no pycls config
 )
 
 # The models torchvision ships, as (family, size).
@@ -132,6 +136,9 @@ def list_models() -> list[str]:
 
 def canonical_name(name: str) -> str:
     """The canonical name for any accepted spelling; raises UnknownModelError otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"a model name is a str such as 'regnety_400mf', got {name!r} "
+                        f"({type(name).__name__})")
     key = name.strip().lower()
     if key in _LOOKUP:
         return _LOOKUP[key]
@@ -155,4 +162,7 @@ def resolve_params(name_or_params: str | RegNetParams) -> RegNetParams:
     """Accept either a model name or parameters; return parameters."""
     if isinstance(name_or_params, RegNetParams):
         return name_or_params
+    if not isinstance(name_or_params, str):
+        raise TypeError(f"expected a model name such as 'regnety_400mf' or RegNetParams, got "
+                        f"{name_or_params!r} ({type(name_or_params).__name__})")
     return model_params(name_or_params)

@@ -134,6 +134,17 @@ def test_plot_without_matplotlib_fails_before_the_sweep(monkeypatch, tmp_path):
     assert not (tmp_path / "rows.csv").exists()
 
 
+def test_smoke_run_writes_no_files_unless_asked(tmp_path, monkeypatch, capsys):
+    """A smoke run in a checkout leaves it as it was: rows in a CSV only with --csv."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--cpu-smoke", "--level", "op", "--op", "se_excite", "--model",
+            "regnety_400mf", "--resolution", "32", "--op-batch", "1", "--min-run-time", "0.005",
+            "--threads", "1", "--provider", "eager"]
+    assert main(argv) == 0
+    assert list(tmp_path.rglob("*")) == []
+    assert "smoke run: no CSV written" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The CPU smoke mode, tiny: the SE ops, blocks and whole regnety_400mf at 32x32."""

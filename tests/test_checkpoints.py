@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -213,8 +214,72 @@ def test_files_with_arbitrary_objects_are_refused(tmp_path: Path):
     path = tmp_path / "pickled.pth"
     torch.save({"model": reference_model("regnetx_200mf").state_dict(), "extra": NotATensor()},
                path)
-    with pytest.raises(ValueError, match="weights_only=False"):
+    with pytest.raises(ValueError, match="holds Python objects besides tensors") as info:
         load_checkpoint(reference_model("regnetx_200mf"), path)
+    assert "NotATensor" in str(info.value)
+    assert_no_unsafe_advice(info.value)
+
+
+def assert_no_unsafe_advice(error: BaseException) -> None:
+    """Neither the error nor its cause suggests weights_only=False (unsafe for an untrusted
+    file)."""
+    while error is not None:
+        assert "weights_only=False" not in str(error) and \
+               "weights_only` set to `False" not in str(error), str(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (bytes(range(256)) * 4, "is neither a torch.save checkpoint nor a safetensors file"),
+], ids=["empty", "arbitrary bytes"])
+def test_unreadable_files_are_named(tmp_path: Path, content, message):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"load_checkpoint: '{re.escape(str(path))}' {message}") \
+            as info:
+        load_checkpoint(reference_model("regnetx_200mf"), path)
+    assert_no_unsafe_advice(info.value)
+
+
+def test_truncated_checkpoint_is_named(tmp_path: Path):
+    path = tmp_path / "model.pth"
+    torch.save(reference_model("regnetx_200mf").state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100_000])  # a download cut short
+    with pytest.raises(ValueError, match="is a truncated or damaged torch.save checkpoint") \
+            as info:
+        load_checkpoint(reference_model("regnetx_200mf"), path)
+    assert_no_unsafe_advice(info.value)
+
+
+SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.int64: "I64"}
+
+
+def write_safetensors(path: Path, tensors: dict) -> None:
+    """The safetensors layout, written from its specification: an 8-byte little-endian header
+    size, a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' bytes."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype],
+                        "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks))
+
+
+def test_safetensors_checkpoint_loads_into_a_fused_model(tmp_path: Path):
+    source = trained_like("regnety_200mf")
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, to_layout(source.state_dict(), "timm"))
+    target = fused_model("regnety_200mf", num_classes=10)
+    assert load_checkpoint(target, path) == ([], [], "timm")
+    assert_same_weights(target, source.state_dict())
+
+    path.write_bytes(path.read_bytes()[:-100])  # a download cut short
+    with pytest.raises(ValueError, match="is not a valid safetensors file: tensor .* lies outside"):
+        load_checkpoint(target, path)
 
 
 def test_data_parallel_prefix_is_stripped():

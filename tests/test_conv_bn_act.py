@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, activation, bn_fold, conv_weight,
-                      check_conv_bn_act_op, grouped_conv_cases, poisoned_outputs, ref_conv_bn,
-                      rel_err, tol, vector_dtype)
+from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, SEER_GROUP_WIDTHS, activation, bn_fold,
+                      conv_weight, check_conv_bn_act_op, grouped_conv_cases, poisoned_outputs,
+                      ref_conv_bn, rel_err, tol, vector_dtype)
 from bad_inputs import CONV_BN_ACT_CASES, conv_bn_act_args
 from regnet_kernels import list_models, model_params, ops
 from regnet_kernels.ops import _implicit_gemm
@@ -13,7 +13,7 @@ from regnet_kernels.ops import _implicit_gemm
 
 def test_group_widths_are_the_standard_models():
     widths = {s.group_width for name in list_models() for s in model_params(name).stages()}
-    assert sorted(widths) == GROUP_WIDTHS
+    assert sorted(widths) == GROUP_WIDTHS + SEER_GROUP_WIDTHS
 
 
 def check_conv_bn_act(*args, **kwargs):

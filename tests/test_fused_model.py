@@ -125,6 +125,60 @@ def test_eval_refolds_after_a_change():
         assert rel_err(fused(x), ref.eval()(x)) < 1e-5
 
 
+# Changes no version counter sees: through `.data` (init code, pycls) and BN attributes.
+UNTRACKED_CHANGES = {
+    "conv weight .data": lambda m: m.trunk_output.block2[0].f.b[0].weight.data.mul_(1.5),
+    "BN running_var .data": lambda m: m.trunk_output.block1[0].f.c[1].running_var.data.add_(0.5),
+    "stem BN weight .data": lambda m: m.stem[1].weight.data.mul_(-1.0),
+    "SE weight .data": lambda m: m.trunk_output.block1[0].f.se.fc1.weight.data.mul_(2.0),
+    "BN eps": lambda m: setattr(m.trunk_output.block2[0].f.a[1], "eps", 0.5),
+}
+
+
+@pytest.mark.parametrize("change", UNTRACKED_CHANGES)
+def test_eval_is_never_stale(change):
+    """After an eval forward, a change through `.data` or of a BN's eps shows in the next
+    eval forward as it does in the reference's."""
+    ref, fused = pair(TINY)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        assert rel_err(fused.eval()(x), ref.eval()(x)) < 1e-5
+        before = ref(x)
+        for model in (ref, fused):
+            UNTRACKED_CHANGES[change](model)
+        after = ref(x)
+        assert rel_err(after, before) > 1e-3  # the change matters
+        assert rel_err(fused(x), after) < 1e-5
+
+
+def folding_ops(model, x):
+    """The ops of one eval forward that fold BNs (everything but the fused ops and the head)."""
+    with torch.no_grad(), OpRecorder() as rec:
+        model(x)
+    return {op for op in rec.ops if "foreach" in op or "rsqrt" in op}
+
+
+def test_freeze_folds_once_for_inference():
+    ref, fused = pair(TINY)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    assert folding_ops(fused.eval(), x)  # unfrozen: every forward folds
+    assert rk.freeze(fused) is fused
+    with torch.no_grad():
+        assert rel_err(fused(x), ref.eval()(x)) < 1e-5
+    assert folding_ops(fused.eval(), x) == set()  # frozen: folded once, eval() keeps it
+
+    for model in (ref, fused):
+        model.trunk_output.block2[0].f.b[1].running_var.data.add_(0.5)
+    rk.unfreeze(fused)
+    with torch.no_grad():
+        assert rel_err(fused(x), ref(x)) < 1e-5
+    rk.freeze(fused)
+    fused.train()  # training unfreezes
+    assert folding_ops(fused.eval(), x)
+    with pytest.raises(ValueError, match="freeze: RegNet has no fused modules"):
+        rk.freeze(rk.reference_model(TINY))
+
+
 def test_fuse_and_unfuse_keep_parameters():
     ref, _ = pair(TINY)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -377,7 +431,7 @@ def test_eval_forward_in_a_cuda_graph(backend):
     fused.eval()
     static_x = torch.randn(2, 3, 64, 64, device="cuda")
     with torch.no_grad():
-        fused(static_x)  # warm-up: compiles the kernels, fills the fold cache
+        fused(static_x)  # warm-up: compiles the kernels, folds the BNs
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

@@ -10,7 +10,8 @@ from regnet_kernels.models.fused import fuse
 
 # fp32 through up to ~30 blocks against float64: a few e-6 in practice.
 MODEL_TOL = 1e-5
-HUGE = {"regnety_128gf", "regnet_y_128gf"}  # 645 M parameters: seconds to build, GBs to hold
+# 281 M to 1.28 G parameters: seconds to build, GBs to hold
+HUGE = {"regnety_64gf", "regnety_128gf", "regnet_y_128gf", "regnety_256gf"}
 
 
 def fused_vs_float64(params, size=32, batch=2, seed=0):

@@ -5,7 +5,8 @@ from regnet_kernels.zoo import UnknownModelError, canonical_name, resolve_params
 
 PAPER_SIZES = ["200mf", "400mf", "600mf", "800mf", "1_6gf", "3_2gf", "4gf", "6_4gf", "8gf",
                "12gf", "16gf", "32gf"]
-PAPER_MODELS = [f"regnet{f}_{s}" for f in "xy" for s in PAPER_SIZES] + ["regnety_128gf"]
+PAPER_MODELS = [f"regnet{f}_{s}" for f in "xy" for s in PAPER_SIZES] + [
+    "regnety_64gf", "regnety_128gf", "regnety_256gf"]
 TORCHVISION_MODELS = [
     f"regnet_x_{s}" for s in ["400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf"]
 ] + [f"regnet_y_{s}" for s in ["400mf", "800mf", "1_6gf", "3_2gf", "8gf", "16gf", "32gf", "128gf"]]
@@ -25,6 +26,8 @@ def test_list_models_is_exactly_the_paper_and_torchvision_models():
         ("regnety_8gf", 17, 192, 76.82, 2.19, 56),
         ("regnety_32gf", 20, 232, 115.89, 2.53, 232),
         ("regnety_128gf", 27, 456, 160.83, 2.52, 264),
+        ("regnety_640", 20, 352, 147.48, 2.4, 328),  # timm's names
+        ("regnety_2560", 27, 640, 230.83, 2.53, 373),
     ],
 )
 def test_published_configurations(name, d, w0, wa, wm, g):
@@ -112,3 +115,20 @@ def test_resolve_params_accepts_params_or_names():
     params = model_params("regnety_400mf")
     assert resolve_params(params) is params
     assert resolve_params("RegNetY-400MF") == params
+
+
+@pytest.mark.parametrize("timm_name,canonical,params_m", [
+    ("regnety_640", "regnety_64gf", 281.38), ("regnety_2560", "regnety_256gf", 1282.6)])
+def test_timm_seer_models_have_names(timm_name, canonical, params_m):
+    """timm's largest RegNetYs, with the parameter counts timm publishes for them."""
+    from regnet_kernels import complexity
+    assert canonical_name(timm_name) == canonical
+    assert complexity(timm_name)["params"] / 1e6 == pytest.approx(params_m, abs=0.05)
+
+
+@pytest.mark.parametrize("bad", [None, 42, 3.5])
+def test_a_name_that_is_not_a_string_is_a_type_error(bad):
+    from regnet_kernels import fused_model, reference_model
+    for build in (fused_model, reference_model, model_params):
+        with pytest.raises(TypeError, match=f"got {bad!r} \\({type(bad).__name__}\\)"):
+            build(bad)

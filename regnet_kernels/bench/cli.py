@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "H200 4300 on an H200; none on other devices)")
     add("--peak-tflops", type=float, help="peak FLOP/s for the roofline, TFLOP/s (default: "
         "H200 790 bf16/fp16, 395 fp32 TF32)")
-    add("--csv", type=Path, help="append rows here (default benchmarks/results/bench-<device>.csv)")
+    add("--csv", type=Path, help="append rows here (default benchmarks/results/bench-<device>.csv; "
+        "smoke runs: none)")
     add("--markdown", type=Path, help="also write the table, with the machine and command, here")
     add("--plot", nargs="?", type=Path, const=True, default=None, metavar="DIR",
         help="write PNG charts of this run (default: next to the CSV)")
@@ -377,6 +378,9 @@ def run(args: argparse.Namespace) -> int:
         return run_ddp(args)
     config = make_config(args)
     if args.plot is not None:
+        if (args.cpu_smoke or args.preset == "smoke") and args.csv is None:
+            raise SystemExit("error: --plot draws from the CSV, which a smoke run writes only "
+                             "with --csv")
         try:
             require_matplotlib()  # before the sweep, not after it
         except RuntimeError as e:
@@ -390,15 +394,20 @@ def run(args: argparse.Namespace) -> int:
         rows = run_cases(config, args, info)
     finally:
         torch.set_num_threads(threads)
-    csv_path = args.csv or Path("benchmarks/results") / f"bench-{config.device}.csv"
-    append_csv(csv_path, rows)
+    # A smoke run checks the harness; its numbers are no results: a CSV only when asked for.
+    smoke = args.cpu_smoke or args.preset == "smoke"
+    csv_path = args.csv or (None if smoke else
+                            Path("benchmarks/results") / f"bench-{config.device}.csv")
+    if csv_path is not None:
+        append_csv(csv_path, rows)
     header = machine_header(info, config.command())
     table = markdown_table(rows)
     print(header + "\n\n" + table)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(header + "\n\n" + table + "\n")
-    _progress(f"rows appended to {csv_path}")
+    _progress(f"rows appended to {csv_path}" if csv_path else "smoke run: no CSV written "
+              "(give --csv to keep the rows)")
     if args.plot is not None:
         out_dir = csv_path.parent if args.plot is True else args.plot
         for path in plot(csv_path, out_dir):

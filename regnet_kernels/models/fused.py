@@ -1,13 +1,12 @@
 """Fused RegNets: the reference builder given fused stem and blocks.
 
-Eval mode: BN folded to per-channel scale/shift (`fold_block`, cached until a
-parameter or buffer changes), then a Y block is 4 kernel launches and an X
+Eval mode: BN folded to per-channel scale/shift on every forward (`fold_block`, a few
+foreach launches: nothing to go stale), then a Y block is 4 kernel launches and an X
 block 3 (`block_forward_eval`). Training mode: BN batch statistics computed in
 the conv epilogues, differentiable (`block_forward_train`).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,12 +33,21 @@ class FoldedConv:
     @classmethod
     def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
            dtype: Optional[torch.dtype] = None) -> "FoldedConv":
-        """dtype: the weight's compute dtype (autocast), None to keep it. The weight is
-        kept channels_last ((kh, kw, c_in) contiguous, the order of the implicit GEMM's
-        reduction and of oneDNN's NHWC convs, which otherwise reorder it every call)."""
-        scale, shift = ops.fold_bn(bn)
-        weight = _cast(conv.weight.detach(), dtype).contiguous(memory_format=torch.channels_last)
-        return cls(weight, scale, shift, conv.stride[0], conv.groups)
+        """One (conv, BN) pair folded, as `fold_convs` folds them."""
+        return fold_convs([(conv, bn)], dtype)[0]
+
+
+def fold_convs(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
+               dtype: Optional[torch.dtype] = None) -> list[FoldedConv]:
+    """(conv, BN) pairs folded, the BNs together (`ops.fold_bns`). dtype: the weights'
+    compute dtype (autocast), None to keep it. The weights are channels_last ((kh, kw,
+    c_in) contiguous, the order of the implicit GEMM's reduction and of oneDNN's NHWC
+    convs, which otherwise reorder them every call; a no-op copy for 1x1 convs)."""
+    folded = ops.fold_bns([bn for _, bn in pairs])
+    return [FoldedConv(_cast(conv.weight.detach(), dtype).contiguous(
+                           memory_format=torch.channels_last),
+                       scale, shift, conv.stride[0], conv.groups)
+            for (conv, _), (scale, shift) in zip(pairs, folded)]
 
 
 @dataclass(frozen=True)
@@ -62,11 +70,10 @@ def fold_block(block: nn.Module, dtype: Optional[torch.dtype] = None) -> FoldedB
     weights cast to dtype (the autocast dtype) unless it is None."""
     f = block.f
     se = getattr(f, "se", None)
+    layers = [f.a, f.b, f.c] + ([] if block.proj is None else [block.proj])
+    a, b, c, *proj = fold_convs([(layer[0], layer[1]) for layer in layers], dtype)
     return FoldedBlock(
-        a=FoldedConv.of(f.a[0], f.a[1], dtype),
-        b=FoldedConv.of(f.b[0], f.b[1], dtype),
-        c=FoldedConv.of(f.c[0], f.c[1], dtype),
-        proj=None if block.proj is None else FoldedConv.of(block.proj[0], block.proj[1], dtype),
+        a=a, b=b, c=c, proj=proj[0] if proj else None,
         se=None if se is None else tuple(
             t.detach() for t in (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)),
     )
@@ -161,12 +168,6 @@ def check_norms(model: nn.Module) -> None:
 BACKENDS = ("triton", "cpu", "cuda")
 
 
-def _state_key(module: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                 for t in itertools.chain(module.parameters(), module.buffers()))
-
-
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast runs convolutions in for x's device, or None."""
     device = x.device.type
@@ -180,8 +181,9 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 class _FusedModule:
     """What the fused stem and blocks share: the backend choice; the path (the eval
     fusion, or the differentiable training path in which each BN follows its mode);
-    autocast; and eval-mode BN folding cached until a parameter or buffer changes, so
-    an eval forward launches only the fused kernels."""
+    autocast; and eval-mode BN folding, redone by every eval forward (no version counter
+    sees a change through `.data` or of a BN's eps, so a cache would go stale) unless
+    `freeze` asked for one folding, kept per (autocast dtype, device)."""
 
     backend = "auto"  # "auto": CPU tensors -> the C++ CPU ops, CUDA tensors -> Triton
                       # (the C++ extension's CUDA kernels where Triton is not installed)
@@ -190,16 +192,14 @@ class _FusedModule:
     def _ops(self, x: torch.Tensor):
         """The module of fused ops for x: `regnet_kernels.ops` (Triton) or `.ops.cpp` (the
         C++ extension: its CPU or CUDA kernels, by x's device)."""
-        if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
-            raise RuntimeError(f"{type(self).__name__}: backend={self.backend!r} runs "
-                               f"{self.backend.upper()} tensors, got a tensor on {x.device}")
-        if self.backend == "triton" and _triton.IMPORT_ERROR is not None:
-            raise _triton.TritonUnavailable(f"backend='triton': {_triton.unavailable_reason()}")
-        if self.backend in ("cpu", "cuda") or (self.backend == "auto" and (
-                x.device.type == "cpu" or _triton.IMPORT_ERROR is not None)):
-            from ..ops import cpp
-            return cpp
-        return ops
+        resolved = resolve_backend(self.backend, x.device, type(self).__name__)
+        return ops if resolved == "triton" else ops.cpp
+
+    def extra_repr(self) -> str:
+        if self.backend != "auto":
+            return f"backend={self.backend!r}"
+        on_cuda = "triton" if _triton.IMPORT_ERROR is None else "cuda"
+        return f"backend='auto' (CPU tensors: 'cpu', CUDA tensors: {on_cuda!r})"
 
     def _eval_fusion(self, x: torch.Tensor) -> bool:
         """The eval fusion (BN folded, no autograd) when every BN is in eval mode and no
@@ -209,6 +209,20 @@ class _FusedModule:
             return False
         return not (torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def _folded(self, dtype: Optional[torch.dtype], device: torch.device):
+        """This module's folded weights: folded now, or the folding `freeze` keeps."""
+        frozen = self.__dict__.get("_frozen")
+        if frozen is None:
+            return self._fold(dtype)
+        if (dtype, device) not in frozen:
+            frozen[(dtype, device)] = self._fold(dtype)
+        return frozen[(dtype, device)]
+
+    def train(self, mode: bool = True):
+        if mode:  # a model that trains changes its weights: it is no longer frozen
+            self.__dict__.pop("_frozen", None)
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -227,15 +241,6 @@ class _FusedModule:
         """{path within this module: norm layer} of the BNs the fused ops implement."""
         raise NotImplementedError
 
-    def _folded(self, fold, dtype: Optional[torch.dtype]):
-        if torch.compiler.is_compiling():  # traced once; the compiler fuses the folding
-            return fold(self, dtype)
-        key = (_state_key(self), dtype)
-        if getattr(self, "_fold_cache", (None,))[0] != key:
-            self._fold_cache = (key, fold(self, dtype))
-        return self._fold_cache[1]
-
-
 class FusedBlock(_FusedModule, ResBottleneckBlock):
     """ResBottleneckBlock through the fused ops: eval = BN folded from running
     statistics (3 or 4 launches), train = batch statistics with autograd."""
@@ -250,8 +255,11 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
     def _train_forward(self, x, fused_ops, dtype):
         return block_forward_train(x, self, fused_ops, dtype, self.sync_bn)
 
+    def _fold(self, dtype):
+        return fold_block(self, dtype)
+
     def _eval_forward(self, x, fused_ops, dtype):
-        return block_forward_eval(x, self._folded(fold_block, dtype), fused_ops)
+        return block_forward_eval(x, self._folded(dtype, x.device), fused_ops)
 
 
 class FusedStem(_FusedModule, Stem):
@@ -271,13 +279,49 @@ class FusedStem(_FusedModule, Stem):
         out = _conv_bn_train(fused_ops, x, self[0], self[1], dtype, self.sync_bn)
         return fused_ops.bn_add_relu(out.y, out.scale, out.shift)
 
+    def _fold(self, dtype):
+        return FoldedConv.of(self[0], self[1], dtype)
+
     def _eval_forward(self, x, fused_ops, dtype):
-        folded = self._folded(lambda stem, dt: FoldedConv.of(stem[0], stem[1], dt), dtype)
+        folded = self._folded(dtype, x.device)
         return fused_ops.conv_bn_act(x, folded.weight, folded.scale, folded.shift,
                                      stride=folded.stride)
 
 
 _FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}
+
+
+def resolve_backend(backend: str, device: torch.device | str, owner: str = "model") -> str:
+    """The fused ops a module with this `backend` runs for tensors on device: "triton",
+    "cpu" (the C++ CPU ops) or "cuda" (the C++ extension's CUDA kernels). Raises as a
+    forward would when the backend cannot run them."""
+    device_type = torch.device(device).type
+    if backend in ("cpu", "cuda") and device_type != backend:
+        raise RuntimeError(f"{owner}: backend={backend!r} runs {backend.upper()} tensors, "
+                           f"got a tensor on {device}")
+    if backend == "triton" and _triton.IMPORT_ERROR is not None:
+        raise _triton.TritonUnavailable(f"backend='triton': {_triton.unavailable_reason()}")
+    if backend != "auto":
+        return backend
+    if device_type == "cpu":
+        return "cpu"
+    return "cuda" if _triton.IMPORT_ERROR is not None else "triton"
+
+
+def resolved_backend(model: nn.Module, device: torch.device | str) -> str:
+    """Which fused ops `model` runs for tensors on device: "triton", "cpu" (the C++ CPU ops)
+    or "cuda" (the C++ extension's CUDA kernels), as its `backend=` resolves ("auto": by
+    the device). Raises ValueError for a model without fused modules or whose modules
+    resolve differently."""
+    resolved = {resolve_backend(m.backend, device, type(m).__name__)
+                for m in model.modules() if isinstance(m, _FusedModule)}
+    if not resolved:
+        raise ValueError(f"resolved_backend: {type(model).__name__} has no fused modules "
+                         "(build it with fused_model() or convert it with fuse())")
+    if len(resolved) > 1:
+        raise ValueError(f"resolved_backend: the fused modules run different backends on "
+                         f"{device}: {sorted(resolved)}")
+    return resolved.pop()
 
 
 def _check_backend(backend: str) -> None:
@@ -322,15 +366,97 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     return model
 
 
+def _conv_bn_mismatch(layers: nn.Module, k: int, relu: bool) -> Optional[str]:
+    """Why layers is not (k x k Conv2d with 'same' zero padding and no bias, BatchNorm2d
+    with running statistics[, ReLU]), or None."""
+    expected = "conv, BN, ReLU" if relu else "conv, BN"
+    if not isinstance(layers, nn.Sequential) or len(layers) != (3 if relu else 2):
+        return f"expected ({expected}), found {type(layers).__name__}"
+    conv, bn = layers[0], layers[1]
+    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (k, k) and conv.bias is None
+            and conv.padding == (k // 2, k // 2) and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and conv.stride[0] == conv.stride[1]):
+        return f"{conv} is not a {k}x{k} conv with 'same' zero padding and no bias"
+    if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or not bn.affine:
+        return f"{bn} is not an affine BatchNorm2d with running statistics"
+    if relu and type(layers[2]) is not nn.ReLU:
+        return f"{layers[2]} is not a ReLU"
+    return None
+
+
+def _block_mismatch(block: nn.Module) -> Optional[str]:
+    """Why block does not compute relu(proj(x) or x + c(se(b(a(x))))) as the fused block
+    does (torchvision's ResBottleneckBlock: same structure, same state_dict keys), or None."""
+    f = getattr(block, "f", None)
+    if not isinstance(f, nn.Module) or not hasattr(block, "proj"):
+        return "no residual branch `f` and shortcut `proj`"
+    if list(f._modules) not in (["a", "b", "c"], ["a", "b", "se", "c"]):
+        return f"its branch f has parts {list(f._modules)}, not a, b[, se], c"
+    parts = [("f.a", f.a, 1, True), ("f.b", f.b, 3, True), ("f.c", f.c, 1, False)]
+    if block.proj is not None:
+        parts.append(("proj", block.proj, 1, False))
+    for name, layers, k, relu in parts:
+        why = _conv_bn_mismatch(layers, k, relu)
+        if why:
+            return f"{name}: {why}"
+    if any(layers[0].groups != 1 for name, layers, _, _ in parts if name != "f.b") or \
+            f.a[0].stride != (1, 1) or f.c[0].stride != (1, 1):
+        return "its 1x1 convs a and c must be dense with stride 1"
+    se = getattr(f, "se", None)
+    if se is not None:
+        convs = [getattr(se, name, None) for name in ("fc1", "fc2")]
+        if not all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and c.bias is not None
+                   for c in convs):
+            return "its SE is not fc1, fc2: 1x1 convs with bias"
+        if type(getattr(se, "activation", nn.ReLU())) is not nn.ReLU or \
+                type(getattr(se, "scale_activation", nn.Sigmoid())) is not nn.Sigmoid:
+            return "its SE is not ReLU then sigmoid"
+    if type(getattr(block, "activation", nn.ReLU())) is not nn.ReLU:
+        return f"its output activation {block.activation} is not a ReLU"
+    return None
+
+
+# Other libraries' RegNet modules with the reference's structure and state_dict keys
+# (torchvision's), by class name: the fused class, and why one is not fusable (or None).
+_LOOKALIKES = {
+    "ResBottleneckBlock": (FusedBlock, _block_mismatch),
+    "SimpleStemIN": (FusedStem, lambda stem: _conv_bn_mismatch(stem, 3, relu=True)),
+}
+
+
 def fuse(model: nn.Module, backend: str = "auto", sync_bn: bool = False) -> nn.Module:
-    """Make a reference RegNet (or any model built from the reference stem and
-    blocks) run through the fused ops, in place: parameters and buffers are kept.
+    """Make a RegNet run through the fused ops, in place: parameters and buffers are kept.
+
+    Fuses the reference stem and blocks (`reference_model`, or any model built from them)
+    and torchvision's RegNets (`torchvision.models.regnet_*`: their SimpleStemIN and
+    ResBottleneckBlocks, checked to have the reference's structure). Raises ValueError, before
+    changing anything, for a block of those names it cannot compute, or when it finds
+    nothing to fuse (a timm or pycls model: load its state_dict into `fused_model`).
     sync_bn: as for `fused_model`. A norm layer the fused ops do not implement (anything
-    but BatchNorm2d and SyncBatchNorm) raises a TypeError naming it."""
+    but BatchNorm2d and SyncBatchNorm) raises a TypeError naming it, the model left as it
+    was given."""
     _check_backend(backend)
-    for module in model.modules():
-        if type(module) in _FUSED:
-            module.__class__ = _FUSED[type(module)]
+    plan = []
+    for path, module in model.named_modules():
+        fused_class = _FUSED.get(type(module))
+        name = type(module).__name__
+        if fused_class is None and name in _LOOKALIKES and not isinstance(module, _FusedModule):
+            fused_class, mismatch = _LOOKALIKES[name]
+            why = mismatch(module)
+            if why:
+                raise ValueError(f"fuse: {path or 'the model'} ({type(module).__module__}."
+                                 f"{name}) is not what the fused ops compute: {why}")
+        if fused_class is not None:
+            plan.append((module, fused_class))
+    if not plan and not any(isinstance(m, _FusedModule) for m in model.modules()):
+        raise ValueError(
+            f"fuse: found no RegNet stem or block in {type(model).__name__}. fuse converts "
+            "regnet_kernels' reference models and torchvision's RegNets; for a timm or pycls "
+            "RegNet, load its weights into a fused model: model = rk.fused_model(name); "
+            "rk.load_checkpoint(model, other.state_dict())")
+    for module, fused_class in plan:
+        module._unfused_class = type(module)
+        module.__class__ = fused_class
     _set_options(model, backend, sync_bn)
     try:
         check_norms(model)
@@ -341,11 +467,37 @@ def fuse(model: nn.Module, backend: str = "auto", sync_bn: bool = False) -> nn.M
 
 
 def unfuse(model: nn.Module) -> nn.Module:
-    """Undo `fuse` in place (for debugging: the plain PyTorch forward again)."""
+    """Undo `fuse` in place (for debugging: the plain PyTorch forward again); the modules of
+    `fused_model` become the reference's."""
     reference = {fused: ref for ref, fused in _FUSED.items()}
     for module in model.modules():
-        if type(module) in reference:
-            for attr in ("_fold_cache", "backend", "sync_bn"):
-                module.__dict__.pop(attr, None)
-            module.__class__ = reference[type(module)]
+        if isinstance(module, _FusedModule):
+            original = module.__dict__.pop("_unfused_class", None) or reference.get(type(module))
+            if original is not None:
+                for attr in ("backend", "sync_bn", "_frozen"):
+                    module.__dict__.pop(attr, None)
+                module.__class__ = original
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """For inference: each fused module folds its BNs once (at its next eval forward, per
+    autocast dtype and device) and reuses that folding, instead of refolding in every eval
+    forward (a few ms per forward on a CPU; ~6 small launches per block on a GPU). The
+    folding is then a snapshot: later changes of the weights, statistics or BN eps may not be
+    seen until `unfreeze(model)`; `model.train()` unfreezes. Returns model."""
+    fused = [m for m in model.modules() if isinstance(m, _FusedModule)]
+    if not fused:
+        raise ValueError(f"freeze: {type(model).__name__} has no fused modules (build it with "
+                         "fused_model() or convert it with fuse())")
+    for module in fused:
+        module._frozen = {}
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Undo `freeze`: every eval forward folds the BNs again. Returns model."""
+    for module in model.modules():
+        if isinstance(module, _FusedModule):
+            module.__dict__.pop("_frozen", None)
     return model

@@ -18,6 +18,8 @@ Training (BN from batch statistics; differentiable, deterministic):
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ._implicit_gemm import acc_dtype
@@ -29,6 +31,7 @@ from .conv_bn_act import ConvStats, conv_bn_act, conv_bn_stats
 from .conv_bn_train import TrainOutput, conv_bn_train
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
 from .se_excite import se_excite, se_squeeze
+from . import cpp  # the C++ extension's ops: importing builds nothing (see cpp.py)
 
 
 def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +51,27 @@ def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach().contiguous(), shift.detach().contiguous()
 
 
-__all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "fold_bn", "conv_bn_stats",
-           "ConvStats", "bn_finalize", "BatchStats", "BatchNormArgs", "se_squeeze", "bn_add_relu",
-           "conv_bn_train", "TrainOutput", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
-           "bn_act_backward"]
+def fold_bns(bns: Sequence[torch.nn.BatchNorm2d]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`fold_bn` of several BatchNorms at once, with torch._foreach_* ops (a handful of
+    launches for all of them instead of ~6 each): the fused eval forward folds on every
+    call, so that no change of a weight, statistic or eps (`.data` included) goes unseen."""
+    def batchable(bn):
+        dtype = acc_dtype(bn.running_var.dtype) if bn.running_var is not None else None
+        return (bn.running_mean is not None and bn.weight is not None and bn.bias is not None
+                and all(t.dtype == dtype for t in (bn.running_var, bn.running_mean, bn.weight,
+                                                   bn.bias)))
+    if not all(batchable(bn) for bn in bns):
+        return [fold_bn(bn) for bn in bns]
+    with torch.no_grad():
+        scale = torch._foreach_add([bn.running_var for bn in bns], [float(bn.eps) for bn in bns])
+        torch._foreach_rsqrt_(scale)
+        torch._foreach_mul_(scale, [bn.weight for bn in bns])
+        shift = torch._foreach_mul(scale, [bn.running_mean for bn in bns])
+        shift = torch._foreach_sub([bn.bias for bn in bns], shift)
+    return list(zip(scale, shift))
+
+
+__all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "fold_bn", "fold_bns",
+           "conv_bn_stats", "ConvStats", "bn_finalize", "BatchStats", "BatchNormArgs",
+           "se_squeeze", "bn_add_relu", "conv_bn_train", "TrainOutput", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
+           "bn_act_backward", "cpp"]
