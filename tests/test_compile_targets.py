@@ -42,7 +42,7 @@ def meta_activation(n, c, h, w, dtype):
 
 def conv_launches(dtype):
     """Call the conv launchers on meta tensors at the standard models' shapes, in
-    `dtype`: every group width as a grouped 3x3 (eval with the SE squeeze, training
+    `dtype`: the group widths below as grouped 3x3s (eval with the SE squeeze, training
     forward with the BN prologue, dgrad and wgrad with their prologues), the dense 1x1
     widths, the stem and the block-end kernel with and without a projection. The
     launches are captured (see `captured_launches`), not run."""
@@ -55,7 +55,10 @@ def conv_launches(dtype):
     def v(*shape):
         return torch.empty(*shape, device="meta", dtype=vec)
 
-    widths = GROUP_WIDTHS if dtype == torch.bfloat16 else GROUP_WIDTHS[::7]
+    # bf16: every other standard group width plus regnety_8gf's 56 (both ends, widths
+    # aligned to 16 and not: each CIN_G / COUT_G path); fp16: three.
+    widths = (sorted(set(GROUP_WIDTHS[::2]) | {56}) if dtype == torch.bfloat16
+              else GROUP_WIDTHS[::7])
     shapes = [(3, cpg, 2, 14 if cpg % 2 else 28) for cpg in widths]       # grouped 3x3
     shapes += [(1, c, 1, 56) for c in (DENSE_WIDTHS if dtype == torch.bfloat16
                                        else DENSE_WIDTHS[:1])]         # dense 1x1
