@@ -48,8 +48,9 @@ def test_eval_matches_reference(params, size):
 # On CPU tensors: the Triton kernels under the interpreter, and the C++ CPU ops; on
 # CUDA tensors: the Triton kernels and the C++ extension's CUDA kernels.
 TRAIN_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton", gpu_only("cuda")]
-# Multi-step runs: minutes each for the Triton kernels under the interpreter, so `slow` on the
-# CPU (pytest -m slow); single steps of the same ops stay in the default run.
+# Multi-step runs and whole-model training passes beyond test_train_step_matches_reference:
+# a minute or more each for the Triton kernels under the interpreter, so `slow` on the CPU
+# (pytest -m slow); single steps of the same ops stay in the default run.
 MULTI_STEP_BACKENDS = ([pytest.param("triton", marks=pytest.mark.slow), "cpu"] if DEVICE == "cpu"
                        else TRAIN_BACKENDS)
 
@@ -202,7 +203,7 @@ def fused_ops_with_grad(model, x):
     return {op.split(".")[0] for op in rec.ops if op.startswith("regnet_")}
 
 
-@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+@pytest.mark.parametrize("backend", MULTI_STEP_BACKENDS)
 def test_eval_with_grad_is_differentiable(backend):
     """Gradients through an eval-mode model: the training kernels with every BN frozen
     (running statistics, left unchanged), equal to the reference's gradients."""
@@ -355,8 +356,10 @@ def fused_ops_used(model, x):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU backend runs CPU tensors")
-@pytest.mark.parametrize("backend,namespace", [("auto", "regnet_kernels"), ("cpu", "regnet_kernels"),
-                                               ("triton", "regnet_triton")])
+@pytest.mark.parametrize("backend,namespace", [
+    ("auto", "regnet_kernels"), ("cpu", "regnet_kernels"),
+    # slow under the interpreter; test_float64_model_on_triton runs the Triton eval model
+    pytest.param("triton", "regnet_triton", marks=pytest.mark.slow)])
 def test_eval_backends_on_cpu(backend, namespace):
     ref, _ = pair(TINY)
     fused = fuse(copy.deepcopy(ref), backend=backend).eval()
