@@ -453,6 +453,31 @@ ROW_FIELDS = [
     "total_predicted_us", "error"]
 
 
+def _predicted_row(ctas: int, warps: int, nbytes: int, flops: int, analysis: dict, dtype: str,
+                   machine: dict, count: int) -> dict:
+    """The compiled kernel's figures and the model's prediction for `count` identical
+    launches: the columns of ROW_FIELDS both reports share (times in us per launch,
+    total_* for all of them)."""
+    p = predict(ctas, warps, nbytes, flops, analysis, dtype, machine)
+    loop = analysis.get("loop") or {}
+    predicted = p.get("predicted_us")
+    return {
+        "warps": warps, "registers": analysis.get("registers"),
+        "spill_stores": analysis.get("spill_stores"), "spill_loads": analysis.get("spill_loads"),
+        "smem_kb": _kb(analysis.get("shared")), "ctas": ctas,
+        "ctas_per_sm": p.get("ctas_per_sm"), "occupancy_limit": p.get("occupancy_limit"),
+        "waves": p.get("waves"), "load_kinds": analysis.get("load_kinds"),
+        "mma_kind": analysis.get("mma_kind"), "loop_instructions": loop.get("instructions"),
+        "loop_mma": loop.get("mma"), "loop_local": loop.get("local"),
+        "iterations": p.get("iterations"), "mma_util": p.get("mma_util"),
+        "mb": nbytes / 1e6, "gflop": flops / 1e9, "floor_us": p["floor_us"],
+        "issue_us": p.get("issue_us"), "mma_us": p.get("mma_us"),
+        "memory_us": p.get("memory_us"), "predicted_us": predicted,
+        "limiter": p.get("limiter"), "total_floor_us": p["floor_us"] * count,
+        "total_predicted_us": None if predicted is None else predicted * count,
+    }
+
+
 def static_report(model: str = "regnety_8gf", batch: int = 256, dtype: str = "bf16",
                   modes: tuple[str, ...] = ("eval", "train"), arch: str = "sm_90",
                   resolution: int = 224, jobs: int = 2, machine: dict = H200_MODEL) -> list[dict]:
@@ -483,29 +508,14 @@ def static_report(model: str = "regnety_8gf", batch: int = 256, dtype: str = "bf
     for key, members in groups.items():
         first = members[0]
         a = analyses[key[2]]
-        warps = first.options.get("num_warps", 4)
-        p = predict(first.ctas, warps, first.bytes, first.flops, a, dtype, machine)
-        loop = a.get("loop") or {}
         row = {
             "model": model, "batch": batch, "dtype": dtype, "arch": arch, "mode": first.mode,
             "phase": first.phase, "layers": _layer_range([m.layer for m in members]),
             "count": len(members), "op": first.op, "kernel": first.kernel_name,
-            "shape": first.op_args, "tile": first.tile(), "warps": warps,
-            "stages": first.options.get("num_stages"), "registers": a.get("registers"),
-            "spill_stores": a.get("spill_stores"), "spill_loads": a.get("spill_loads"),
-            "smem_kb": _kb(a.get("shared")), "ctas": first.ctas,
-            "ctas_per_sm": p.get("ctas_per_sm"), "occupancy_limit": p.get("occupancy_limit"),
-            "waves": p.get("waves"), "load_kinds": a.get("load_kinds"),
-            "mma_kind": a.get("mma_kind"), "loop_instructions": loop.get("instructions"),
-            "loop_mma": loop.get("mma"), "loop_local": loop.get("local"),
-            "iterations": p.get("iterations"), "mma_util": p.get("mma_util"),
-            "mb": first.bytes / 1e6, "gflop": first.flops / 1e9, "floor_us": p["floor_us"],
-            "issue_us": p.get("issue_us"), "mma_us": p.get("mma_us"),
-            "memory_us": p.get("memory_us"), "predicted_us": p.get("predicted_us"),
-            "limiter": p.get("limiter"),
-            "total_floor_us": p["floor_us"] * len(members),
-            "total_predicted_us": None if p.get("predicted_us") is None
-            else p["predicted_us"] * len(members),
+            "shape": first.op_args, "tile": first.tile(),
+            "stages": first.options.get("num_stages"),
+            **_predicted_row(first.ctas, first.options.get("num_warps", 4), first.bytes,
+                             first.flops, a, dtype, machine, len(members)),
             "error": "" if a.get("ok") else a.get("error", "")[:300],
         }
         rows.append(row)
@@ -575,7 +585,7 @@ def cuda_eval_report(model: str = "regnety_8gf", batch: int = 256, dtype: str = 
     pipeline's dynamic buffers, main loop: the cp.async one, or the element-wise one
     where the launch cannot take the 16-byte path). Rows grouped like static_report's."""
     from .capture import capture_model
-    from .cuda_launches import eval_launch, kernel_key
+    from .cuda_launches import LAYOUT, eval_launch, kernel_key
     compiled = compiled or compile_cuda_kernels(arch, jobs)
     _, recorder = capture_model(model, batch, dtype, ("eval",), resolution,
                                 arch_capability(arch))
@@ -592,46 +602,25 @@ def cuda_eval_report(model: str = "regnety_8gf", batch: int = 256, dtype: str = 
     for (kernel, ctas, nbytes, flops, describe), members in groups.items():
         call, launch = members[0]
         k = compiled["kernels"].get(kernel_key(kernel))
-        error = "" if k else f"kernel {kernel} not found in the compiled .cu files"
         analysis = {"ok": False}
         if k:
-            loop = k.get("loop") if launch.vector_path else (k.get("element_loop") or k.get("loop"))
-            if loop:
-                loop = dict(loop, macs_per_iteration=loop["macs_per_iteration"] * launch.warps,
-                            instructions=loop["instructions"])
-            analysis = {"ok": True, "registers": k["registers"],
-                        "shared": k["shared"] + launch.dynamic_smem, "loop": loop,
-                        "instructions": k["instructions"], "mma_kind": k["mma_kind"]}
-        p = predict(ctas, launch.warps, nbytes, flops, analysis, dtype, machine)
-        loop = analysis.get("loop") or {}
+            loop = k["loop"] if launch.vector_path else (k.get("element_loop") or k["loop"])
+            if loop:  # compiled without a launch configuration: MACs per warp
+                loop = dict(loop, macs_per_iteration=loop["macs_per_iteration"] * launch.warps)
+            analysis = dict(k, ok=True, shared=k["shared"] + launch.dynamic_smem, loop=loop)
         rows.append({
             "model": model, "batch": batch, "dtype": dtype, "arch": arch,
             "mode": CUDA_EVAL_MODE, "phase": "forward",
             "layers": _layer_range([c.layer for c, _ in members]),
             "count": len(members), "op": call.name, "kernel": kernel, "shape": describe,
             "tile": launch.tile + ("" if launch.vector_path else " (element path)"),
-            "warps": launch.warps, "stages": LAYOUT_STAGES,
-            "registers": analysis.get("registers"),
-            "spill_stores": k.get("spill_stores") if k else None,
-            "spill_loads": k.get("spill_loads") if k else None,
-            "smem_kb": _kb(analysis.get("shared")), "ctas": ctas,
-            "ctas_per_sm": p.get("ctas_per_sm"), "occupancy_limit": p.get("occupancy_limit"),
-            "waves": p.get("waves"), "load_kinds": k.get("load_kinds") if k else None,
-            "mma_kind": analysis.get("mma_kind"), "loop_instructions": loop.get("instructions"),
-            "loop_mma": loop.get("mma"), "loop_local": loop.get("local"),
-            "iterations": p.get("iterations"), "mma_util": p.get("mma_util"),
-            "mb": nbytes / 1e6, "gflop": flops / 1e9, "floor_us": p["floor_us"],
-            "issue_us": p.get("issue_us"), "mma_us": p.get("mma_us"),
-            "memory_us": p.get("memory_us"), "predicted_us": p.get("predicted_us"),
-            "limiter": p.get("limiter"), "total_floor_us": p["floor_us"] * len(members),
-            "total_predicted_us": None if p.get("predicted_us") is None
-            else p["predicted_us"] * len(members),
-            "error": error})
+            "stages": LAYOUT[dtype][2],
+            **_predicted_row(ctas, launch.warps, nbytes, flops, analysis, dtype, machine,
+                             len(members)),
+            "error": "" if k else f"kernel {kernel} not found in the compiled .cu files"})
     return rows
 
 
-#: igemm.cuh's pipeline depth (cuda_launches.LAYOUT), for the rows' "stages" column.
-LAYOUT_STAGES = 3
 #: The mode of cuda_eval_report's rows (the CUDA backend's eval forward).
 CUDA_EVAL_MODE = "eval-cuda"
 
