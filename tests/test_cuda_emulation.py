@@ -403,6 +403,12 @@ __global__ void ldmatrix_probe(const int* perm, uint32_t* out) {
 }
 }  // namespace
 
+// rk::FastDiv (igemm.cuh): q[i] = n[i] / d[i] by its multiply-high and shift.
+#include "igemm.cuh"
+extern "C" void rk_emu_fast_div_probe(const int* n, const int* d, int count, int* q) {
+  for (int i = 0; i < count; ++i) q[i] = rk::FastDiv(d[i]).div(n[i]);
+}
+
 extern "C" int rk_emu_cp_async_probe(const int* src, int* seen, int blocks, int threads,
                                      int n_fill) {
   RK_LAUNCH(dim3(blocks), threads, 0, 0, cp_async_probe)(src, seen, n_fill);
@@ -535,6 +541,34 @@ def test_cp_async_emulation(selftest_lib):
     assert torch.equal(even[:, 2], landed[0])
     for read in range(3):
         assert torch.equal(odd[:, read], landed[1]), "odd CTA: copies not landed at once"
+
+
+def test_fast_div_matches_integer_division(selftest_lib):
+    """FastDiv(d).div(n) == n // d for every divisor the kernels use (1 to 2^31 - 1:
+    powers of two and their neighbours, primes, the 3x3 taps, group widths, image sizes)
+    at the dividends where a rounding error would show: multiples of d and their
+    neighbours, 0, 2^31 - 1, and random ones."""
+    gen = torch.Generator().manual_seed(11)
+    divisors = {1, 2, 3, 5, 7, 9, 49, 56, 196, 784, 3136, 12544, 50176, 2 ** 31 - 1,
+                *range(1, 300), *torch.randint(1, 2 ** 31 - 1, (200,), generator=gen).tolist()}
+    for e in range(1, 31):
+        divisors |= {2 ** e - 1, 2 ** e, 2 ** e + 1}
+    ns, ds = [], []
+    top = 2 ** 31 - 1
+    for d in sorted(divisors):
+        for k in (1, 2, 3, top // d - 1, top // d):
+            ns += [v for v in (k * d - 1, k * d, k * d + 1) if 0 <= v <= top]
+        ns += [0, top, *torch.randint(0, top, (20,), generator=gen).tolist()]
+        ds += [d] * (len(ns) - len(ds))
+    n = torch.tensor(ns, dtype=torch.int32)
+    d = torch.tensor(ds, dtype=torch.int32)
+    q = torch.full_like(n, -1)
+    f = selftest_lib.rk_emu_fast_div_probe
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    f(n.data_ptr(), d.data_ptr(), n.numel(), q.data_ptr())
+    expect = torch.div(n.long(), d.long(), rounding_mode="floor")
+    bad = (q.long() != expect).nonzero().flatten()
+    assert bad.numel() == 0, [(int(n[i]), int(d[i]), int(q[i])) for i in bad[:5]]
 
 
 @isolated
@@ -788,6 +822,8 @@ GATE_CASES = [
     (2, 7, 40, 80, True, (24, 2, 13), "nhwc"),
     (2, 7, 16, 24, True, (20, 2, 14), "nchw"),
     (2, 5, 12, 40, True, (20, 1, 5), "nhwc"),   # widths 12 / 20: element paths in NHWC
+    (1, 13, 16, 20, True, None, "nhwc"),        # C_out 20: element-wise output chunks
+    (3, 5, 8, 36, False, (8, 2, 9), "nhwc"),    # C_out 36: a partial chunk per row
 ]
 
 

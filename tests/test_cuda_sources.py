@@ -153,10 +153,16 @@ def test_half_precision_gemms_use_tensor_cores(builds, name, arch):
     assert not [k for k, body in fp32.items() if "mma.sync" in body]
 
 
+# conv_bn_act_kernel<T, TL, false>: the element-wise main loop alone (VEC = false, the
+# last template argument).
+ELEMENT_ONLY = re.compile(r"conv_bn_act_kernel.*Lb0EEEv")
+
+
 # The implicit-GEMM kernels (igemm.cuh) that run the cp.async pipeline: everything in the
-# GEMM sources but the wgrad (its own transposed gather) and the wgrad's reduction.
+# GEMM sources but the wgrad (its own transposed gather), the wgrad's reduction and the
+# element-only instantiations.
 def _pipelined(kernel: str) -> bool:
-    return "wgrad" not in kernel
+    return "wgrad" not in kernel and not ELEMENT_ONLY.search(kernel)
 
 
 @pytest.mark.parametrize("name,arch", _arch_params(sorted(GEMM_SOURCES)))
@@ -166,8 +172,13 @@ def test_gemms_use_the_cp_async_pipeline_and_ldmatrix(builds, name, arch):
     with ldmatrix."""
     b = builds[(name, arch)]
     assert b["returncode"] == 0, b["log"]
-    entries = {k: body for k, body in _ptx_entries(b["ptx"]).items() if _pipelined(k)}
+    all_entries = _ptx_entries(b["ptx"])
+    entries = {k: body for k, body in all_entries.items() if _pipelined(k)}
     assert entries
+    element_only = [k for k in all_entries if ELEMENT_ONLY.search(k)]
+    assert bool(element_only) == (name == "conv_bn_act.cu"), element_only
+    for k in element_only:  # the point of the split: no pipeline code in them
+        assert "cp.async" not in all_entries[k], k
     for k, body in entries.items():
         assert re.search(r"cp\.async\.cg\.shared\.global(\.\w+)* \[[^]]+\], \[[^]]+\], 16, ",
                          body), f"{k}: no 16-byte cp.async with a source size"

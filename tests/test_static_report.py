@@ -288,10 +288,11 @@ def test_cuda_eval_report_maps_every_eval_op(model, launches):
     the 3-channel stem takes the element-wise loop (longer), the blocks the cp.async one."""
     from regnet_kernels.bench import cuda_launches as CL
     from regnet_kernels.bench.static import CUDA_EVAL_MODE, cuda_eval_report
-    names = ([f"conv_bn_act_kernel<bf16,Tile<{bm},{bn},{wm},{wn}>>"
-              for (bm, bn), (wm, wn) in CL.CONV_TILES.items()]
-             + [f"conv1x1_gate_residual_kernel<bf16,Tile<{bm},{bn},{wm},{wn}>,{p}>"
-                for (bm, bn), (wm, wn) in CL.GATE_TILES.items() for p in ("true", "false")]
+    flags = ("true", "false")
+    names = ([f"conv_bn_act_kernel<bf16,Tile<{bm},{bn},{wm},{wn}>,{v}>"
+              for (bm, bn), (wm, wn) in CL.CONV_TILES.items() for v in flags]
+             + [f"conv1x1_gate_residual_kernel<bf16,Tile<{bm},{bn},{wm},{wn}>,{p},{v}>"
+                for (bm, bn), (wm, wn) in CL.GATE_TILES.items() for p in flags for v in flags]
              + ["se_excite_kernel<bf16>"])
     compiled = {"kernels": {CL.kernel_key(n): _stub_cuda_kernel(16) for n in names}}
     rows = cuda_eval_report(model, 8, "bf16", resolution=64, compiled=compiled)

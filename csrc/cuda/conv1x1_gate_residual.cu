@@ -21,24 +21,30 @@ struct GateParams {
   AOperand<T> ra;           // res through the projection's stride
   BOperand<T> rb;           // proj weight
   RowMap rows;
-  int cout, tiles_n;
+  int cout;
+  FastDiv tiles_n;          // channel tiles (set by launch_tile)
   const float* scale;
   const float* shift;
   const float* pscale;
   const float* pshift;
   const T* res;             // identity shortcut
   int64_t srn, srh, srw, src;
+  bool res_vec;             // res channels contiguous, chunks 16-byte aligned
   T* y;
+  bool y_vec;               // y rows' channel chunks 16-byte aligned
 };
 
-template <typename T, class TL, bool PROJECT>
+// VEC: every operand of its GEMMs takes the pipelined main loop (only that loop is
+// compiled in); else each GEMM picks its loop from its operands.
+template <typename T, class TL, bool PROJECT, bool VEC>
 __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas) conv1x1_gate_residual_kernel(
     const GateParams<T> p) {
   RK_DYNAMIC_SMEM(uint4, smem_raw);
   Smem<T, TL>& sm = *reinterpret_cast<Smem<T, TL>*>(smem_raw);
+  constexpr Loads L = VEC ? Loads::kVector : Loads::kEither;
   const CtaTile t = cta_tile(p.tiles_n);
   RowMap rows = p.rows;
-  rows.tile = t.row;
+  rows.set_tile<TL::BM>(t.row);
   const int co0 = t.col * TL::BN;
   const int n_valid = min(TL::BN, p.cout - co0);
 
@@ -50,7 +56,7 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas) conv1x1_gate_resid
   // per-channel vectors are held across a GEMM (registers: two CTAs per SM).
   float acc[TL::MI][TL::NJ][4];
   zero<TL>(acc);
-  gemm<T, TL>(acc, p.a, b, rows, sm);
+  gemm<T, TL, L>(acc, p.a, b, rows, sm);
   {
     const ChannelVec<TL> sc(p.scale, f, co0, n_valid), sh(p.shift, f, co0, n_valid);
     for_each_acc<TL>([&](int i, int j, int r) {
@@ -63,31 +69,40 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas) conv1x1_gate_resid
     rb.n_valid = n_valid;
     float accp[TL::MI][TL::NJ][4];
     zero<TL>(accp);
-    gemm<T, TL>(accp, p.ra, rb, rows, sm);
+    gemm<T, TL, L>(accp, p.ra, rb, rows, sm);
     const ChannelVec<TL> sc(p.pscale, f, co0, n_valid), sh(p.pshift, f, co0, n_valid);
     for_each_acc<TL>([&](int i, int j, int r) {
       acc[i][j][r] += fmaf(accp[i][j][r], sc.v[j][r & 1], sh.v[j][r & 1]);
     });
   }
 
-  for_each_row(f, rows, [&](int i, int h, int64_t m, int n, int oh, int ow, bool rok) {
-    if (!rok) return;
-    const int64_t res_row = static_cast<int64_t>(n) * p.srn + oh * p.srh + ow * p.srw;
+  // Staged in fp32 (the residual is added before the one rounding to T).
+  OutTile<float, TL>& out = *reinterpret_cast<OutTile<float, TL>*>(smem_raw);
+  static_assert(sizeof(OutTile<float, TL>) <= sizeof(Smem<T, TL>), "the output tile reuses Smem");
+  stage<float, TL>(out, acc, f);
+  __syncthreads();
+  constexpr int V = Layout<T>::kVec;
+  for_each_out_chunk<T, TL>(rows.valid_rows<TL::BM>(), [&](int r, int c) {
+    const int valid = n_valid - c;
+    if (valid <= 0) return;
+    int64_t m;
+    int n, oh, ow;
+    rows.decode(r, m, n, oh, ow);
+    float v[V];
 #pragma unroll
-    for (int j = 0; j < TL::NJ; ++j) {
-      float v[2];
+    for (int j = 0; j < V; ++j) v[j] = out.v[r][c + j];
+    if constexpr (!PROJECT) {
+      alignas(16) T res[V];
+      load_chunk(res, p.res + static_cast<int64_t>(n) * p.srn + oh * p.srh + ow * p.srw +
+                          static_cast<int64_t>(co0 + c) * p.src,
+                 p.src, valid, p.res_vec);
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = f.col(j, e);
-        v[e] = acc[i][j][2 * h + e];
-        if constexpr (!PROJECT) {
-          if (c < n_valid) v[e] += Elem<T>::to_float(p.res[res_row + (co0 + c) * p.src]);
-        }
-        v[e] = fmaxf(v[e], 0.0f);
-      }
-      store_pair(p.y, m * p.cout + co0 + f.col(j, 0), v[0], v[1], f.col(j, 0) < n_valid,
-                 f.col(j, 1) < n_valid);
+      for (int j = 0; j < V; ++j) v[j] += Elem<T>::to_float(res[j]);
     }
+    alignas(16) T y[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) y[j] = Elem<T>::from_float(fmaxf(v[j], 0.0f));
+    store_chunk(p.y + m * p.cout + co0 + c, y, valid, p.y_vec);
   });
 }
 
@@ -96,26 +111,33 @@ using G128x32 = Tile<128, 32, 4, 1>;
 using G128x64 = Tile<128, 64, 4, 2>;
 using G64x128 = Tile<64, 128, 2, 4>;
 
-template <typename T, class TL, bool PROJECT>
+template <typename T, class TL, bool PROJECT, bool VEC>
 cudaError_t launch_tile(const GateParams<T>& p, int64_t m_total, cudaStream_t stream) {
   const int64_t row_tiles = (m_total + TL::BM - 1) / TL::BM;
   const int64_t tiles_n = (p.cout + TL::BN - 1) / TL::BN;
   if (row_tiles * tiles_n > kInt32Max) return cudaErrorInvalidValue;
   GateParams<T> q = p;
-  q.tiles_n = static_cast<int>(tiles_n);
+  q.tiles_n = FastDiv(static_cast<int>(tiles_n));
   const size_t smem = sizeof(Smem<T, TL>);
-  const cudaError_t err = allow_dynamic_smem(conv1x1_gate_residual_kernel<T, TL, PROJECT>, smem);
+  const auto kernel = conv1x1_gate_residual_kernel<T, TL, PROJECT, VEC>;
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  RK_LAUNCH(static_cast<unsigned>(row_tiles * tiles_n), TL::kThreads, smem, stream,
-            conv1x1_gate_residual_kernel<T, TL, PROJECT>)(q);
+  RK_LAUNCH(static_cast<unsigned>(row_tiles * tiles_n), TL::kThreads, smem, stream, kernel)(q);
   return cudaGetLastError();
+}
+
+template <typename T, bool PROJECT, bool VEC>
+cudaError_t launch_loads(const GateParams<T>& p, int64_t m_total, cudaStream_t stream) {
+  if (p.cout <= 32) return launch_tile<T, G128x32, PROJECT, VEC>(p, m_total, stream);
+  if (p.cout <= 64) return launch_tile<T, G128x64, PROJECT, VEC>(p, m_total, stream);
+  return launch_tile<T, G64x128, PROJECT, VEC>(p, m_total, stream);
 }
 
 template <typename T, bool PROJECT>
 cudaError_t launch_project(const GateParams<T>& p, int64_t m_total, cudaStream_t stream) {
-  if (p.cout <= 32) return launch_tile<T, G128x32, PROJECT>(p, m_total, stream);
-  if (p.cout <= 64) return launch_tile<T, G128x64, PROJECT>(p, m_total, stream);
-  return launch_tile<T, G64x128, PROJECT>(p, m_total, stream);
+  const bool vec = p.a.vec && p.b.vec && (!PROJECT || (p.ra.vec && p.rb.vec));
+  return vec ? launch_loads<T, PROJECT, true>(p, m_total, stream)
+             : launch_loads<T, PROJECT, false>(p, m_total, stream);
 }
 
 template <typename T>
@@ -133,10 +155,7 @@ cudaError_t launch(const rk_conv1x1_gate_residual_args& a, cudaStream_t stream) 
     p.ra = a_operand<T>(a.x, a.sx_n, a.sx_h, a.sx_w, a.sx_c, a.h, a.w, a.c_in, 1, 1);
     p.rb = p.b;
   }
-  p.rows.m_total = a.n * a.h * a.w;
-  p.rows.hwo = static_cast<int>(a.h * a.w);
-  p.rows.wo = static_cast<int>(a.w);
-  p.rows.tiles_per_image = 0;
+  p.rows = RowMap::over(a.n * a.h * a.w, static_cast<int>(a.h * a.w), static_cast<int>(a.w), 0);
   p.cout = static_cast<int>(a.c_out);
   p.scale = a.scale;
   p.shift = a.shift;
@@ -148,6 +167,10 @@ cudaError_t launch(const rk_conv1x1_gate_residual_args& a, cudaStream_t stream) 
   p.srw = a.sr_w;
   p.src = a.sr_c;
   p.y = static_cast<T*>(a.y);
+  constexpr int V = Layout<T>::kVec;
+  p.res_vec = !project && a.sr_c == 1 && a.sr_n % V == 0 && a.sr_h % V == 0 && a.sr_w % V == 0 &&
+              a.c_out % V == 0 && aligned16(a.res);
+  p.y_vec = a.c_out % V == 0 && aligned16(a.y);
   const int64_t m_total = p.rows.m_total;
   return project ? launch_project<T, true>(p, m_total, stream)
                  : launch_project<T, false>(p, m_total, stream);

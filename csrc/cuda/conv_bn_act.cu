@@ -18,15 +18,19 @@ struct ConvParams {
   AOperand<T> a;            // ci0 set per CTA
   BOperand<T> b;            // co0 / n_valid set per CTA
   RowMap rows;
-  int cout, cout_g, tiles_n, cols;  // cols = groups * tiles_n
+  int cout, cout_g;
+  FastDiv tiles_n, cols;    // channel tiles per group, cols = groups * tiles_n
   const float* scale;
   const float* shift;
   bool relu;
   T* y;
+  bool y_vec;               // y rows' channel chunks 16-byte aligned (store_chunk)
   float* sums;              // nullptr, or (N, T, C_out)
 };
 
-template <typename T, class TL>
+// VEC: the instantiation with the pipelined main loop (p.a.vec && p.b.vec), else the
+// element-wise one.
+template <typename T, class TL, bool VEC>
 __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
     conv_bn_act_kernel(const ConvParams<T> p) {
   RK_DYNAMIC_SMEM(uint4, smem_raw);
@@ -36,9 +40,10 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
 
   const CtaTile t = cta_tile(p.cols);
   RowMap rows = p.rows;
-  rows.tile = t.row;
+  rows.set_tile<TL::BM>(t.row);
   float acc[TL::MI][TL::NJ][4];
-  const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, t.col, rows, sm);
+  const BOperand<T> b = grouped_gemm<T, TL, VEC ? Loads::kVector : Loads::kElement>(
+      acc, p.a, p.b, p.cout_g, p.tiles_n, t.col, rows, sm);
 
   const Frag<TL> f;
   {  // the affine in place: no per-channel vectors held through the stores (registers)
@@ -48,31 +53,35 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
       acc[i][j][r] = p.relu ? fmaxf(v, 0.0f) : v;
     });
   }
-  float colsum[TL::NJ][2] = {};
-  for_each_row(f, rows, [&](int i, int h, int64_t m, int, int, int, bool rok) {
-    if (!rok) return;
-#pragma unroll
-    for (int j = 0; j < TL::NJ; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-        if (f.col(j, e) < b.n_valid) colsum[j][e] += acc[i][j][2 * h + e];
-      store_pair(p.y, m * p.cout + b.co0 + f.col(j, 0), acc[i][j][2 * h], acc[i][j][2 * h + 1],
-                 f.col(j, 0) < b.n_valid, f.col(j, 1) < b.n_valid);
-    }
+  const int n_rows = rows.valid_rows<TL::BM>();
+  OutTile<T, TL>& out = *reinterpret_cast<OutTile<T, TL>*>(smem_raw);
+  static_assert(sizeof(OutTile<T, TL>) <= sizeof(Smem<T, TL>), "the output tile reuses Smem");
+  stage<T, TL>(out, acc, f);
+  __syncthreads();
+  for_each_out_chunk<T, TL>(n_rows, [&](int r, int c) {
+    if (c >= b.n_valid) return;
+    store_chunk(p.y + rows.flat(r) * p.cout + b.co0 + c, &out.v[r][c], b.n_valid - c,
+                p.y_vec);
   });
 
   if (p.sums == nullptr) return;  // uniform over the CTA
+  // The squeeze sums the fp32 values (before rounding to T), rows that exist only.
+  float colsum[TL::NJ][2] = {};
+  for_each_acc<TL>([&](int i, int j, int r) {
+    if (f.row(i, r >> 1) < n_rows && f.col(j, r & 1) < b.n_valid) colsum[j][r & 1] += acc[i][j][r];
+  });
   sum_columns<TL>(colsum, f, red, tile_sums);
   for (int c = threadIdx.x; c < b.n_valid; c += TL::kThreads)
     p.sums[static_cast<int64_t>(t.row) * p.cout + b.co0 + c] = tile_sums[c];
 }
 
-template <typename T, class TL>
+template <typename T, class TL, bool VEC>
 cudaError_t launch_tile(ConvParams<T> p, int64_t ctas, cudaStream_t stream) {
   const size_t smem = sizeof(Smem<T, TL>);
-  const cudaError_t err = allow_dynamic_smem(conv_bn_act_kernel<T, TL>, smem);
+  const cudaError_t err = allow_dynamic_smem(conv_bn_act_kernel<T, TL, VEC>, smem);
   if (err != cudaSuccess) return err;
-  RK_LAUNCH(static_cast<unsigned>(ctas), TL::kThreads, smem, stream, conv_bn_act_kernel<T, TL>)(p);
+  RK_LAUNCH(static_cast<unsigned>(ctas), TL::kThreads, smem, stream,
+            conv_bn_act_kernel<T, TL, VEC>)(p);
   return cudaGetLastError();
 }
 
@@ -85,27 +94,30 @@ cudaError_t launch(const rk_conv_bn_act_args& args, const rk_conv_plan& plan,
   p.a = a_operand<T>(args.x, args.sx_n, args.sx_h, args.sx_w, args.sx_c, args.h, args.w, cin_g,
                      args.k, args.stride);
   p.b = b_operand<T>(args.weight, args.sw_o, args.sw_i, args.sw_h, args.sw_w, cin_g, args.k);
-  p.rows.m_total = args.n * hwo;
-  p.rows.hwo = static_cast<int>(hwo);
-  p.rows.wo = static_cast<int>(plan.out_w);
-  p.rows.tiles_per_image = static_cast<int>(plan.tiles_per_image);
+  p.rows = RowMap::over(args.n * hwo, static_cast<int>(hwo), static_cast<int>(plan.out_w),
+                        static_cast<int>(plan.tiles_per_image));
   p.cout = static_cast<int>(args.c_out);
   p.cout_g = static_cast<int>(cout_g);
-  p.tiles_n = static_cast<int>((cout_g + plan.block_n - 1) / plan.block_n);
+  const int64_t tiles_n = (cout_g + plan.block_n - 1) / plan.block_n;
+  p.tiles_n = FastDiv(static_cast<int>(tiles_n));
   p.scale = args.scale;
   p.shift = args.shift;
   p.relu = args.relu != 0;
   p.y = static_cast<T*>(args.y);
+  constexpr int V = Layout<T>::kVec;
+  p.y_vec = args.c_out % V == 0 && cout_g % V == 0 && aligned16(args.y);
   p.sums = args.sums;
 
   const int64_t row_tiles = plan.tiles_per_image > 0
                                ? args.n * plan.tiles_per_image
                                : (args.n * hwo + plan.block_m - 1) / plan.block_m;
-  const int64_t cols = args.groups * p.tiles_n;
+  const int64_t cols = args.groups * tiles_n;
   if (cols > kInt32Max || row_tiles * cols > kInt32Max) return cudaErrorInvalidValue;
-  p.cols = static_cast<int>(cols);
+  p.cols = FastDiv(static_cast<int>(cols));
   return with_tile<T>(plan.block_m, plan.block_n, [&](auto tile) {
-    return launch_tile<T, decltype(tile)>(p, row_tiles * cols, stream);
+    using TL = decltype(tile);
+    return p.a.vec && p.b.vec ? launch_tile<T, TL, true>(p, row_tiles * cols, stream)
+                              : launch_tile<T, TL, false>(p, row_tiles * cols, stream);
   });
 }
 

@@ -34,7 +34,8 @@ struct TrainParams {
   AOperand<T, true> a;      // ci0 set per CTA
   BOperand<T> b;            // co0 / n_valid set per CTA
   RowMap rows;
-  int cout, cout_g, tiles_n, cols;  // cols = groups * tiles_n (1-D grid, cta_tile)
+  int cout, cout_g;
+  FastDiv tiles_n, cols;    // channel tiles per group, cols = groups * tiles_n (cta_tile)
   T* y;
   float* partials;          // nullptr, or (tiles_m, 2, C_out)
 };
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
 
   const CtaTile t = cta_tile(p.cols);
   RowMap rows = p.rows;
-  rows.tile = t.row;
+  rows.set_tile<TL::BM>(t.row);
   float acc[TL::MI][TL::NJ][4];
   const BOperand<T> b = grouped_gemm<T, TL>(acc, p.a, p.b, p.cout_g, p.tiles_n, t.col, rows, sm);
 
@@ -172,7 +173,8 @@ struct DgradParams {
   BOperand<T> b;            // weight_t rows: co0 = the tile's first input channel
   int tiles_per_image;      // per phase, with a gate (per-image tiles), else 0
   int n, h, w;              // the input's size
-  int cin, cin_g, tiles_n;
+  int cin, cin_g;
+  FastDiv tiles_n;          // channel tiles per group
   const T* x;               // read only with a prologue
   int64_t sxn, sxh, sxw, sxc;
   rk_prologue pro;
@@ -201,8 +203,8 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
   const int s = a.stride;
   const int hp = (p.h - a.ph + s - 1) / s, wp = (p.w - a.pw + s - 1) / s;
   if (hp <= 0 || wp <= 0) {  // a phase without pixels (stride > H or W): zero dgate sums
-    const int group = static_cast<int>(blockIdx.y) / p.tiles_n;
-    const int n0 = (static_cast<int>(blockIdx.y) - group * p.tiles_n) * TL::BN;
+    const int group = p.tiles_n.div(static_cast<int>(blockIdx.y));
+    const int n0 = (static_cast<int>(blockIdx.y) - group * p.tiles_n.d) * TL::BN;
     float* out = p.dgate == nullptr ? nullptr
                                     : p.dgate + dgate_slot(p.tiles_per_image) * p.cin +
                                           group * p.cin_g + n0;
@@ -210,8 +212,8 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
       out[c] = 0.0f;
     return;
   }
-  const RowMap rows{static_cast<int64_t>(p.n) * hp * wp, hp * wp, wp, p.tiles_per_image,
-                    static_cast<int>(blockIdx.x)};
+  RowMap rows = RowMap::over(static_cast<int64_t>(p.n) * hp * wp, hp * wp, wp, p.tiles_per_image);
+  rows.set_tile<TL::BM>(static_cast<int>(blockIdx.x));
 
   float acc[TL::MI][TL::NJ][4];
   const BOperand<T> b =
@@ -328,10 +330,10 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
       Chunk<T> v;
       v.u = make_uint4(0u, 0u, 0u, 0u);
       if (c < k_valid && m < m_end) {
-        const int n = static_cast<int>(m / p.rows.hwo);
-        const int px = static_cast<int>(m - static_cast<int64_t>(n) * p.rows.hwo);
-        const int oh = px / p.rows.wo;
-        const RowPos pos = u.row(n, oh, px - oh * p.rows.wo, true);
+        const int n = static_cast<int>(m / p.rows.hwo.d);
+        const int px = static_cast<int>(m - static_cast<int64_t>(n) * p.rows.hwo.d);
+        const int oh = p.rows.wo.div(px);
+        const RowPos pos = u.row(n, oh, px - oh * p.rows.wo.d, true);
         if (u.vec) {
           v.u = u.load_vec(pos, u.at(k_t + c));
         } else {
@@ -416,15 +418,16 @@ cudaError_t launch_train(const rk_conv_train_args& args, const rk_conv_train_pla
                            cin_g, args.k, args.stride);
   set_prologue(p.a, args.prologue);
   p.b = b_operand<T>(args.weight, args.sw_o, args.sw_i, args.sw_h, args.sw_w, cin_g, args.k);
-  p.rows = RowMap{args.n * hwo, static_cast<int>(hwo), static_cast<int>(plan.out_w), 0, 0};
+  p.rows = RowMap::over(args.n * hwo, static_cast<int>(hwo), static_cast<int>(plan.out_w), 0);
   p.cout = static_cast<int>(args.c_out);
   p.cout_g = static_cast<int>(cout_g);
-  p.tiles_n = static_cast<int>((cout_g + bn - 1) / bn);
+  const int64_t tiles_n = (cout_g + bn - 1) / bn;
+  p.tiles_n = FastDiv(static_cast<int>(tiles_n));
   p.y = static_cast<T*>(args.y);
   p.partials = args.partials;
-  const int64_t cols = args.groups * p.tiles_n;
+  const int64_t cols = args.groups * tiles_n;
   if (cols > kInt32Max || plan.tiles_m * cols > kInt32Max) return cudaErrorInvalidValue;
-  p.cols = static_cast<int>(cols);
+  p.cols = FastDiv(static_cast<int>(cols));
   return with_tile<T>(bm, bn, [&](auto tile) {
     using TL = decltype(tile);
     const size_t smem = sizeof(Smem<T, TL>);
@@ -479,7 +482,8 @@ cudaError_t launch_dgrad(const rk_conv_dgrad_args& args, const DgradPlan& plan,
   p.n = static_cast<int>(args.n), p.h = static_cast<int>(args.h), p.w = static_cast<int>(args.w);
   p.cin = static_cast<int>(args.c_in);
   p.cin_g = static_cast<int>(cin_g);
-  p.tiles_n = static_cast<int>((cin_g + plan.bn - 1) / plan.bn);
+  const int64_t tiles_n = (cin_g + plan.bn - 1) / plan.bn;
+  p.tiles_n = FastDiv(static_cast<int>(tiles_n));
   p.x = static_cast<const T*>(args.x);
   p.sxn = args.sx_n, p.sxh = args.sx_h, p.sxw = args.sx_w, p.sxc = args.sx_c;
   p.pro = args.prologue;
@@ -488,7 +492,7 @@ cudaError_t launch_dgrad(const rk_conv_dgrad_args& args, const DgradPlan& plan,
   const int64_t grid_x = plan.tiles_per_image > 0
                              ? args.n * plan.tiles_per_image
                              : (args.n * plan.phase_h * plan.phase_w + plan.bm - 1) / plan.bm;
-  const int64_t grid_y = args.groups * p.tiles_n;
+  const int64_t grid_y = args.groups * tiles_n;
   if (grid_x > kInt32Max || grid_y > 65535 || plan.phases > 65535) return cudaErrorInvalidValue;
   return with_tile<T>(plan.bm, plan.bn, [&](auto tile) {
     using TL = decltype(tile);
@@ -547,7 +551,7 @@ cudaError_t launch_wgrad(const rk_conv_wgrad_args& args, const WgradPlan& plan,
     constexpr int V = Layout<T>::kVec;
     p.dy_vec = args.c_out % V == 0 && (args.c_out / args.groups) % V == 0 && aligned16(args.dy);
     const int64_t hwo = args.out_h * args.out_w;
-    p.rows = RowMap{plan.m_total, static_cast<int>(hwo), static_cast<int>(args.out_w), 0, 0};
+    p.rows = RowMap::over(plan.m_total, static_cast<int>(hwo), static_cast<int>(args.out_w), 0);
     p.cout = static_cast<int>(args.c_out);
     p.cout_g = static_cast<int>(args.c_out / args.groups);
     p.kdim = static_cast<int>(plan.kdim);

@@ -139,6 +139,36 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 }
 
 // ---------------------------------------------------------------------------
+// Division by a divisor fixed per launch
+// ---------------------------------------------------------------------------
+
+// n / d for 0 <= n < 2^31 and a divisor d >= 1 known before the kernel runs, as a
+// multiply-high, an add and a shift (the round-up method of Granlund and Montgomery,
+// 1994: with l = ceil(log2 d), n / d = (n * (2^32 + mul)) >> (32 + l) where
+// mul = floor(2^32 (2^l - d) / d) + 1; exact for every n < 2^32, and the add cannot
+// overflow for n < 2^31). A 32-bit integer division is ~20 instructions; the row and
+// k decompositions of the main loop and epilogue run several per K step and per row.
+struct FastDiv {
+  int d;
+  uint32_t mul;
+  int shift;
+  __host__ __device__ FastDiv() : d(1), mul(1), shift(0) {}
+  __host__ __device__ explicit FastDiv(int divisor) : d(divisor), shift(0) {
+    while ((int64_t{1} << shift) < divisor) ++shift;
+    mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - divisor)) /
+                                    static_cast<uint64_t>(divisor) + 1);
+  }
+  __device__ __forceinline__ int div(int n) const {
+#ifdef RK_CUDA_EMULATION
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * mul) >> 32);
+#else
+    const uint32_t hi = __umulhi(static_cast<uint32_t>(n), mul);
+#endif
+    return static_cast<int>((hi + static_cast<uint32_t>(n)) >> shift);
+  }
+};
+
+// ---------------------------------------------------------------------------
 // Tile configuration
 // ---------------------------------------------------------------------------
 
@@ -172,12 +202,12 @@ struct KPos {
   bool ok;
 };
 
-__device__ __forceinline__ KPos decompose(int k, int K, int cin_g, int ks) {
+__device__ __forceinline__ KPos decompose(int k, int K, const FastDiv& cin_g, const FastDiv& ks) {
   KPos q;
-  const int tap = k / cin_g;
-  q.ci = k - tap * cin_g;
-  q.kh = tap / ks;
-  q.kw = tap - q.kh * ks;
+  const int tap = cin_g.div(k);
+  q.ci = k - tap * cin_g.d;
+  q.kh = ks.div(tap);
+  q.kw = tap - q.kh * ks.d;
   q.ok = k < K;
   return q;
 }
@@ -209,6 +239,7 @@ struct AOperand {
   int h, w;                 // input size
   int cin_g, ci0;           // channels of this group, first channel of the group
   int ks, stride, pad;      // kernel size (odd), conv stride, padding
+  FastDiv cin_div, ks_div;  // by cin_g and ks (at())
   const float* in_scale;    // nullptr, or (C,) with in_shift
   const float* in_shift;
   bool in_relu;
@@ -219,7 +250,9 @@ struct AOperand {
 
   __device__ __forceinline__ void set_group(int g) { ci0 = g * cin_g; }
   __device__ __forceinline__ int k_total() const { return ks * ks * cin_g; }
-  __device__ __forceinline__ KPos at(int k) const { return decompose(k, k_total(), cin_g, ks); }
+  __device__ __forceinline__ KPos at(int k) const {
+    return decompose(k, k_total(), cin_div, ks_div);
+  }
   __device__ __forceinline__ RowPos row(int n, int oh, int ow, bool ok) const {
     return RowPos{n, oh * stride - pad, ow * stride - pad, ok};
   }
@@ -303,39 +336,56 @@ struct BOperand {
 // Rows of the tile: per-image tiles (the SE squeeze; tiles_per_image > 0) cover
 // pixels [t * BM, (t + 1) * BM) of image n, tile = n * tiles_per_image + t, so a
 // per-image column sum of the tile needs no segmentation; otherwise the tile covers
-// rows m = tile * BM + r of all N * Ho * Wo output pixels. `tile` is the CTA's row
-// tile, set by the kernel (cta_tile()).
+// rows m = tile * BM + r of all N * Ho * Wo output pixels. Built on the host by
+// RowMap::over(); the kernel then places it on its row tile with set_tile<BM>(), which
+// does the tile's divisions once, so a row's decode is two FastDivs.
 struct RowMap {
   int64_t m_total;          // N * Ho * Wo
-  int hwo, wo;
   int tiles_per_image;
-  int tile;
+  FastDiv hwo, wo, per_image;  // by Ho * Wo, Wo and tiles_per_image (1 when 0)
+  // set_tile(): row 0 of the tile is flat row m0 = image n0, pixel p0; rows m < m_end exist
+  int64_t m0, m_end;
+  int n0, p0;
 
-  template <int BM>
-  __device__ __forceinline__ bool decode(int r, int64_t& m, int& n, int& oh, int& ow) const {
-    int p;
-    bool ok;
-    if (tiles_per_image > 0) {
-      n = tile / tiles_per_image;
-      p = (tile - n * tiles_per_image) * BM + r;
-      ok = p < hwo;
-      m = static_cast<int64_t>(n) * hwo + p;
-    } else {
-      // One 64-bit division per tile (the same for every row: computed once after
-      // inlining), the row's in 32 bits: (tile start % hwo) + r < hwo + BM.
-      const int64_t m0 = static_cast<int64_t>(tile) * BM;
-      const int64_t n0 = m0 / hwo;
-      const int q = static_cast<int>(m0 - n0 * hwo) + r;
-      const int dn = q / hwo;
-      m = m0 + r;
-      ok = m < m_total;
-      n = static_cast<int>(n0) + dn;
-      p = q - dn * hwo;
-    }
-    oh = p / wo;
-    ow = p - oh * wo;
-    return ok;
+  __host__ __device__ static RowMap over(int64_t m_total, int hwo, int wo, int tiles_per_image) {
+    RowMap r{};
+    r.m_total = m_total;
+    r.tiles_per_image = tiles_per_image;
+    r.hwo = FastDiv(hwo), r.wo = FastDiv(wo), r.per_image = FastDiv(max(tiles_per_image, 1));
+    return r;
   }
+  template <int BM>
+  __device__ __forceinline__ void set_tile(int tile) {
+    if (tiles_per_image > 0) {
+      n0 = per_image.div(tile);
+      p0 = (tile - n0 * tiles_per_image) * BM;
+      m_end = static_cast<int64_t>(n0 + 1) * hwo.d;
+    } else {
+      const int64_t first = static_cast<int64_t>(tile) * BM;
+      n0 = static_cast<int>(first / hwo.d);  // 64-bit: once per CTA
+      p0 = static_cast<int>(first - static_cast<int64_t>(n0) * hwo.d);
+      m_end = m_total;
+    }
+    m0 = static_cast<int64_t>(n0) * hwo.d + p0;
+  }
+  // Row r of the tile: flat row m, image n, output pixel (oh, ow); whether it exists.
+  __device__ __forceinline__ bool decode(int r, int64_t& m, int& n, int& oh, int& ow) const {
+    const int q = p0 + r;  // < Ho * Wo + BM: 32 bits
+    const int dn = hwo.div(q);
+    const int p = q - dn * hwo.d;
+    n = n0 + dn;
+    m = m0 + r;
+    oh = wo.div(p);
+    ow = p - oh * wo.d;
+    return m < m_end;
+  }
+  // The number of rows of this tile that exist (rows 0 .. valid_rows() - 1).
+  template <int BM>
+  __device__ __forceinline__ int valid_rows() const {
+    return static_cast<int>(min(static_cast<int64_t>(BM), m_end - m0));
+  }
+  // The flat output row of tile row r.
+  __device__ __forceinline__ int64_t flat(int r) const { return m0 + r; }
 };
 
 // This CTA's row tile and column tile (a group's channel tile, over all groups) in a
@@ -345,9 +395,9 @@ struct RowMap {
 struct CtaTile {
   int row, col;
 };
-__device__ __forceinline__ CtaTile cta_tile(int cols) {
-  const int row = static_cast<int>(blockIdx.x / static_cast<unsigned>(cols));
-  return CtaTile{row, static_cast<int>(blockIdx.x) - row * cols};
+__device__ __forceinline__ CtaTile cta_tile(const FastDiv& cols) {
+  const int row = cols.div(static_cast<int>(blockIdx.x));
+  return CtaTile{row, static_cast<int>(blockIdx.x) - row * cols.d};
 }
 
 // The A and B tiles of S K steps (S = kStages for the pipelined main loop). Kernels keep
@@ -422,7 +472,7 @@ __device__ __forceinline__ void for_each_row(const Frag<TL>& f, const RowMap& ro
     for (int h = 0; h < 2; ++h) {
       int64_t m;
       int n, oh, ow;
-      const bool ok = rows.decode<TL::BM>(f.row(i, h), m, n, oh, ow);
+      const bool ok = rows.decode(f.row(i, h), m, n, oh, ow);
       fn(i, h, m, n, oh, ow, ok);
     }
 }
@@ -609,10 +659,16 @@ __device__ __forceinline__ void gemm_elementwise(float (&acc)[TL::MI][TL::NJ][4]
   }
 }
 
+// The main loops a kernel instantiation carries: only the pipelined one (the launcher
+// checked a.vec && b.vec), only the element-wise one, or both, chosen per call from
+// the operands. One loop per instantiation keeps the other's code (~400 instructions)
+// out of the kernel.
+enum class Loads { kVector, kElement, kEither };
+
 // acc += A B over the whole reduction K = a.k_total(). A is an AOperand<T> or any type
 // with its interface (the dgrad's operand in conv_train.cu). Ends with a barrier, so
 // the shared memory may be reused (a second GEMM, the epilogue) right after.
-template <typename T, class TL, class A, int S>
+template <typename T, class TL, Loads L = Loads::kEither, class A, int S>
 __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const A& a,
                                      const BOperand<T>& b, const RowMap& rows,
                                      Smem<T, TL, S>& sm) {
@@ -622,10 +678,14 @@ __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const A& a
   for (int i = 0; i < CM::kA; ++i) {
     int64_t m;
     int n, oh, ow;
-    const bool ok = rows.decode<TL::BM>(CM::a_row(i), m, n, oh, ow);
+    const bool ok = rows.decode(CM::a_row(i), m, n, oh, ow);
     pos[i] = a.row(n, oh, ow, ok);
   }
-  if (a.vec && b.vec)
+  if constexpr (L == Loads::kVector)
+    gemm_pipelined<T, TL>(acc, a, b, pos, sm);
+  else if constexpr (L == Loads::kElement)
+    gemm_elementwise<T, TL>(acc, a, b, pos, sm);
+  else if (a.vec && b.vec)
     gemm_pipelined<T, TL>(acc, a, b, pos, sm);
   else
     gemm_elementwise<T, TL>(acc, a, b, pos, sm);
@@ -664,19 +724,88 @@ __device__ __forceinline__ void sum_columns(const float (&colsum)[TL::NJ][2], co
 // The main loop of a grouped conv's CTA: column tile col = group * tiles_n + the N
 // tile, so A moves to the group and B to the tile's first row group * n_per_group +
 // tile * BN. Returns B as the CTA used it (co0, n_valid) for the epilogue.
-template <typename T, class TL, class A, int S>
+template <typename T, class TL, Loads L = Loads::kEither, class A, int S>
 __device__ __forceinline__ BOperand<T> grouped_gemm(float (&acc)[TL::MI][TL::NJ][4], A a,
-                                                    BOperand<T> b, int n_per_group, int tiles_n,
-                                                    int col, const RowMap& rows,
-                                                    Smem<T, TL, S>& sm) {
-  const int group = col / tiles_n;
-  const int n0 = (col - group * tiles_n) * TL::BN;
+                                                    BOperand<T> b, int n_per_group,
+                                                    const FastDiv& tiles_n, int col,
+                                                    const RowMap& rows, Smem<T, TL, S>& sm) {
+  const int group = tiles_n.div(col);
+  const int n0 = (col - group * tiles_n.d) * TL::BN;
   a.set_group(group);
   b.co0 = group * n_per_group + n0;
   b.n_valid = min(TL::BN, n_per_group - n0);
   zero<TL>(acc);
-  gemm<T, TL>(acc, a, b, rows, sm);
+  gemm<T, TL, L>(acc, a, b, rows, sm);
   return b;
+}
+
+// The CTA's output tile staged in shared memory (over the main loop's buffers, free
+// after gemm()'s closing barrier), so that it leaves in whole 16-byte chunks of an output
+// row: coalesced stores, and one row decode per chunk instead of one per fragment row.
+// E: T (the final values) or float (values that still get an fp32 term, e.g. a
+// residual). Rows padded by 8 elements: the fragment pairs a warp writes fall in
+// distinct banks, and rows stay 16-byte aligned.
+template <typename E, class TL>
+struct OutTile {
+  static constexpr int kLd = TL::BN + 8;
+  E v[TL::BM][kLd];
+};
+
+// acc (fragment layout) into the staged tile, converted to E. The caller publishes it
+// with a barrier.
+template <typename E, class TL>
+__device__ __forceinline__ void stage(OutTile<E, TL>& out, const float (&acc)[TL::MI][TL::NJ][4],
+                                      const Frag<TL>& f) {
+#pragma unroll
+  for (int i = 0; i < TL::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < TL::NJ; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        E* dst = &out.v[f.row(i, h)][f.col(j, 0)];
+        dst[0] = static_cast<E>(Elem<E>::from_float(acc[i][j][2 * h]));
+        dst[1] = static_cast<E>(Elem<E>::from_float(acc[i][j][2 * h + 1]));
+      }
+}
+
+// Calls fn(r, c) for the output chunks this thread stores: tile row r (< rows), columns
+// c .. c + V - 1 with V = 16 / sizeof(T), V adjacent threads on one row.
+template <typename T, class TL, class Fn>
+__device__ __forceinline__ void for_each_out_chunk(int rows, Fn&& fn) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), kPerRow = TL::BN / V;
+  static_assert(TL::BN % V == 0 && TL::kThreads % kPerRow == 0, "whole chunks per pass");
+  const int c = (threadIdx.x % kPerRow) * V;
+#pragma unroll 2
+  for (int r = threadIdx.x / kPerRow; r < rows; r += TL::kThreads / kPerRow) fn(r, c);
+}
+
+// V = 16 / sizeof(T) elements src[0, stride, .., (V - 1) stride] into v: one 16-byte
+// load when vec (stride 1, src 16-byte aligned) and all valid, else element by element,
+// zeros past the first `valid`.
+template <typename T>
+__device__ __forceinline__ void load_chunk(T (&v)[16 / sizeof(T)], const T* src, int64_t stride,
+                                           int valid, bool vec) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  if (vec && valid >= V) {
+    *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(src));
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = j < valid ? src[j * stride] : Elem<T>::from_float(0.0f);
+}
+
+// The V = 16 / sizeof(T) elements v[0 .. V) to dst: one 16-byte store when vec (dst
+// 16-byte aligned) and all valid, else element by element, the first `valid` of them.
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* dst, const T* v, int valid, bool vec) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  if (vec && valid >= V) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (j < valid) dst[j] = v[j];
 }
 
 // Stores two adjacent output channels (one 4- or 8-byte store when aligned).
@@ -713,6 +842,7 @@ inline AOperand<T, PROLOGUE> a_operand(const void* x, int64_t sn, int64_t sh, in
   a.h = static_cast<int>(h), a.w = static_cast<int>(w);
   a.cin_g = static_cast<int>(cin_g), a.ci0 = 0;
   a.ks = static_cast<int>(ks), a.stride = static_cast<int>(stride), a.pad = a.ks / 2;
+  a.cin_div = FastDiv(a.cin_g), a.ks_div = FastDiv(a.ks);
   a.vec = sc == 1 && cin_g % V == 0 && sn % V == 0 && sh % V == 0 && sw % V == 0 && aligned16(x);
   return a;
 }

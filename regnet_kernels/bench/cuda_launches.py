@@ -77,9 +77,10 @@ def conv_bn_act(args: dict, dtype: str, squeeze: bool) -> CudaLaunch:
     row_tiles = n * math.ceil(hwo / bm) if squeeze else math.ceil(n * hwo / bm)
     ctas = row_tiles * groups * math.ceil(cout_g / bn)
     wm, wn = CONV_TILES[(bm, bn)]
-    name = f"conv_bn_act_kernel<{CPP_TYPE[dtype]},Tile<{bm},{bn},{wm},{wn}>>"
-    return CudaLaunch(name, ctas, wm * wn, _smem(dtype, bm, bn),
-                      _vec(dtype, cin_g, x) and w.stride(1) == 1, f"{bm}x{bn}")
+    vec = _vec(dtype, cin_g, x) and w.stride(1) == 1
+    name = (f"conv_bn_act_kernel<{CPP_TYPE[dtype]},Tile<{bm},{bn},{wm},{wn}>,"
+            f"{'true' if vec else 'false'}>")
+    return CudaLaunch(name, ctas, wm * wn, _smem(dtype, bm, bn), vec, f"{bm}x{bn}")
 
 
 def conv1x1_gate_residual(args: dict, dtype: str) -> CudaLaunch:
@@ -90,10 +91,13 @@ def conv1x1_gate_residual(args: dict, dtype: str) -> CudaLaunch:
     bm, bn = (128, 32) if c_out <= 32 else (128, 64) if c_out <= 64 else (64, 128)
     wm, wn = GATE_TILES[(bm, bn)]
     ctas = math.ceil(n * h * wd / bm) * math.ceil(c_out / bn)
+    vec = _vec(dtype, c_in, x) and w.stride(1) == 1
+    if project:
+        res, pw = args["shortcut"], args["proj_weight"]
+        vec = vec and _vec(dtype, res.shape[1], res) and pw.stride(1) == 1
     name = (f"conv1x1_gate_residual_kernel<{CPP_TYPE[dtype]},Tile<{bm},{bn},{wm},{wn}>,"
-            f"{'true' if project else 'false'}>")
-    return CudaLaunch(name, ctas, wm * wn, _smem(dtype, bm, bn), _vec(dtype, c_in, x),
-                      f"{bm}x{bn}")
+            f"{'true' if project else 'false'},{'true' if vec else 'false'}>")
+    return CudaLaunch(name, ctas, wm * wn, _smem(dtype, bm, bn), vec, f"{bm}x{bn}")
 
 
 def se_excite(args: dict, dtype: str) -> CudaLaunch:
