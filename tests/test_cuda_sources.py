@@ -223,6 +223,38 @@ def _host_compiler(*names: str) -> str:
     return found
 
 
+# Leaf main loops (SASS instructions per K step, per warp) allowed for the 16-bit
+# pipelined instantiations of the kernels that run k x k convs (the 3x3 ones of issue
+# 14); the element-wise fallbacks (conv_bn_act / wgrad with VEC false) are not bounded.
+MAX_LOOP = 600
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["conv_bn_act.cu", "conv_train.cu"])
+def test_sm90_main_loops_stay_short(name):
+    """nvcc -cubin for sm_90a, then the SASS (nvdisasm): every 16-bit conv GEMM kernel's
+    MMA loop is under MAX_LOOP instructions per K step, and spill-free. Slow: a full
+    sm_90 compile of the source per case (what `bench --static` reports)."""
+    from regnet_kernels.bench import static
+    try:
+        static.sass.find_tool("nvdisasm")
+    except FileNotFoundError:
+        pytest.skip("nvdisasm not found (Triton's bundled one or the CUDA toolkit's)")
+    r = static.compile_cuda_source(str(CSRC / "cuda" / name), 90)
+    assert r["ok"], r.get("error")
+    checked = 0
+    for mangled, k in r["kernels"].items():
+        if "reduce" in mangled or not ("6__half" in mangled or "13__nv_bfloat16" in mangled):
+            continue
+        if ELEMENT_ONLY.search(mangled) or re.search(r"conv_wgrad_kernel.*Lb0EEEv", mangled):
+            continue
+        assert k["loop"] and k["loop"]["mma"], f"{mangled}: no MMA loop found"
+        assert k["loop"]["instructions"] < MAX_LOOP, (mangled, k["loop"]["instructions"])
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0, mangled
+        checked += 1
+    assert checked, r["kernels"].keys()
+
+
 @pytest.mark.parametrize("header", ["launchers.h", "train_launchers.h"])
 def test_launchers_header_is_plain_c(header):
     """The launcher headers are C headers over the CUDA runtime types only."""

@@ -282,7 +282,9 @@ union Chunk {
   __device__ Chunk() {}
 };
 
-template <typename T, class TL>
+// VEC: both gathers take 16-byte chunks (p.u.vec && p.dy_vec; only that code is compiled
+// in), else each picks its path at run time.
+template <typename T, class TL, bool VEC>
 __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
     conv_wgrad_kernel(const WgradParams<T> p) {
   constexpr int BK = Layout<T>::kBK, V = Layout<T>::kVec;
@@ -300,6 +302,10 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
   u.set_group(group);
   const int64_t m_begin = static_cast<int64_t>(blockIdx.x) * p.chunk;
   const int64_t m_end = min(m_begin + p.chunk, p.rows.m_total);
+  // Pixel m = m_begin + off of the split is pixel p_begin + off of image n_begin (the
+  // plan keeps chunk + Ho * Wo under 2^31): one 64-bit division per CTA, FastDivs after.
+  const int n_begin = static_cast<int>(m_begin / p.rows.hwo.d);
+  const int p_begin = static_cast<int>(m_begin - static_cast<int64_t>(n_begin) * p.rows.hwo.d);
 
   float acc[TL::MI][TL::NJ][4];
   zero<TL>(acc);
@@ -312,7 +318,7 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
       const int64_t m = m0 + kk;
       const T* src = p.dy + m * p.cout + co0 + r;
       Chunk<T> v;
-      if (p.dy_vec) {
+      if (VEC || p.dy_vec) {
         v.u = (r < co_valid && m < m_end) ? __ldg(reinterpret_cast<const uint4*>(src))
                                           : make_uint4(0u, 0u, 0u, 0u);
       } else {
@@ -330,11 +336,12 @@ __global__ void __launch_bounds__(TL::kThreads, TL::kMinCtas)
       Chunk<T> v;
       v.u = make_uint4(0u, 0u, 0u, 0u);
       if (c < k_valid && m < m_end) {
-        const int n = static_cast<int>(m / p.rows.hwo.d);
-        const int px = static_cast<int>(m - static_cast<int64_t>(n) * p.rows.hwo.d);
+        const int q = p_begin + static_cast<int>(m - m_begin);
+        const int dn = p.rows.hwo.div(q);
+        const int px = q - dn * p.rows.hwo.d;
         const int oh = p.rows.wo.div(px);
-        const RowPos pos = u.row(n, oh, px - oh * p.rows.wo.d, true);
-        if (u.vec) {
+        const RowPos pos = u.row(n_begin + dn, oh, px - oh * p.rows.wo.d, true);
+        if (VEC || u.vec) {
           v.u = u.load_vec(pos, u.at(k_t + c));
         } else {
 #pragma unroll
@@ -532,7 +539,11 @@ bool wgrad_plan(const rk_conv_wgrad_args& a, WgradPlan* plan) {
   const int64_t steps = (plan->m_total + bk - 1) / bk;
   int64_t splits = std::min((1024 + ctas - 1) / ctas, (int64_t{1} << 25) / (a.c_out * plan->kdim));
   splits = std::max<int64_t>(1, std::min(splits, steps));
-  plan->chunk = std::max<int64_t>(1, (steps + splits - 1) / splits) * bk;
+  // chunk + Ho * Wo < 2^31 (the kernel's 32-bit pixel offsets inside a split)
+  const int64_t hwo = a.out_h * a.out_w, max_chunk = (int64_t{1} << 30) / bk * bk;
+  if (hwo > (int64_t{1} << 30)) return false;
+  splits = std::max(splits, (steps * bk + max_chunk - 1) / max_chunk);
+  plan->chunk = std::min(max_chunk, std::max<int64_t>(1, (steps + splits - 1) / splits) * bk);
   plan->splits = plan->m_total > 0 ? (plan->m_total + plan->chunk - 1) / plan->chunk : 0;
   return ctas <= 65535 && plan->splits <= kInt32Max;
 }
@@ -563,7 +574,10 @@ cudaError_t launch_wgrad(const rk_conv_wgrad_args& args, const WgradPlan& plan,
                     static_cast<unsigned>(args.groups * plan.tiles_co * plan.tiles_k));
     auto run = [&](auto tile) {
       using TL = decltype(tile);
-      RK_LAUNCH(grid, TL::kThreads, 0, stream, conv_wgrad_kernel<T, TL>)(p);
+      if (p.u.vec && p.dy_vec)
+        RK_LAUNCH(grid, TL::kThreads, 0, stream, conv_wgrad_kernel<T, TL, true>)(p);
+      else
+        RK_LAUNCH(grid, TL::kThreads, 0, stream, conv_wgrad_kernel<T, TL, false>)(p);
       return cudaGetLastError();
     };
     const cudaError_t err = plan.bm == 16 ? run(W16x64{}) : plan.bm == 32 ? run(W32x64{})
