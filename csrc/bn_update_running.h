@@ -8,6 +8,8 @@
 // a tensor on the wrong device.
 #pragma once
 
+#include "rk_stats.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -20,12 +22,12 @@ void bn_update_running(const at::Tensor& stats, int64_t count, at::Tensor& runni
                        at::Tensor& running_var,
                        const std::optional<at::Tensor>& num_batches_tracked,
                        std::optional<double> momentum) {
-  constexpr int64_t kMeanRow = 0, kVarRow = 4;  // rows of the (5, C) statistics
+  constexpr int64_t kMeanRow = RK_STAT_MEAN, kVarRow = RK_STAT_VAR, kRows = RK_STAT_ROWS;
   Check(stats, "stats");
   Check(running_mean, "running_mean");
   Check(running_var, "running_var");
   const int64_t c = stats.size(-1);
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({5, c}) && stats.scalar_type() == at::kFloat,
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({kRows, c}) && stats.scalar_type() == at::kFloat,
               "regnet_kernels: stats must be float32 (5, C), got ", stats.sizes());
   TORCH_CHECK(running_mean.sizes() == at::IntArrayRef({c}) &&
                   running_var.sizes() == at::IntArrayRef({c}),

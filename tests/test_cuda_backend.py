@@ -1,4 +1,4 @@
-"""The C++ extension's CUDA eval kernels (csrc/cuda, through csrc/cuda/binding.cpp) against
+"""The C++ extension's CUDA eval kernels (csrc/cuda, through csrc/cuda/<op>_binding.cpp) against
 float64 references, op by op, per block and per model: `regnet_kernels.ops.cpp`'s
 eval functions on CUDA tensors, and fused_model(backend="cuda"). The training kernels'
 GPU parity tests are the `device` fixture's CUDA runs in tests/test_cpp_train.py, and

@@ -2,9 +2,8 @@
 C++ with g++ under RK_CUDA_EMULATION (tests/cuda_emu/cuda_emulation.h: CTAs run one
 after another, a CTA's threads are fibers (or, with RK_EMU_OS_THREADS=1, OS threads),
 __syncthreads is a barrier, warp shuffles go through per-warp slots; build.py builds
-and caches the library) and the plain C launchers (launchers.h,
-train_launchers.h) are called through ctypes with CPU tensors' data pointers as the
-"device" pointers. Outputs are NaN-filled (an unwritten element fails) and guarded
+and caches the library) and the plain C launchers (launchers.h) are called through
+ctypes with CPU tensors' data pointers as the "device" pointers. Outputs are NaN-filled (an unwritten element fails) and guarded
 (a write past the end fails); references are float64 PyTorch.
 
 What this verifies: the fp32 paths end to end, i.e. index math, tiling and bounds,
@@ -32,7 +31,8 @@ occupancy); speed.
 Barrier placement is checked as far as a deterministic schedule can: the fibers of
 a CTA run in thread order, or reversed in odd CTAs, so a missing __syncthreads
 between a write and another thread's read fails (planting such bugs in igemm.cuh,
-conv_train.cu and bn_train.cu made the tests fail).
+conv_bn_train.cu and the per-channel kernels (bn_stats.cu, se_squeeze.cu, bn_add_relu.cu)
+made the tests fail).
 
 The kernels run in the test process (a crash, e.g. an out-of-bounds access or a
 __trap, ends the session; pytest's faulthandler names the test). RK_EMU_FORK=1 runs
@@ -887,7 +887,7 @@ def test_conv1x1_gate_residual_16bit(emu, case, dtype):
 
 
 # ---------------------------------------------------------------------------
-# Training kernels (train_launchers.h)
+# Training kernels (launchers.h, "Training ops")
 # ---------------------------------------------------------------------------
 
 def tile_stats(y_rows, block_m):

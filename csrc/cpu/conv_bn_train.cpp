@@ -19,6 +19,7 @@
 #include "common.h"
 
 #include "bn_update_running.h"
+#include "../rk_stats.h"
 
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -31,9 +32,6 @@
 
 namespace regnet_kernels::cpu {
 namespace {
-
-// Rows of the (5, C) statistics tensor (regnet_kernels.ops.bn_finalize.STAT_ROWS).
-enum StatRow : int64_t { kMean = 0, kInvStd, kScale, kShift, kVar, kStatRows };
 
 // The conv input transform u = relu?(x * scale + shift) * gate[n], each part optional.
 struct Prologue {
@@ -209,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
                                       {stride, stride}, {pad, pad}, {1, 1}, false, {0, 0}, groups));
   if (frozen_stats) {  // an eval-mode BN: the running statistics, given as (5, C) rows
     check_cpu(*frozen_stats, "frozen_stats");
-    TORCH_CHECK(frozen_stats->sizes() == at::IntArrayRef({kStatRows, c_out}) &&
+    TORCH_CHECK(frozen_stats->sizes() == at::IntArrayRef({int64_t{RK_STAT_ROWS}, c_out}) &&
                     frozen_stats->scalar_type() == at::kFloat,
                 "regnet_kernels: frozen_stats must be float32 (5, ", c_out, "), got ",
                 frozen_stats->sizes());
@@ -219,9 +217,9 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
   TORCH_CHECK(rows > 1, "regnet_kernels: BatchNorm in training needs more than 1 value per "
               "channel, got ", rows);
 
-  at::Tensor stats = at::empty({kStatRows, c_out}, x.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({int64_t{RK_STAT_ROWS}, c_out}, x.options().dtype(at::kFloat));
   float* st = stats.data_ptr<float>();
-  float *mean = st + kMean * c_out, *var = st + kVar * c_out;
+  float *mean = st + RK_STAT_MEAN * c_out, *var = st + RK_STAT_VAR * c_out;
   REGNET_DISPATCH(y.scalar_type(), "conv_bn_train", [&] {
     batch_mean_var(y.data_ptr<scalar_t>(), rows, c_out, mean, var);
   });
@@ -231,9 +229,9 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
   for (int64_t c = 0; c < c_out; ++c) {
     const float inv_std = 1.f / std::sqrt(var[c] + static_cast<float>(eps));
     const float scale = gamma.defined() ? gamma.data_ptr<float>()[c] * inv_std : inv_std;
-    st[kInvStd * c_out + c] = inv_std;
-    st[kScale * c_out + c] = scale;
-    st[kShift * c_out + c] = (beta.defined() ? beta.data_ptr<float>()[c] : 0.f) - mean[c] * scale;
+    st[RK_STAT_INV_STD * c_out + c] = inv_std;
+    st[RK_STAT_SCALE * c_out + c] = scale;
+    st[RK_STAT_SHIFT * c_out + c] = (beta.defined() ? beta.data_ptr<float>()[c] : 0.f) - mean[c] * scale;
   }
   return {y, stats};
 }
@@ -300,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
               "regnet_kernels: grad must have y's shape and dtype, got ", grad_v.scalar_type(), " ",
               grad_v.sizes());
   check_cpu(stats, "stats");
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({kStatRows, c_out}) &&
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({int64_t{RK_STAT_ROWS}, c_out}) &&
                   stats.scalar_type() == at::kFloat,
               "regnet_kernels: stats must be float32 (5, ", c_out, "), got ", stats.sizes());
   const int64_t rows = y.size(0) * ho * wo;
@@ -308,9 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
               "regnet_kernels: BatchNorm statistics need more than 1 value per channel");
 
   const at::Tensor g = nhwc(grad_v), yc = nhwc(y), st = stats.contiguous();
-  const float* mean = st.data_ptr<float>() + kMean * c_out;
-  const float* inv_std = st.data_ptr<float>() + kInvStd * c_out;
-  const float* scale = st.data_ptr<float>() + kScale * c_out;
+  const float* mean = st.data_ptr<float>() + RK_STAT_MEAN * c_out;
+  const float* inv_std = st.data_ptr<float>() + RK_STAT_INV_STD * c_out;
+  const float* scale = st.data_ptr<float>() + RK_STAT_SCALE * c_out;
 
   at::Tensor d_beta, d_gamma;
   if (bn_grads) {  // SyncBatchNorm: the reductions over every rank, given
@@ -328,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
                        sums.data_ptr<float>());
     });
     d_beta = sums[0].clone();
-    d_gamma = at::mul(sums[1], st[kInvStd]);
+    d_gamma = at::mul(sums[1], st[RK_STAT_INV_STD]);
   }
   const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   if (!output_mask[0] && !output_mask[1]) {

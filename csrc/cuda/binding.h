@@ -1,6 +1,9 @@
-// Shared by the CUDA bindings (binding.cpp: eval ops, binding_train.cpp: training ops):
-// argument checks and the tensor -> launcher-struct plumbing. Torch-facing; the kernels
-// themselves see only pointers and sizes (launchers.h, train_launchers.h).
+// Shared by the CUDA bindings (cuda/<op>_binding.cpp, one per op): argument checks and
+// the tensor -> launcher-struct plumbing. Everything torch-facing lives in the bindings;
+// the kernels (cuda/<op>.cu) see only pointers, sizes and strides (launchers.h). The
+// bindings are compiled only where torch has CUDA (regnet_kernels/ops/_extension.py),
+// as their own library loaded after the CPU one, so a CUDA build problem never takes
+// the CPU backend down with it.
 #pragma once
 
 #include "launchers.h"
@@ -95,6 +98,26 @@ inline void check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t st
 
 inline at::Tensor new_activation(const at::Tensor& like, int64_t n, int64_t c, int64_t h, int64_t w) {
   return at::empty({n, c, h, w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// NHWC (channels_last) view of a 4-D tensor (a copy only when it is not one already).
+inline at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+// An empty tensor with like's options (a gradient that is not needed).
+inline at::Tensor empty_like_vector(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// y (N, C, H, W) on a CUDA device and its lazy BN's fp32 (C,) scale and shift there.
+inline void check_y(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {
+  check_activation(y, "y");
+  check_on(scale, y, "scale");
+  check_on(shift, y, "shift");
+  for (const auto* t : {&scale, &shift}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == y.size(1) && t->scalar_type() == at::kFloat,
+                "regnet_kernels (CUDA): scale and shift must be float32 (", y.size(1),
+                ",), got ", t->scalar_type(), " ", t->sizes());
+  }
 }
 
 }  // namespace regnet_kernels::cuda

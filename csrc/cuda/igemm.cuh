@@ -1,5 +1,5 @@
 // The implicit-GEMM main loop shared by conv_bn_act.cu, conv1x1_gate_residual.cu and
-// conv_train.cu.
+// conv_bn_train.cu.
 //
 // A convolution with `groups` groups is, per group, a GEMM
 //     out[m, co] = sum_k A[m, k] * B[k, co]
@@ -666,7 +666,7 @@ __device__ __forceinline__ void gemm_elementwise(float (&acc)[TL::MI][TL::NJ][4]
 enum class Loads { kVector, kElement, kEither };
 
 // acc += A B over the whole reduction K = a.k_total(). A is an AOperand<T> or any type
-// with its interface (the dgrad's operand in conv_train.cu). Ends with a barrier, so
+// with its interface (the dgrad's operand in conv_bn_train.cu). Ends with a barrier, so
 // the shared memory may be reused (a second GEMM, the epilogue) right after.
 template <typename T, class TL, Loads L = Loads::kEither, class A, int S>
 __device__ __forceinline__ void gemm(float (&acc)[TL::MI][TL::NJ][4], const A& a,

@@ -19,8 +19,9 @@ the first call of a C++ op (`regnet_kernels.ops.cpp.*`) calls `load()`, which
    on 2 idle cores, several under load);
 4. loads the shared library into torch (`torch.ops.regnet_kernels.*`).
 
-The CUDA kernels (`csrc/cuda/*.cu` and their torch binding `csrc/cuda/binding.cpp`)
-are a second library, built and loaded by `load_cuda()` after the first, only where
+The CUDA kernels (`csrc/cuda/<op>.cu`) and their torch bindings
+(`csrc/cuda/<op>_binding.cpp`) are a second library, built and loaded by `load_cuda()`
+after the first, only where
 torch has CUDA and a device is present: a CUDA build problem leaves the CPU backend
 working. A failed build raises `ExtensionBuildError` whose first line says why
 (compiler not found, no OpenMP, killed, the first compiler error) and then what is

@@ -1,13 +1,29 @@
-"""ctypes mirrors of the argument structs of csrc/cuda/launchers.h and
-csrc/cuda/train_launchers.h (checked against the C layout by
-tests/test_cuda_emulation.py::test_struct_mirrors_match_headers)."""
+"""ctypes mirrors of the argument structs of csrc/cuda/launchers.h (checked against the
+C layout by tests/test_cuda_emulation.py::test_struct_mirrors_match_headers), and the
+statistics rows of csrc/rk_stats.h, read from the header itself."""
 from __future__ import annotations
 
 import ctypes
+import re
 from ctypes import POINTER, Structure, c_double, c_int, c_int64, c_void_p
+from pathlib import Path
 
 RK_FLOAT32, RK_FLOAT16, RK_BFLOAT16 = 0, 1, 2
-RK_STAT_MEAN, RK_STAT_INV_STD, RK_STAT_SCALE, RK_STAT_SHIFT, RK_STAT_VAR, RK_STAT_ROWS = range(6)
+
+STATS_HEADER = Path(__file__).resolve().parents[2] / "csrc" / "rk_stats.h"
+
+
+def stat_rows(header: Path = STATS_HEADER) -> dict[str, int]:
+    """rk_stats.h's enumerators: {"RK_STAT_MEAN": 0, ..., "RK_STAT_ROWS": 5}."""
+    return {name: int(value) for name, value in
+            re.findall(r"\b(RK_STAT_\w+)\s*=\s*(\d+)", header.read_text())}
+
+
+_ROWS = stat_rows()
+RK_STAT_MEAN, RK_STAT_INV_STD, RK_STAT_SCALE = (_ROWS["RK_STAT_MEAN"], _ROWS["RK_STAT_INV_STD"],
+                                                _ROWS["RK_STAT_SCALE"])
+RK_STAT_SHIFT, RK_STAT_VAR, RK_STAT_ROWS = (_ROWS["RK_STAT_SHIFT"], _ROWS["RK_STAT_VAR"],
+                                            _ROWS["RK_STAT_ROWS"])
 
 c_dtype = c_int  # rk_dtype (a C enum)
 i64 = c_int64
@@ -124,18 +140,18 @@ STRUCTS = {
     "rk_conv_plan": (rk_conv_plan, "launchers.h"),
     "rk_se_excite_args": (rk_se_excite_args, "launchers.h"),
     "rk_conv1x1_gate_residual_args": (rk_conv1x1_gate_residual_args, "launchers.h"),
-    "rk_prologue": (rk_prologue, "train_launchers.h"),
-    "rk_conv_train_args": (rk_conv_train_args, "train_launchers.h"),
-    "rk_conv_train_plan_t": (rk_conv_train_plan_t, "train_launchers.h"),
-    "rk_bn_finalize_args": (rk_bn_finalize_args, "train_launchers.h"),
-    "rk_se_squeeze_args": (rk_se_squeeze_args, "train_launchers.h"),
-    "rk_se_squeeze_backward_args": (rk_se_squeeze_backward_args, "train_launchers.h"),
-    "rk_bn_add_relu_args": (rk_bn_add_relu_args, "train_launchers.h"),
-    "rk_bn_backward_sums_args": (rk_bn_backward_sums_args, "train_launchers.h"),
-    "rk_bn_backward_dy_args": (rk_bn_backward_dy_args, "train_launchers.h"),
-    "rk_conv_dgrad_args": (rk_conv_dgrad_args, "train_launchers.h"),
-    "rk_conv_dgrad_plan_t": (rk_conv_dgrad_plan_t, "train_launchers.h"),
-    "rk_conv_wgrad_args": (rk_conv_wgrad_args, "train_launchers.h"),
+    "rk_prologue": (rk_prologue, "launchers.h"),
+    "rk_conv_train_args": (rk_conv_train_args, "launchers.h"),
+    "rk_conv_train_plan_t": (rk_conv_train_plan_t, "launchers.h"),
+    "rk_bn_finalize_args": (rk_bn_finalize_args, "launchers.h"),
+    "rk_se_squeeze_args": (rk_se_squeeze_args, "launchers.h"),
+    "rk_se_squeeze_backward_args": (rk_se_squeeze_backward_args, "launchers.h"),
+    "rk_bn_add_relu_args": (rk_bn_add_relu_args, "launchers.h"),
+    "rk_bn_backward_sums_args": (rk_bn_backward_sums_args, "launchers.h"),
+    "rk_bn_backward_dy_args": (rk_bn_backward_dy_args, "launchers.h"),
+    "rk_conv_dgrad_args": (rk_conv_dgrad_args, "launchers.h"),
+    "rk_conv_dgrad_plan_t": (rk_conv_dgrad_plan_t, "launchers.h"),
+    "rk_conv_wgrad_args": (rk_conv_wgrad_args, "launchers.h"),
 }
 
 # launcher name -> (argtypes, restype); cudaError_t is a C enum (int), streams are pointers.
@@ -164,7 +180,7 @@ LAUNCHERS = {
 
 def layout_program(names=None) -> str:
     """C source printing `name sizeof` and `name.field offsetof` for each mirrored struct."""
-    lines = ['#include <stddef.h>', '#include <stdio.h>', '#include "train_launchers.h"',
+    lines = ['#include <stddef.h>', '#include <stdio.h>', '#include "launchers.h"',
              "int main(void) {"]
     for name in names or STRUCTS:
         cls = STRUCTS[name][0]

@@ -1,5 +1,6 @@
-// The convolutions of a training-mode block (train_launchers.h): the lazy-BN forward
-// conv with its statistics in the epilogue, and the two backward convs.
+// The convolutions of conv_bn_train (launchers.h, "Training ops"): the lazy-BN forward
+// conv with its statistics in the epilogue, and the two backward convs (the BN pieces
+// around them: bn_stats.cu).
 //
 // rk_conv_train   y = conv(u, w), u = relu?(x * in_scale + in_shift) * gate[n] applied
 //                 as the A tile is loaded (rk::gemm, igemm.cuh). Epilogue: y stored raw,
@@ -20,7 +21,7 @@
 #include <algorithm>
 
 #include "igemm.cuh"
-#include "train_launchers.h"
+#include "launchers.h"
 
 namespace rk {
 namespace {

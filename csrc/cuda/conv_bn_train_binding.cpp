@@ -1,7 +1,7 @@
-// The CUDA implementations of the training ops (schemas in csrc/ops.cpp, semantics as
-// the C++ CPU ones in csrc/cpu/conv_bn_train.cpp and the Triton ones): tensors ->
-// train_launchers.h argument structs. Autograd is registered in Python
-// (regnet_kernels/ops/cpp.py) over these functional pieces, for every device.
+// The CUDA implementation of the training op conv_bn_train (schemas in csrc/ops.cpp,
+// semantics as the C++ CPU op in csrc/cpu/conv_bn_train.cpp and the Triton one):
+// tensors -> launchers.h argument structs. Autograd is registered in C++
+// (csrc/autograd.cpp) over these functional pieces, for every device.
 //
 // conv_bn_train            rk_conv_train (y + per-tile statistics) -> rk_bn_finalize
 // conv_bn_train_backward   rk_bn_backward_sums -> rk_bn_backward_dy -> rk_conv_wgrad and
@@ -9,16 +9,9 @@
 // bn_update_running        ATen ops on per-channel vectors (csrc/bn_update_running.h)
 #include "binding.h"
 #include "bn_update_running.h"
-#include "train_launchers.h"
 
 namespace regnet_kernels::cuda {
 namespace {
-
-at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
-
-at::Tensor empty_like_vector(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // The conv input prologue u = relu?(x * in_scale + in_shift) * gate, as fp32 tensors
 // kept alive for the launch, and its launcher struct.
@@ -222,116 +215,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   return {grad_x, grad_w, grad_gate, d_gamma, d_beta};
 }
 
-// ---- the pieces around the conv: SE squeeze, the block's residual end ----
-
-void check_y(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {
-  check_activation(y, "y");
-  check_on(scale, y, "scale");
-  check_on(shift, y, "shift");
-  for (const auto* t : {&scale, &shift}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == y.size(1) && t->scalar_type() == at::kFloat,
-                "regnet_kernels (CUDA): scale and shift must be float32 (", y.size(1),
-                ",), got ", t->scalar_type(), " ", t->sizes());
-  }
-}
-
-at::Tensor se_squeeze(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {
-  check_y(y, scale, shift);
-  const c10::cuda::CUDAGuard guard(y.device());
-  const int64_t n = y.size(0), c = y.size(1);
-  at::Tensor sums = at::empty({n, 1, c}, y.options().dtype(at::kFloat));
-  const at::Tensor yc = nhwc(y), s = scale.contiguous(), t = shift.contiguous();
-  rk_se_squeeze_args a{};
-  a.dtype = to_rk(y.scalar_type(), "y"), a.y = yc.data_ptr();
-  a.n = n, a.hw = y.size(2) * y.size(3), a.c = c;
-  a.scale = s.data_ptr<float>(), a.shift = t.data_ptr<float>(), a.sums = sums.data_ptr<float>();
-  check_launch(rk_se_squeeze(&a, stream()), "se_squeeze");
-  return sums;
-}
-
-at::Tensor se_squeeze_backward(const at::Tensor& grad_sums, const at::Tensor& y,
-                               const at::Tensor& scale, const at::Tensor& shift) {
-  check_y(y, scale, shift);
-  const int64_t n = y.size(0), c = y.size(1);
-  check_on(grad_sums, y, "grad_sums");
-  TORCH_CHECK(grad_sums.sizes() == at::IntArrayRef({n, 1, c}) &&
-                  grad_sums.scalar_type() == at::kFloat,
-              "regnet_kernels (CUDA): grad_sums must be float32 (", n, ", 1, ", c, "), got ",
-              grad_sums.scalar_type(), " ", grad_sums.sizes());
-  const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor yc = nhwc(y), gs = grad_sums.contiguous();
-  const at::Tensor s = scale.contiguous(), t = shift.contiguous();
-  at::Tensor dv = at::empty_like(yc);
-  rk_se_squeeze_backward_args a{};
-  a.dtype = to_rk(y.scalar_type(), "y"), a.grad_sums = gs.data_ptr<float>(), a.y = yc.data_ptr();
-  a.n = n, a.hw = y.size(2) * y.size(3), a.c = c;
-  a.scale = s.data_ptr<float>(), a.shift = t.data_ptr<float>(), a.dv = dv.data_ptr();
-  check_launch(rk_se_squeeze_backward(&a, stream()), "se_squeeze_backward");
-  return dv;
-}
-
-at::Tensor bn_add_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                       const std::optional<at::Tensor>& shortcut,
-                       const std::optional<at::Tensor>& sc_scale,
-                       const std::optional<at::Tensor>& sc_shift) {
-  check_y(y, scale, shift);
-  TORCH_CHECK(sc_scale.has_value() == sc_shift.has_value(),
-              "regnet_kernels (CUDA): pass both sc_scale and sc_shift, or neither");
-  TORCH_CHECK(shortcut || !sc_scale,
-              "regnet_kernels (CUDA): sc_scale/sc_shift given without a shortcut");
-  const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor yc = nhwc(y), s = scale.contiguous(), t = shift.contiguous();
-  at::Tensor r, rs, rt;
-  if (shortcut) {
-    check_on(*shortcut, y, "shortcut");
-    TORCH_CHECK(shortcut->sizes() == y.sizes() && shortcut->scalar_type() == y.scalar_type(),
-                "regnet_kernels (CUDA): shortcut must have y's shape ", y.sizes(), " and dtype ",
-                y.scalar_type(), ", got ", shortcut->scalar_type(), " ", shortcut->sizes());
-    r = nhwc(*shortcut);
-  }
-  if (sc_scale) {
-    check_y(y, *sc_scale, *sc_shift);
-    rs = sc_scale->contiguous();
-    rt = sc_shift->contiguous();
-  }
-  at::Tensor out = at::empty_like(yc);
-  rk_bn_add_relu_args a{};
-  a.dtype = to_rk(y.scalar_type(), "y"), a.y = yc.data_ptr();
-  a.rows = y.numel() / std::max<int64_t>(y.size(1), 1), a.c = y.size(1);
-  a.scale = s.data_ptr<float>(), a.shift = t.data_ptr<float>();
-  a.shortcut = r.defined() ? r.data_ptr() : nullptr;
-  a.sc_scale = rs.defined() ? rs.data_ptr<float>() : nullptr;
-  a.sc_shift = rt.defined() ? rt.data_ptr<float>() : nullptr;
-  a.out = out.data_ptr();
-  check_launch(rk_bn_add_relu(&a, stream()), "bn_add_relu");
-  return out;
-}
-
-at::Tensor bn_add_relu_backward(const at::Tensor& grad, const at::Tensor& out) {
-  check_activation(out, "out");
-  check_on(grad, out, "grad");
-  TORCH_CHECK(grad.sizes() == out.sizes() && grad.scalar_type() == out.scalar_type(),
-              "regnet_kernels (CUDA): grad must have out's shape ", out.sizes(), " and dtype ",
-              out.scalar_type(), ", got ", grad.scalar_type(), " ", grad.sizes());
-  const c10::cuda::CUDAGuard guard(out.device());
-  const at::Tensor g = nhwc(grad), o = nhwc(out);
-  at::Tensor dz = at::empty_like(o);
-  check_launch(rk_relu_backward(to_rk(out.scalar_type(), "out"), g.data_ptr(), o.data_ptr(),
-                                o.numel(), dz.data_ptr(), stream()),
-               "bn_add_relu_backward");
-  return dz;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regnet_kernels, CUDA, m) {
   m.impl("conv_bn_train", &conv_bn_train);
   m.impl("conv_bn_train_backward", &conv_bn_train_backward);
   m.impl("bn_update_running", &bn_update_running<check_cuda>);
-  m.impl("se_squeeze", &se_squeeze);
-  m.impl("se_squeeze_backward", &se_squeeze_backward);
-  m.impl("bn_add_relu", &bn_add_relu);
-  m.impl("bn_add_relu_backward", &bn_add_relu_backward);
 }
 
 }  // namespace regnet_kernels::cuda
