@@ -103,10 +103,10 @@ def load_population(path: str | Path) -> dict:
     path = Path(path)
     try:
         population = json.loads(path.read_text())
-        models = population["models"]
-        for model in models:
+        int(population["resolution"])
+        for model in population["models"]:
             params_from_dict(model["params"])
-            model["complexity"]["flops"]
+            int(model["complexity"]["flops"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise StudyError(f"{path} is not a population written by `designspace sample`: "
                          f"{error}") from None
@@ -169,8 +169,8 @@ def run_train(args) -> int:
                         "metric": metric, "complexity": model["complexity"],
                         "train_time_s": metrics.get("time_s")})
         print(f"[{index + 1}/{len(models)}] {model['id']} {_describe(model['params'])} "
-              f"{model['complexity']['flops'] / 1e6:.2f} MF: error {error:.4f} (1 - {metric}), {status}",
-              flush=True)
+              f"{model['complexity']['flops'] / 1e6:.2f} MF: error {error:.4f} "
+              f"(1 - {metric}), {status}", flush=True)
     summary = {"space": population["space"], "population": str(args.population),
                "epochs": args.epochs, "data": args.data, "resolution": args.resolution,
                "fused": args.fused, "models": results}
