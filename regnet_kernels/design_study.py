@@ -75,7 +75,9 @@ def run_sample(args) -> int:
         raise StudyError(f"designspace sample: {error}") from None
     except RuntimeError as error:
         raise StudyError(str(error)) from None
-    width = len(str(max(args.n - 1, 0)))
+    # ids that do not depend on n: a longer sample (same seed) keeps the shorter one's models
+    # and so their trained folders
+    width = max(3, len(str(args.n - 1)))
     models = []
     for index, network in enumerate(networks):
         counts = complexity(network, args.resolution, args.num_classes)

@@ -342,14 +342,14 @@ def test_six_model_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert len(progress) == 6 and all("trained in" in line for line in progress)
 
     # a model whose run was cut after its checkpoint resumes; the others are not retrained
-    run = tmp_path / "regnetx" / "regnetx-1"
+    run = tmp_path / "regnetx" / "regnetx-001"
     (run / "metrics.json").unlink()
-    before = (tmp_path / "regnetx" / "regnetx-0" / "checkpoint.pt").stat().st_mtime_ns
+    before = (tmp_path / "regnetx" / "regnetx-000" / "checkpoint.pt").stat().st_mtime_ns
     assert main(["designspace", "train", str(tmp_path / "regnetx.json"), *TINY_TRAIN]) == 0
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert ["done before" in line for line in progress] == [True, False, True]
     assert "resumed from" in (run / "train.log").read_text()
-    assert (tmp_path / "regnetx" / "regnetx-0" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert (tmp_path / "regnetx" / "regnetx-000" / "checkpoint.pt").stat().st_mtime_ns == before
 
     results = [load_results(tmp_path / space) for space in populations]
     for result in results:
@@ -379,6 +379,17 @@ def test_six_model_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     with open(out.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["population"] for r in rows} == set(populations)
+
+
+def test_a_longer_population_keeps_the_shorter_ones_models(tmp_path):
+    def sample(n):
+        out = tmp_path / f"{n}.json"
+        assert main(["designspace", "sample", "--space", "regnety", "--n", str(n), "--seed",
+                     "7", "--out", str(out)]) == 0
+        return json.loads(out.read_text())["models"]
+    short, long = sample(4), sample(12)
+    assert short == long[:4]
+    assert len({m["id"] for m in long}) == 12
 
 
 def test_edf_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
