@@ -8,7 +8,7 @@ spaces of the paper, with its parameter ranges as defaults (every one can be ove
 * ``anynetx_a``: 4 stages, each with its own depth d_i <= 16, width w_i <= 1024 (a multiple of
   8), bottleneck ratio b_i in {1, 2, 4} (bottleneck width w_i / b_i; here the ratio
   ``bottleneck_ratios`` = 1/b_i) and group width g_i in {1, 2, 4, 8, 16, 32}:
-  (16 * 128 * 3 * 6)^4 ~ 1.9e18 configurations before the compatibility rule below.
+  (16 * 128 * 3 * 6)^4 ~ 1.8e18 configurations before the compatibility rule below.
 * ``anynetx_b``: A with one b shared by all stages; ``anynetx_c``: B with one g shared;
   ``anynetx_d``: C with non-decreasing widths; ``anynetx_e``: D with non-decreasing depths.
 * ``regnetx``: the quantized linear rule (:class:`~regnet_kernels.RegNetParams`) with
@@ -83,6 +83,7 @@ class Regime:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
     def admits(self, network: Network) -> bool:
+        """Whether the network's complexity lies in every band."""
         counts = complexity(network, self.resolution, self.num_classes)
         return all(band is None or band[0] <= counts[key] <= band[1]
                    for key, band in ((k, getattr(self, k)) for k in COMPLEXITY_KEYS))
@@ -140,10 +141,11 @@ class DesignSpace:
         draws = 0
         while len(found) < n:
             if draws >= max_draws:
-                raise RuntimeError(
-                    f"{self.name}: {len(found)} of {n} networks in {max_draws} draws; the "
-                    f"regime {self.regime} is too narrow for this space's ranges (widen it or "
-                    f"narrow the ranges)")
+                why = (f"the regime {self.regime} is too narrow for this space's ranges (widen "
+                       f"it or narrow the ranges)" if self.regime else
+                       "the ranges hardly make valid networks")
+                raise RuntimeError(f"{self.name}: {len(found)} of {n} networks in {max_draws} "
+                                   f"draws; {why}")
             draws += 1
             network = self.draw(rng)
             if network is not None and (self.regime is None or self.regime.admits(network)):
@@ -171,7 +173,7 @@ class DesignSpace:
 
 
 def json_values(value):
-    """Tuples to lists, recursively (what json.dumps writes anyway), for comparisons."""
+    """Tuples to lists, recursively: the values as they read back from JSON."""
     if isinstance(value, dict):
         return {k: json_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -8,7 +8,11 @@ import dataclasses
 import itertools
 import json
 import math
+import struct
+import subprocess
 import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -409,3 +413,39 @@ def test_study_errors_are_clear(tmp_path, capsys):
     assert main(["designspace", "sample", "--space", "anynetx_a", "--n", "2",
                  "--set", "widths=[]", "--out", str(tmp_path / "p.json")]) == 2
     assert "widths" in capsys.readouterr().err
+
+
+def read_png(data: bytes) -> np.ndarray:
+    """[H, W, 3] pixels of an 8-bit RGB PNG without filters (what the generator writes)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    chunks, offset = {}, 8
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 8:offset + 8 + length]
+        assert zlib.crc32(kind + body) == struct.unpack(">I", data[offset + 8 + length:
+                                                                    offset + 12 + length])[0]
+        chunks[kind] = chunks.get(kind, b"") + body
+        offset += 12 + length
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, -1)
+    assert np.all(rows[:, 0] == 0)
+    return rows[:, 1:].reshape(height, width, 3)
+
+
+def test_procedural_shapes_are_deterministic_valid_pngs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "procedural_shapes.py"
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, str(script), str(tmp_path / out), "--classes", "3",
+                        "--train", "2", "--val", "1", "--size", "24", "--seed", "5"],
+                       check=True, capture_output=True, timeout=120)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 3 * (2 + 1)
+    assert {f.parts[0] for f in files} == {"train", "val"}
+    assert len({f.parts[1] for f in files}) == 3
+    images = []
+    for f in files:
+        data = (tmp_path / "a" / f).read_bytes()
+        assert data == (tmp_path / "b" / f).read_bytes()
+        images.append(read_png(data))
+        assert images[-1].shape == (24, 24, 3) and images[-1].std() > 10
+    assert len({image.tobytes() for image in images}) == len(images)
