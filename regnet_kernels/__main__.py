@@ -80,6 +80,12 @@ def run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_designspace(args: argparse.Namespace) -> int:
+    """Sample, train and compare design-space populations; see regnet_kernels/design_study.py."""
+    from .design_study import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m regnet_kernels", description="RegNet models and fused kernels."
@@ -105,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a RegNet (pycls recipe; DDP under torchrun), checkpoint, resume")
     add_train_arguments(train_parser)
     train_parser.set_defaults(run=run_train)
+
+    from .design_study import add_arguments as add_study_arguments
+    study_parser = commands.add_parser(
+        "designspace", help="design-space study: sample populations, train them, plot error EDFs")
+    add_study_arguments(study_parser)
+    study_parser.set_defaults(run=run_designspace)
 
     env_parser = commands.add_parser(
         "env", help="versions, devices and the usable backends (builds the C++ extension)")

@@ -61,6 +61,7 @@ class StageSpec:
     bottleneck_width: int
     group_width: int
     se_ratio: float
+    bottleneck_ratio: float = 1.0
 
     @property
     def groups(self) -> int:
@@ -197,6 +198,7 @@ class RegNetParams:
                     bottleneck_width=bottleneck_width,
                     group_width=group_width,
                     se_ratio=self.se_ratio,
+                    bottleneck_ratio=self.bottleneck_ratio,
                 )
             )
             w_in = width
@@ -226,6 +228,110 @@ class RegNetParams:
             rounded = max(group_width, half_up)
             bottleneck = rounded + group_width if rounded < 0.9 * bottleneck else rounded
         return int(bottleneck / b), group_width
+
+
+def _check_stage_values(name: str, values: object, check) -> tuple:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not len(values):
+        raise ValueError(f"{name} must be a non-empty sequence (one value per stage), "
+                         f"got {values!r}")
+    return tuple(check(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+
+@dataclass(frozen=True)
+class AnyNetParams:
+    """The parameters of one AnyNet (the paper's AnyNetX/AnyNetY): every stage has its own
+    depth, width, bottleneck ratio and group width; generates stages and blocks as
+    :class:`RegNetParams` does, so the model builders and the complexity counter take it.
+
+    Args:
+        depths: blocks per stage (>= 1 each).
+        widths: output width of each stage (>= 1 each).
+        bottleneck_ratios: bottleneck width / stage width of each stage (the paper's
+            b_i in {1, 2, 4} divides the width: ratios 1, 1/2, 1/4).
+        group_widths: channels per group of each stage's 3x3 conv.
+        se_ratio: SE squeeze width / block input width, 0 for no SE.
+        stem_width: output channels of the stem conv.
+
+    Unlike :class:`RegNetParams`, nothing is adjusted: each stage's bottleneck width
+    ``width * ratio`` must be an integer that its group width divides, or
+    :class:`DegenerateNetworkError` is raised. Other invalid values raise ``ValueError``
+    naming the field.
+    """
+
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    bottleneck_ratios: tuple[float, ...]
+    group_widths: tuple[int, ...]
+    se_ratio: float = 0.0
+    stem_width: int = 32
+
+    def __post_init__(self) -> None:
+        normalized = {
+            "depths": _check_stage_values("depths", self.depths, lambda n, v: _check_int(n, v, 1)),
+            "widths": _check_stage_values("widths", self.widths, lambda n, v: _check_int(n, v, 1)),
+            "bottleneck_ratios": _check_stage_values("bottleneck_ratios",
+                                                     self.bottleneck_ratios, _check_real),
+            "group_widths": _check_stage_values("group_widths", self.group_widths,
+                                                lambda n, v: _check_int(n, v, 1)),
+            "se_ratio": _check_real("se_ratio", self.se_ratio),
+            "stem_width": _check_int("stem_width", self.stem_width, 1),
+        }
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+        num_stages = len(self.depths)
+        for name in ("widths", "bottleneck_ratios", "group_widths"):
+            if len(getattr(self, name)) != num_stages:
+                raise ValueError(f"{name} has {len(getattr(self, name))} values for "
+                                 f"{num_stages} stages (len(depths))")
+        if any(b <= 0 for b in self.bottleneck_ratios):
+            raise ValueError(f"bottleneck_ratios must be > 0, got {self.bottleneck_ratios}")
+        if not 0 <= self.se_ratio < 1:
+            raise ValueError(f"se_ratio must be in [0, 1), got {self.se_ratio}")
+        self.stages()  # raises for stages that cannot be grouped
+
+    @property
+    def depth(self) -> int:
+        """Total number of blocks."""
+        return sum(self.depths)
+
+    def stages(self) -> tuple[StageSpec, ...]:
+        """The stages, in order, exactly as given."""
+        stages = []
+        w_in = self.stem_width
+        for index, (depth, width, ratio, group_width) in enumerate(zip(
+                self.depths, self.widths, self.bottleneck_ratios, self.group_widths)):
+            bottleneck_width = round(width * ratio)
+            # A tolerance, not equality: width * 0.25 is exact, width * (1/3) is not.
+            if (bottleneck_width < 1 or abs(width * ratio - bottleneck_width) > 1e-9
+                    or bottleneck_width % group_width):
+                raise DegenerateNetworkError(
+                    f"stage {index + 1}: width {width} x bottleneck ratio {ratio} is not a "
+                    f"whole bottleneck width that group width {group_width} divides"
+                )
+            if self.se_ratio and round(min(w_in, width) * self.se_ratio) < 1:
+                raise DegenerateNetworkError(
+                    f"se_ratio={self.se_ratio} gives stage {index + 1} an SE width of 0"
+                )
+            stages.append(StageSpec(
+                index=index, w_in=w_in, width=width, depth=depth, stride=STAGE_STRIDE,
+                bottleneck_width=bottleneck_width, group_width=group_width,
+                se_ratio=self.se_ratio, bottleneck_ratio=ratio,
+            ))
+            w_in = width
+        return tuple(stages)
+
+    def blocks(self) -> Iterator[BlockSpec]:
+        """Every block of the network, stage by stage."""
+        for stage in self.stages():
+            yield from stage.blocks()
+
+
+def params_from_dict(fields: dict) -> RegNetParams | AnyNetParams:
+    """:class:`RegNetParams` or :class:`AnyNetParams` from its fields (as
+    ``dataclasses.asdict`` or JSON gives them): AnyNetParams when there is a ``depths``."""
+    if not isinstance(fields, dict):
+        raise TypeError(f"network parameters must be a dict of fields, got {fields!r}")
+    return AnyNetParams(**fields) if "depths" in fields else RegNetParams(**fields)
 
 
 #: Group widths sampled by :func:`sample_params` (those of the paper's design space and beyond).

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import data as datasets
-from .design import RegNetParams
+from .design import params_from_dict
 from .models import reference_model
 from .models.fused import fused_model
 from .zoo import resolve_params, zoo_entry
@@ -41,11 +41,22 @@ class TrainError(RuntimeError):
     """A run that cannot start or continue, with the reason."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, choose_model: bool = True) -> None:
+    """The run's options; without --model/--params when ``choose_model`` is False (the
+    design-space runner gives each run its model)."""
+    if choose_model:
+        _add_model_arguments(parser)
+    _add_recipe_arguments(parser)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="a model name, e.g. regnety_400mf")
-    model.add_argument("--params", help="RegNetParams as JSON, e.g. "
+    model.add_argument("--params", help="RegNetParams (or AnyNetParams) as JSON, e.g. "
                        "'{\"depth\": 4, \"w0\": 24, \"wa\": 24, \"wm\": 2, \"group_width\": 8}'")
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--fused", dest="fused", action="store_true", default=True,
                       help="the fused model (default)")
@@ -96,14 +107,15 @@ def model_spec(args) -> dict:
         entry = zoo_entry(args.model)
         return {"name": entry.name, "params": asdict(entry.params)}
     try:
-        params = RegNetParams(**json.loads(args.params))
+        params = params_from_dict(json.loads(args.params))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
-        raise TrainError(f"train: --params must be a JSON object of RegNetParams fields: {error}")
+        raise TrainError(f"train: --params must be a JSON object of RegNetParams (or "
+                         f"AnyNetParams) fields: {error}")
     return {"name": "custom", "params": asdict(params)}
 
 
 def build_model(spec: dict, num_classes: int, args) -> torch.nn.Module:
-    params = resolve_params(RegNetParams(**spec["params"]))
+    params = resolve_params(params_from_dict(spec["params"]))
     if args.fused:
         return fused_model(params, backend=args.backend, num_classes=num_classes,
                            sync_bn=args.sync_bn)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from .design import RegNetParams
+from .design import AnyNetParams, RegNetParams
 
 Y_SE_RATIO = 0.25
 
@@ -158,11 +158,15 @@ def model_params(name: str) -> RegNetParams:
     return zoo_entry(name).params
 
 
-def resolve_params(name_or_params: str | RegNetParams) -> RegNetParams:
-    """Accept either a model name or parameters; return parameters."""
-    if isinstance(name_or_params, RegNetParams):
+def resolve_params(
+    name_or_params: str | RegNetParams | AnyNetParams,
+) -> RegNetParams | AnyNetParams:
+    """Accept either a model name or parameters (RegNetParams, or AnyNetParams of a
+    design-space sample); return parameters."""
+    if isinstance(name_or_params, (RegNetParams, AnyNetParams)):
         return name_or_params
     if not isinstance(name_or_params, str):
-        raise TypeError(f"expected a model name such as 'regnety_400mf' or RegNetParams, got "
+        raise TypeError(f"expected a model name such as 'regnety_400mf', RegNetParams or "
+                        f"AnyNetParams, got "
                         f"{name_or_params!r} ({type(name_or_params).__name__})")
     return model_params(name_or_params)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..design import RegNetParams, StageSpec
+from ..design import AnyNetParams, RegNetParams, StageSpec
 from ..zoo import resolve_params
 
 BN_EPS = 1e-5
@@ -131,7 +131,8 @@ class Head(nn.Linear):
 
 
 class RegNet(nn.Module):
-    """A RegNet built from :class:`~regnet_kernels.RegNetParams`.
+    """A RegNet built from :class:`~regnet_kernels.RegNetParams` (or an AnyNet from
+    :class:`~regnet_kernels.design.AnyNetParams`: the same blocks, per-stage settings).
 
     Args:
         params: the network's parameters.
@@ -142,7 +143,7 @@ class RegNet(nn.Module):
         head: ``head(w_in, num_classes)`` -> module mapping [N, C, H, W] to [N, num_classes].
     """
 
-    def __init__(self, params: RegNetParams, num_classes: int = 1000,
+    def __init__(self, params: RegNetParams | AnyNetParams, num_classes: int = 1000,
                  stem: Callable[..., nn.Module] = Stem,
                  block: Callable[..., nn.Module] = ResBottleneckBlock,
                  head: Callable[..., nn.Module] = Head) -> None:
@@ -151,7 +152,7 @@ class RegNet(nn.Module):
         stages = params.stages()
         self.stem = stem(3, params.stem_width)
         self.trunk_output = nn.Sequential(OrderedDict(
-            (f"block{s.index + 1}", Stage(s, block, params.bottleneck_ratio)) for s in stages
+            (f"block{s.index + 1}", Stage(s, block, s.bottleneck_ratio)) for s in stages
         ))
         self.fc = head(stages[-1].width, num_classes)
         init_weights(self)
