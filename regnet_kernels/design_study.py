@@ -352,7 +352,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "train", help="train every model of a population (the train command's options)")
     train.add_argument("population", help="a JSON file written by `designspace sample`")
     add_train_arguments(train, choose_model=False)
-    train.set_defaults(step_run=run_train, out=None, resolution=None, model=None, params=None)
+    train.add_argument("--out", default=None,
+                       help="the study folder, one subfolder per model (default: the population "
+                            "file's path without .json); rerunning skips finished models and "
+                            "resumes an interrupted one")
+    train.set_defaults(step_run=run_train, resolution=None, model=None, params=None)
 
     edf = steps.add_parser("edf", help="plot error EDFs of trained populations (PNG + CSV)")
     edf.add_argument("results", nargs="+",

@@ -42,11 +42,14 @@ class TrainError(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser, choose_model: bool = True) -> None:
-    """The run's options; without --model/--params when ``choose_model`` is False (the
-    design-space runner gives each run its model)."""
+    """The run's options; without --model/--params, --out and --resume when
+    ``choose_model`` is False (the design-space runner gives each run its model and its
+    folder, and always resumes)."""
     if choose_model:
         _add_model_arguments(parser)
     _add_recipe_arguments(parser)
+    if choose_model:
+        _add_output_arguments(parser)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +93,13 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per process (default: torch's; torchrun sets 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/train", help="checkpoint and metrics folder")
     parser.add_argument("--resume", action="store_true",
                         help=f"continue from OUT/{CHECKPOINT} if it exists")
-    parser.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
 
 
 # ---------------------------------------------------------------------------
