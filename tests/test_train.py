@@ -32,7 +32,8 @@ def train_command(out: Path, *extra: str) -> list[str]:
 
 def run_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=path, **extra)
 
 
 def run_train(out: Path, *extra: str, timeout: float = 300) -> dict:
