@@ -447,3 +447,17 @@ def test_eval_forward_in_a_cuda_graph(backend):
         for _ in range(3):  # recorded on the second call, replayed after
             out = compiled(x)
         assert rel_err(out, ref.eval()(x)) < 1e-5
+
+
+def test_fused_model_stores_kxk_weights_as_the_kernels_read_them():
+    """fused_model's 3x3 (and stem) conv weights are channels_last, so the per-forward fold
+    does not permute them; a contiguous checkpoint loads into that layout, same values."""
+    model = fused_model(TINY, num_classes=10)
+    kxk = [m.weight for m in model.modules()
+           if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert kxk and all(w.is_contiguous(memory_format=torch.channels_last) for w in kxk)
+    ref, _ = pair(TINY)
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    model.load_state_dict(state)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in kxk)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

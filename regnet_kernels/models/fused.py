@@ -337,6 +337,17 @@ def _set_options(model: nn.Module, backend: str, sync_bn: bool) -> None:
             module.sync_bn = sync_bn
 
 
+def _store_weights_channels_last(model: nn.Module) -> None:
+    """A new model's k x k conv weights in channels_last memory format: the layout every
+    backend reads them in (the implicit GEMM's (kh, kw, c_in) order, oneDNN's NHWC convs),
+    so the fold of each forward (`fold_convs`) does not permute them every call. Values
+    and state_dict are unchanged; loading a checkpoint copies into this layout."""
+    with torch.no_grad():
+        for conv in model.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size != (1, 1):
+                conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+
+
 def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
                 num_classes: int = 1000, sync_bn: bool = False) -> RegNet:
     """A RegNet built by the reference builder with fused stem and blocks: the same
@@ -363,6 +374,7 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     _check_backend(backend)
     model = RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
     _set_options(model, backend, sync_bn)
+    _store_weights_channels_last(model)
     return model
 
 
@@ -434,7 +446,9 @@ def fuse(model: nn.Module, backend: str = "auto", sync_bn: bool = False) -> nn.M
     nothing to fuse (a timm or pycls model: load its state_dict into `fused_model`).
     sync_bn: as for `fused_model`. A norm layer the fused ops do not implement (anything
     but BatchNorm2d and SyncBatchNorm) raises a TypeError naming it, the model left as it
-    was given."""
+    was given. The parameters keep their storage (FSDP / DDP views stay valid); where
+    nothing holds views of them, `model.to(memory_format=torch.channels_last)` stores the
+    3x3 conv weights as the kernels read them (one permute less per conv and forward)."""
     _check_backend(backend)
     plan = []
     for path, module in model.named_modules():
