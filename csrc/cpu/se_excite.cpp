@@ -1,5 +1,5 @@
-// se_excite on the CPU: one work item per image; the squeeze mean and the
-// hidden vector stay in a thread-local buffer, only the gate is written.
+// se_excite on the CPU: gate = sigmoid(w2 relu(w1 mean + b1) + b2) per image, the two
+// small layers computed for all images at once (each weight row read once per call).
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -35,22 +35,29 @@ at::Tensor se_excite(const at::Tensor& sums, int64_t hw, const at::Tensor& w1, c
   float* pg = gate.data_ptr<float>();
   const float inv_hw = 1.f / static_cast<float>(hw);
 
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> mean(c), hidden(s);
-    for (int64_t img = begin; img < end; ++img) {
-      const float* src = ps + img * tiles * c;
-      std::fill(mean.begin(), mean.end(), 0.f);
-      for (int64_t t = 0; t < tiles; ++t)
-        for (int64_t k = 0; k < c; ++k) mean[k] += src[t * c + k];
-      for (int64_t k = 0; k < c; ++k) mean[k] *= inv_hw;
-      for (int64_t j = 0; j < s; ++j)
-        hidden[j] = std::max(dot(pw1 + j * c, mean.data(), c) + pb1[j], 0.f);
-      float* dst = pg + img * c;
-      for (int64_t k = 0; k < c; ++k) {
-        const float z = dot(pw2 + k * s, hidden.data(), s) + pb2[k];
-        dst[k] = 1.f / (1.f + std::exp(-z));
+  // The squeeze means, then each layer with its output units split over the threads and
+  // all images at once: every weight row is read once per call (not once per image),
+  // and each output is one thread's dot product in a fixed order (deterministic).
+  std::vector<float> mean(n * c, 0.f), hidden(n * s);
+  for (int64_t img = 0; img < n; ++img) {
+    const float* src = ps + img * tiles * c;
+    float* m = mean.data() + img * c;
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t k = 0; k < c; ++k) m[k] += src[t * c + k];
+    for (int64_t k = 0; k < c; ++k) m[k] *= inv_hw;
+  }
+  const auto grain = [&](int64_t inner) { return std::max<int64_t>(1, 16384 / (n * inner)); };
+  at::parallel_for(0, s, grain(c), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t img = 0; img < n; ++img)
+        hidden[img * s + j] = std::max(dot(pw1 + j * c, mean.data() + img * c, c) + pb1[j], 0.f);
+  });
+  at::parallel_for(0, c, grain(s), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t img = 0; img < n; ++img) {
+        const float z = dot(pw2 + k * s, hidden.data() + img * s, s) + pb2[k];
+        pg[img * c + k] = 1.f / (1.f + std::exp(-z));
       }
-    }
   });
   return gate;
 }
