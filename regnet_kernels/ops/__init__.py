@@ -22,15 +22,15 @@ from typing import Sequence
 
 import torch
 
-from ._implicit_gemm import acc_dtype
 from .bn_act_backward import bn_act_backward
 from .bn_add_relu import bn_add_relu
-from .bn_finalize import BatchNormArgs, BatchStats, bn_finalize
+from .bn_finalize import BatchStats, bn_finalize
 from .conv1x1_gate_residual import conv1x1_gate_residual
 from .conv_bn_act import ConvStats, conv_bn_act, conv_bn_stats
-from .conv_bn_train import TrainOutput, conv_bn_train
+from .conv_bn_train import conv_bn_train
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
 from .se_excite import se_excite, se_squeeze
+from .types import BatchNormArgs, TrainOutput, acc_dtype
 from . import cpp  # the C++ extension's ops: importing builds nothing (see cpp.py)
 
 

@@ -29,15 +29,11 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._implicit_gemm import (SUPPORTED_DTYPES, check_activation, check_channel_vector,
-                             check_prologue_conv, conv_output_size, new_activation)
-from .bn_add_relu import check_bn_add_relu_args
-from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count
-from .conv1x1_gate_residual import check_gate_residual_args
-from .conv_bn_act import check_conv_bn_act_args
-from .conv_bn_train import TrainOutput
+from .checks import (check_bn_add_relu_args, check_conv_bn_act_args, check_conv_bn_train_args,
+                     check_gate_residual_args, check_se_excite_args, check_se_squeeze_args)
+from .se_autograd import se_excite_backward, se_excite_setup_context
 from .sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
-from .se_excite import _se_excite_backward, _se_excite_setup, check_se_excite_args
+from .types import STAT_ROWS, BatchNormArgs, TrainOutput, conv_output_size, new_activation
 
 
 def _ops():
@@ -132,10 +128,10 @@ def _register() -> None:
     def _(grad, out):
         return new_activation(*out.shape, out)
 
-    # The SE MLP's backward is a few small torch matmuls: the Triton op's, reused. The
-    # other training ops have their autograd in C++ (csrc/autograd.cpp).
-    torch.library.register_autograd("regnet_kernels::se_excite", _se_excite_backward,
-                                    setup_context=_se_excite_setup)
+    # The SE MLP's backward is shared with the Triton op (ops/se_autograd.py); the other
+    # training ops have their autograd in C++ (csrc/autograd.cpp).
+    torch.library.register_autograd("regnet_kernels::se_excite", se_excite_backward,
+                                    setup_context=se_excite_setup_context)
     _registered = True
 
 
@@ -161,14 +157,19 @@ def _check_device(name: str, t: torch.Tensor) -> None:
         raise RuntimeError(f"{name} is on {t.device}: the C++ extension runs CPU and CUDA tensors")
 
 
+# The C++ kernels' activation dtypes (no float64 kernels), and the argument checks every
+# op here passes to `ops.checks`.
+CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPP_CHECKS = dict(device_check=_check_device, dtypes=CPP_DTYPES)
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 *, stride: int = 1, groups: int = 1, relu: bool = True, squeeze: bool = False):
     """Fused conv (k x k, padding k // 2) + folded BN + optional ReLU (CPU or CUDA).
 
     As `regnet_kernels.ops.conv_bn_act`; with squeeze=True the sums are (N, 1, C_out).
     """
-    check_conv_bn_act_args(x, weight, scale, shift, stride, groups,
-                           device_check=_check_device)
+    check_conv_bn_act_args(x, weight, scale, shift, stride, groups, **CPP_CHECKS)
     ops = _ops()
     if squeeze:
         return ops.conv_bn_act_squeeze(x, weight, scale, shift, stride, groups, relu)
@@ -182,7 +183,7 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
     As `regnet_kernels.ops.se_excite`: sums (N, C) or (N, T, C) float32; returns (N, C) float32.
     Differentiable in sums and the SE weights (the Triton op's backward formula).
     """
-    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=_check_device)
+    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, **CPP_CHECKS)
     return _ops().se_excite(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 
@@ -197,7 +198,7 @@ def conv1x1_gate_residual(
     As `regnet_kernels.ops.conv1x1_gate_residual` (identity or projection shortcut).
     """
     check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride, device_check=_check_device)
+                             proj_shift, proj_stride, **CPP_CHECKS)
     return _ops().conv1x1_gate_residual(x, weight, scale, shift, gate, shortcut, proj_weight,
                                         proj_scale, proj_shift,
                                         proj_stride if proj_weight is not None else 1)
@@ -222,15 +223,8 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     BN's weight and bias. frozen: BN as in eval mode (running statistics, not updated).
     sync_group: a process group whose ranks' statistics are merged (SyncBatchNorm).
     """
-    args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
-    c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate,
-                                device_check=_check_device, dtypes=SUPPORTED_DTYPES)
-    n, _, h, w = x.shape
-    k = weight.shape[-1]
-    count = n * conv_output_size(h, k, stride) * conv_output_size(w, k, stride)
-    if not frozen:
-        check_count(count)
-    args.check(c_out, x)
+    args, c_out, count = check_conv_bn_train_args(x, weight, bn, stride, groups, in_scale, in_shift,
+                                                 gate, frozen, **CPP_CHECKS)
     ops = _ops()
 
     def update_running(stats, count):
@@ -257,9 +251,7 @@ def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tor
     As `regnet_kernels.ops.se_squeeze` (one row tile per image): y is a lazy BN output,
     its gradient is dL/dv, v = y * scale + shift.
     """
-    check_activation("y", y, device_check=_check_device)
-    check_channel_vector("scale", scale, y.shape[1], y)
-    check_channel_vector("shift", shift, y.shape[1], y)
+    check_se_squeeze_args(y, scale, shift, **CPP_CHECKS)
     return _ops().se_squeeze(y, scale, shift)
 
 
@@ -270,8 +262,7 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
 
     As `regnet_kernels.ops.bn_add_relu`: y and a projection shortcut are lazy BN outputs.
     """
-    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift,
-                           device_check=_check_device, dtypes=SUPPORTED_DTYPES)
+    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift, **CPP_CHECKS)
     return _ops().bn_add_relu(y, scale, shift, shortcut, sc_scale, sc_shift)
 
 
