@@ -1,5 +1,5 @@
 // conv_bn_train, its backward and bn_update_running on the CPU: a training-mode
-// conv + BatchNorm whose output stays lazy (see regnet_kernels/ops/conv_bn_train.py):
+// conv + BatchNorm whose output stays lazy (see docs/ops.md, "Lazy BN outputs"):
 // the raw conv output y plus per-channel batch statistics; the BN output
 // v = y * scale + shift is applied by whichever op reads y, and in autograd the
 // gradient that arrives for y is dL/dv.
@@ -32,7 +32,7 @@
 namespace regnet_kernels::cpu {
 namespace {
 
-// Rows of the (5, C) statistics tensor (regnet_kernels.ops.bn_finalize.STAT_ROWS).
+// Rows of the (5, C) statistics tensor (regnet_kernels.ops.types.STAT_ROWS).
 enum StatRow : int64_t { kMean = 0, kInvStd, kScale, kShift, kVar, kStatRows };
 
 // The conv input transform u = relu?(x * scale + shift) * gate[n], each part optional.

@@ -1,7 +1,7 @@
 // The CUDA implementations of the training ops (schemas in csrc/ops.cpp, semantics as
 // the C++ CPU ones in csrc/cpu/conv_bn_train.cpp and the Triton ones): tensors ->
-// train_launchers.h argument structs. Autograd is registered in Python
-// (regnet_kernels/ops/cpp.py) over these functional pieces, for every device.
+// train_launchers.h argument structs. Autograd is registered in C++ (csrc/autograd.cpp)
+// over these functional pieces, for every device.
 //
 // conv_bn_train            rk_conv_train (y + per-tile statistics) -> rk_bn_finalize
 // conv_bn_train_backward   rk_bn_backward_sums -> rk_bn_backward_dy -> rk_conv_wgrad and

@@ -537,7 +537,7 @@ def compile_cuda_kernels(arch: str = "sm_90", jobs: int = 2) -> dict:
     run_jobs returns them, and "kernels": short C++ name (`cuda_launches.kernel_key`) ->
     the kernel's analysis (per-warp loop MACs: compiled without a launch configuration),
     and "names": mangled -> demangled."""
-    from ..ops._extension import source_dir
+    from ..backends.cpp.build import source_dir
     from .cuda_launches import kernel_key
     sources = sorted((source_dir() / "cuda").glob("*.cu"))
     capability = arch_capability(arch)

@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
+from ...ops.checks import check_bn_add_relu_args
+from ...ops.types import new_activation
 from .bn_act_backward import bn_act_backward
-from .checks import check_bn_add_relu_args
-from ._implicit_gemm import TRITON_CHECKS, acc_constexpr, nhwc_strides
-from .types import new_activation
+from .igemm import TRITON_CHECKS, acc_constexpr, nhwc_strides
 
 
 @triton.jit

@@ -21,17 +21,18 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from .checks import (
+from ...ops.checks import (
     check_activation,
     check_gate,
     check_optional_affine,
     check_same,
     check_vector_dtype,
 )
-from ._implicit_gemm import acc_constexpr, nhwc_strides, output_rows, TRITON_CHECKS
-from .types import acc_dtype, new_activation
+from ...ops.types import acc_dtype, new_activation
+from .igemm import acc_constexpr, nhwc_strides, output_rows, TRITON_CHECKS
 
 
 class BnActGrads(NamedTuple):

@@ -15,11 +15,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._tuning import launch_tuned
-from .checks import check_gate_residual_args
-from ._implicit_gemm import (
+from ...ops.checks import check_gate_residual_args
+from ...ops.types import new_activation
+from .igemm import (
     acc_constexpr,
     conv_accumulate,
     conv_tiles,
@@ -32,7 +33,7 @@ from ._implicit_gemm import (
     TRITON_CHECKS,
     unit_channel_stride,
 )
-from .types import new_activation
+from .tuning import launch_tuned
 
 
 @triton.jit(do_not_specialize=["M"])

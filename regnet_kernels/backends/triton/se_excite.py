@@ -15,13 +15,14 @@ pass over its raw output y: per-(image, row tile) sums of relu(y * scale + shift
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
+from ...ops.checks import check_se_excite_args, check_se_squeeze_args
+from ...ops.se_autograd import se_excite_backward, se_excite_setup_context
+from ...ops.types import acc_dtype
 from .bn_act_backward import bn_act_backward
-from .checks import check_se_excite_args, check_se_squeeze_args
-from ._implicit_gemm import TRITON_CHECKS, acc_constexpr, nhwc_strides, output_rows
-from .se_autograd import se_excite_backward, se_excite_setup_context
-from .types import acc_dtype
+from .igemm import TRITON_CHECKS, acc_constexpr, nhwc_strides, output_rows
 
 
 @triton.jit

@@ -1,5 +1,6 @@
-"""Pieces shared by the fused convolution ops: the implicit-GEMM main loop, the
-output-row decomposition, tile selection and input checks.
+"""Pieces shared by the Triton backend's convolution ops: the implicit-GEMM main loop, the
+output-row decomposition, tile selection and the Triton device check (the argument checks
+themselves are shared with the C++ backend: `regnet_kernels.ops.checks`).
 
 A convolution with `groups` groups is, per group, a GEMM
     out[m, co] = sum_k A[m, k] * B[k, co]
@@ -18,19 +19,12 @@ torch.autograd.gradcheck needs). The kernels take it as the ACC_DTYPE constexpr.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from .checks import check_activation
-from .types import acc_dtype
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
+from ...ops.dispatch import BACKENDS, interpreting
+from ...ops.types import acc_dtype
 
 # ---------------------------------------------------------------------------
 # Triton device functions
@@ -254,15 +248,9 @@ def check_device(name: str, t: torch.Tensor) -> None:
     )
 
 
-# The activation dtypes of the Triton kernels: float64 too (computed in float64 throughout,
-# for gradcheck), and the argument checks every Triton op passes to `ops.checks`.
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-TRITON_CHECKS = dict(device_check=check_device, dtypes=TRITON_DTYPES)
-
-
-def check_input(name: str, x: torch.Tensor) -> None:
-    """`check_activation` for a Triton kernel's input."""
-    check_activation(name, x, **TRITON_CHECKS)
+# What every Triton op passes to the shared argument checks (`ops.checks`): its device check
+# and the dtypes the backend table declares.
+TRITON_CHECKS = dict(device_check=check_device, dtypes=BACKENDS["triton"].dtypes)
 
 
 def nhwc_strides(x: torch.Tensor) -> tuple[int, int, int, int]:

@@ -25,14 +25,14 @@ from typing import Optional
 
 import torch
 
-from .conv_bn_act import _fake as _conv_fake, _geometry as _conv_geometry, _launch as _conv_launch
+from ...ops.checks import check_conv_bn_train_args
+from ...ops.sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
+from ...ops.types import STAT_ROWS, BatchNormArgs, TrainOutput, acc_dtype
 from .bn_act_backward import bn_act_backward
 from .bn_finalize import finalize_launch, update_running_stats
-from .checks import check_conv_bn_train_args
+from .conv_bn_act import _fake as _conv_fake, _geometry as _conv_geometry, _launch as _conv_launch
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
-from ._implicit_gemm import TRITON_CHECKS
-from .types import STAT_ROWS, BatchNormArgs, TrainOutput, acc_dtype
-from .sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
+from .igemm import TRITON_CHECKS
 
 
 @torch.library.custom_op("regnet_triton::conv_bn_train", mutates_args=())

@@ -27,11 +27,12 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from .checks import check_batch_norm, check_same
-from ._implicit_gemm import acc_constexpr, check_device
-from .types import STAT_ROWS, BatchNormArgs, check_count
+from ...ops.checks import check_batch_norm, check_same
+from ...ops.types import STAT_ROWS, BatchNormArgs, check_count
+from .igemm import acc_constexpr, check_device
 
 BLOCK_C = 128
 # Tiles a finalize program loads at once; the group-merge pass's tiles and channels at once,

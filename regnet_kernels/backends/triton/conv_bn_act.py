@@ -19,11 +19,12 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._tuning import launch_tuned
-from .checks import check_conv_bn_act_args, check_prologue_conv
-from ._implicit_gemm import (
+from ...ops.checks import check_conv_bn_act_args, check_prologue_conv
+from ...ops.types import acc_dtype, conv_output_size, new_activation
+from .igemm import (
     acc_constexpr,
     conv_accumulate,
     conv_tiles,
@@ -37,7 +38,7 @@ from ._implicit_gemm import (
     TRITON_CHECKS,
     unit_channel_stride,
 )
-from .types import acc_dtype, conv_output_size, new_activation
+from .tuning import launch_tuned
 
 
 @triton.jit(do_not_specialize=["M"])

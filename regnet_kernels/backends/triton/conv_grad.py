@@ -38,11 +38,13 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._tuning import launch_tuned
-from .checks import check_activation, check_channel_vector, check_gate, check_same, check_weight
-from ._implicit_gemm import (
+from ...ops.checks import (check_activation, check_channel_vector, check_gate, check_same,
+                           check_weight)
+from ...ops.types import acc_dtype, conv_output_size, new_activation
+from .igemm import (
     _pow2_clamp,
     acc_constexpr,
     affine_vectors,
@@ -60,7 +62,7 @@ from ._implicit_gemm import (
     TRITON_CHECKS,
     unit_channel_stride,
 )
-from .types import acc_dtype, conv_output_size, new_activation
+from .tuning import launch_tuned
 
 
 class DyPrologue(NamedTuple):
