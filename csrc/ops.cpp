@@ -5,7 +5,7 @@
 // se_excite, whose formula is Python: regnet_kernels/ops/se_autograd.py).
 //
 // Same arguments and semantics as the Triton ops (regnet_triton::*), in their
-// own namespace (see the README's "one op namespace per backend"). Each device
+// own namespace (see docs/backends.md, "One op namespace per backend"). Each device
 // registers its kernels with TORCH_LIBRARY_IMPL(regnet_kernels, <Key>, m):
 //   CPU   csrc/cpu/<op>.cpp   (C++; the conv itself through ATen/oneDNN)
 //   CUDA  the binding .cpp beside the launchers in csrc/cuda/ (compiled only

@@ -1,7 +1,7 @@
 """What a result was measured on: device, clocks, library versions, threads, time.
 
 Every CSV row carries these, since cuDNN's grouped-conv speed alone has moved 3x between
-versions (docs/performance.md).
+versions (docs/performance.md, "Why fuse").
 """
 from __future__ import annotations
 
