@@ -53,9 +53,11 @@ class Backend:
 
     def why_not(self, device: torch.device | str, auto: bool = False) -> Optional[str]:
         """Why this backend cannot run tensors on `device` here (or is not the one
-        backend="auto" picks for it), or None. Builds nothing."""
+        backend="auto" picks for it), or None. Builds nothing. Asked for by name, a missing
+        package is the first reason; "auto" looks at the device first, so that it imports
+        nothing for a device it would not pick the backend for."""
         device_type = torch.device(device).type
-        missing = self.missing_requirement()
+        missing = self.missing_requirement() if not auto else None
         if missing:
             return f"cannot run: {missing}"
         if device_type not in self.devices():
@@ -63,18 +65,26 @@ class Backend:
         if auto and device_type not in self.auto_devices:
             return (f"runs {device_type} tensors only when asked for (backend={self.name!r}): "
                     f"backend='auto' picks it for {' and '.join(self.auto_devices)} tensors")
-        return None
+        missing = self.missing_requirement()
+        return f"cannot run: {missing}" if missing else None
 
     def missing_requirement(self) -> Optional[str]:
+        """Why the package this backend needs cannot be imported, or None (tried once: every
+        forward of a fused module asks)."""
         if self.requires is None:
             return None
-        try:
-            importlib.import_module(self.requires)
-        except ImportError as e:
-            others = " and ".join(repr(name) for name in BACKENDS if name != self.name)
-            return (f"{self.requires} is not importable ({e}); the {self.name!r} backend needs "
-                    f"it ({self.install}); {others} do not")
-        return None
+        if self.requires not in _import_errors:
+            try:
+                importlib.import_module(self.requires)
+                _import_errors[self.requires] = None
+            except ImportError as e:
+                _import_errors[self.requires] = str(e)
+        error = _import_errors[self.requires]
+        if error is None:
+            return None
+        others = " and ".join(repr(name) for name in BACKENDS if name != self.name)
+        return (f"{self.requires} is not importable ({error}); the {self.name!r} backend needs "
+                f"it ({self.install}); {others} do not")
 
     def load(self) -> ModuleType:
         """The module of this backend's op functions (imported now if it was not)."""
@@ -90,6 +100,9 @@ class Backend:
         if missing:
             return False, missing
         return getattr(self.load(), self.status_function)()
+
+
+_import_errors: dict[str, Optional[str]] = {}  # package -> why it cannot be imported (None: it can)
 
 
 def _triton_devices() -> tuple[str, ...]:
@@ -125,9 +138,16 @@ def check_name(backend: str) -> None:
                          + ", ".join(repr(b) for b in BACKENDS))
 
 
-# torch.compile traces the fused modules' forwards, which call resolve and ops_for: their results
-# are constants of the graph (as a backend's import is not something to trace).
-@torch.compiler.assume_constant_result
+def _constant_under_torch_compile(fn):
+    """torch.compile traces the fused modules' forwards, which call `resolve` and `ops_for`:
+    their choices become constants of the graph (a backend's import is not something to trace).
+    This is what `torch.compiler.assume_constant_result` marks, without importing
+    torch._dynamo at `import regnet_kernels` (two seconds) as calling it would."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_torch_compile
 def resolve(backend: str, device: torch.device | str, owner: str = "model") -> str:
     """The backend that runs `owner`'s ops for tensors on `device`: `backend` itself when it
     can, the first that can for "auto". Raises BackendUnavailable saying why (for "auto",
@@ -161,7 +181,7 @@ def ops_for(backend: str) -> ModuleType:
 _loaded: dict[str, ModuleType] = {}  # backend name -> the module of its op functions
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_torch_compile
 def _load_once(backend: str) -> bool:
     """Imports the backend's op functions into `_loaded` (torch.compile runs this while it
     traces, as a constant: the lookup in `_loaded` that follows is what the graph guards on)."""
