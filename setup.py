@@ -13,7 +13,7 @@ SOURCE_SUFFIXES = {".cpp", ".cu", ".h", ".cuh", ".hpp"}
 
 class BuildPyWithCppSources(build_py):
     """build_py that also copies csrc/ to regnet_kernels/csrc, where
-    regnet_kernels/ops/_extension.py looks first. Editable installs read csrc/ in place."""
+    regnet_kernels/backends/cpp/build.py looks first. Editable installs read csrc/ in place."""
 
     def run(self):
         super().run()

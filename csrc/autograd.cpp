@@ -7,7 +7,7 @@
 // In C++ rather than through torch.library.register_autograd because a training step
 // runs ~100 of these ops, and the Python wrapper cost ~170 us per op (forward and
 // backward) on the CPU: ~10% of a regnety_400mf step at batch 8, 96 px. se_excite keeps
-// its Python autograd (regnet_kernels/ops/cpp.py): its backward is a few torch matmuls
+// its Python autograd (regnet_kernels/ops/se_autograd.py): its backward is a few torch matmuls
 // shared with the Triton op.
 #include <torch/autograd.h>
 #include <torch/library.h>

@@ -2,20 +2,20 @@
 //
 // Eval ops first, then the training ops with their backward ops (autograd is
 // registered from these functional pieces: in C++, csrc/autograd.cpp, for all but
-// se_excite, whose formula is Python, in regnet_kernels/ops/cpp.py).
+// se_excite, whose formula is Python: regnet_kernels/ops/se_autograd.py).
 //
 // Same arguments and semantics as the Triton ops (regnet_triton::*), in their
-// own namespace (see the README's "one op namespace per backend"). Each device
+// own namespace (see docs/backends.md, "One op namespace per backend"). Each device
 // registers its kernels with TORCH_LIBRARY_IMPL(regnet_kernels, <Key>, m):
 //   CPU   csrc/cpu/<op>.cpp   (C++; the conv itself through ATen/oneDNN)
 //   CUDA  the binding .cpp beside the launchers in csrc/cuda/ (compiled only
-//         where torch has CUDA; see regnet_kernels/ops/_extension.py)
+//         where torch has CUDA; see regnet_kernels/backends/cpp/build.py)
 // The fake (meta) implementations torch.compile traces with are registered in
-// Python, in regnet_kernels/ops/cpp.py, which set_python_module names.
+// Python, in regnet_kernels/backends/cpp/fakes.py, which set_python_module names.
 #include <torch/library.h>
 
 TORCH_LIBRARY(regnet_kernels, m) {
-  m.set_python_module("regnet_kernels.ops.cpp");
+  m.set_python_module("regnet_kernels.backends.cpp.fakes");
   // relu?(conv(x, weight, stride, padding k // 2, groups) * scale + shift); output channels_last.
   m.def(
       "conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, SymInt stride, "
@@ -34,7 +34,7 @@ TORCH_LIBRARY(regnet_kernels, m) {
       "Tensor shortcut, Tensor? proj_weight, Tensor? proj_scale, Tensor? proj_shift, "
       "SymInt proj_stride) -> Tensor");
 
-  // ---- Training (BN from batch statistics); see regnet_kernels/ops/conv_bn_train.py ----
+  // ---- Training (BN from batch statistics); see docs/ops.md ----
   // Lazy BN output: raw y = conv(relu?(x * in_scale + in_shift) * gate, weight), channels_last,
   // and the (5, C_out) fp32 statistics rows mean, inv_std, scale, shift, var (biased);
   // the BN output is v = y * scale + shift. Autograd treats y as v. With

@@ -15,7 +15,7 @@ from .complexity import complexity
 from .models.reference import reference_model
 from .models.fused import freeze, fuse, fused_model, resolved_backend, unfreeze, unfuse
 from .checkpoints import load_checkpoint
-from .backends import available_backends
+from .ops.dispatch import available_backends
 from . import ops
 
 __version__ = "0.1.0"

@@ -63,7 +63,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_env(args: argparse.Namespace) -> int:
     """Print versions, devices and which fused-op backends can run here (and why not)."""
-    from .backends import environment_report
+    from .ops.dispatch import environment_report
     print(environment_report())
     return 0
 

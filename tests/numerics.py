@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regnet_kernels.ops._implicit_gemm import conv_tf32_allowed
+from regnet_kernels.backends.triton.igemm import conv_tf32_allowed
 
 # ||out - ref|| / ||ref|| bounds per dtype, against a float64 reference.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2,

@@ -60,9 +60,9 @@ def test_y_block_projection_launches_and_strided_shortcut():
     assert traffic.fused_layer_elements(shape, "c") == 64 * ho * ho + 32 * ho * ho + 64 * ho * ho
 
 
-def test_regnety_8gf_traffic_near_fusion_md():
+def test_regnety_8gf_traffic_near_the_estimate():
     t = traffic.model_traffic("regnety_8gf", 224, "bf16")
-    assert 230e6 < t.eager_bytes < 290e6  # fusion.md: ~260 MB / image eager
+    assert 230e6 < t.eager_bytes < 290e6  # docs/performance.md: ~260 MB / image eager
     assert 65e6 < t.fused_bytes < 85e6    # ~75 MB / image fused
     depth = sum(s.count for s in block_shapes("regnety_8gf"))
     assert t.fused_launches == 1 + 4 * depth + 2  # stem, 4 per Y block, pool and classifier

@@ -47,9 +47,9 @@ def conv_launches(dtype):
     widths, the stem and the block-end kernel with and without a projection. The
     launches are captured (see `captured_launches`), not run."""
     import importlib
-    cba = importlib.import_module("regnet_kernels.ops.conv_bn_act")
-    grad = importlib.import_module("regnet_kernels.ops.conv_grad")
-    tail = importlib.import_module("regnet_kernels.ops.conv1x1_gate_residual")
+    cba = importlib.import_module("regnet_kernels.backends.triton.conv_bn_act")
+    grad = importlib.import_module("regnet_kernels.backends.triton.conv_grad")
+    tail = importlib.import_module("regnet_kernels.backends.triton.conv1x1_gate_residual")
     vec = torch.float64 if dtype == torch.float64 else torch.float32
 
     def v(*shape):
@@ -165,9 +165,9 @@ def elementwise_specs():
     """(dtype name, spec) of the hand-listed elementwise variants."""
     import importlib
 
-    # the modules, not the functions of the same names that regnet_kernels.ops exports
+    # the modules, not the functions of the same names that the package exports
     bn_act_backward, bn_add_relu, bn_finalize, se_excite = (
-        importlib.import_module(f"regnet_kernels.ops.{name}")
+        importlib.import_module(f"regnet_kernels.backends.triton.{name}")
         for name in ("bn_act_backward", "bn_add_relu", "bn_finalize", "se_excite"))
     modules = {"_se_excite_kernel": se_excite, "_se_squeeze_kernel": se_excite,
                "_bn_act_backward_kernel": bn_act_backward, "_bn_add_relu_kernel": bn_add_relu,
@@ -205,12 +205,12 @@ def conv_specs():
 
 def tuning_candidate_specs():
     """A grouped 3x3 eval conv and its dgrad under every tuning candidate's options."""
-    from regnet_kernels.ops._tuning import CANDIDATES
+    from regnet_kernels.backends.triton.tuning import CANDIDATES
 
     def launches():
         import importlib
-        cba = importlib.import_module("regnet_kernels.ops.conv_bn_act")
-        grad = importlib.import_module("regnet_kernels.ops.conv_grad")
+        cba = importlib.import_module("regnet_kernels.backends.triton.conv_bn_act")
+        grad = importlib.import_module("regnet_kernels.backends.triton.conv_grad")
         x = meta_activation(BATCH, 896, 14, 14, torch.bfloat16)
         w = torch.empty(896, 56, 3, 3, device="meta", dtype=torch.bfloat16)
         v = torch.empty(896, device="meta")
@@ -247,9 +247,9 @@ def test_every_kernel_has_compile_variants(records):
     import importlib
     import pkgutil
 
-    import regnet_kernels.ops as ops_pkg
-    defined = {name for mod in pkgutil.iter_modules(ops_pkg.__path__)
-               for name in vars(importlib.import_module(f"regnet_kernels.ops.{mod.name}"))
+    import regnet_kernels.backends.triton as triton_pkg
+    defined = {name for mod in pkgutil.iter_modules(triton_pkg.__path__)
+               for name in vars(importlib.import_module(f"{triton_pkg.__name__}.{mod.name}"))
                if name.startswith("_") and name.endswith("_kernel")}
     assert defined == compiled, "a kernel without compile variants, or a stale name here"
 

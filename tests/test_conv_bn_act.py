@@ -7,7 +7,7 @@ from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, SEER_GROUP_WIDTHS, activatio
                       ref_conv_bn, rel_err, tol, vector_dtype)
 from bad_inputs import CONV_BN_ACT_CASES, conv_bn_act_args
 from regnet_kernels import list_models, model_params, ops
-from regnet_kernels.ops import _implicit_gemm
+from regnet_kernels.backends.triton import igemm
 
 
 
@@ -75,8 +75,8 @@ def test_dot_precision_follows_the_cudnn_conv_flag(restore_precision_flags, conv
                                                    expected):
     torch.backends.cudnn.conv.fp32_precision = conv_flag
     torch.backends.cudnn.rnn.fp32_precision = rnn_flag
-    assert _implicit_gemm.dot_precision(torch.float32) == expected
-    assert _implicit_gemm.dot_precision(torch.float64) == "ieee"
+    assert igemm.dot_precision(torch.float32) == expected
+    assert igemm.dot_precision(torch.float64) == "ieee"
 
 
 @pytest.mark.gpu
@@ -114,7 +114,7 @@ def test_bad_input(over, err, match):
 
 
 def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(_implicit_gemm, "interpreting", lambda: False)
+    monkeypatch.setattr(igemm, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         ops.conv_bn_act(**conv_bn_act_args("cpu"))
 
@@ -237,7 +237,7 @@ def test_unaligned_channel_slice(dtype):
     gen = torch.Generator().manual_seed(3)
     full = activation(3, 27, 13, 14, dtype, gen)
     x = full[:, 1:25]
-    assert x.stride(1) == 1 and _implicit_gemm.row_alignment(x) == 1
+    assert x.stride(1) == 1 and igemm.row_alignment(x) == 1
     w = conv_weight(24, 8, 3, dtype, gen)
     scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(24, gen))
     with poisoned_outputs():
@@ -246,12 +246,12 @@ def test_unaligned_channel_slice(dtype):
 
 
 def test_channel_chunk_and_row_alignment():
-    assert [_implicit_gemm.channel_chunk(c) for c in (3, 8, 24, 40, 56, 168, 264, 2016)] == \
+    assert [igemm.channel_chunk(c) for c in (3, 8, 24, 40, 56, 168, 264, 2016)] == \
         [16, 16, 32, 16, 64, 64, 64, 64]
     x = torch.empty(2, 168, 7, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    assert _implicit_gemm.row_alignment(x) == 8       # 168 bf16 channels: 16-byte rows
-    assert _implicit_gemm.row_alignment(x.float()) == 4
-    assert _implicit_gemm.row_alignment(x[:, :, :, 1:]) == 8
-    assert _implicit_gemm.row_alignment(x[:, 2:6]) == 8  # strides unchanged by the slice
+    assert igemm.row_alignment(x) == 8       # 168 bf16 channels: 16-byte rows
+    assert igemm.row_alignment(x.float()) == 4
+    assert igemm.row_alignment(x[:, :, :, 1:]) == 8
+    assert igemm.row_alignment(x[:, 2:6]) == 8  # strides unchanged by the slice
     y = torch.empty(2, 3, 7, 7).to(memory_format=torch.channels_last)
-    assert _implicit_gemm.row_alignment(y) == 1
+    assert igemm.row_alignment(y) == 1

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from numerics import (DEVICE, DTYPES, activation, conv_weight, poisoned_outputs, rel_err, tol,
                       vector_dtype)
-from regnet_kernels.ops import _implicit_gemm
-from regnet_kernels.ops.conv_grad import (DyPrologue, UPrologue, conv_dgrad, conv_wgrad,
+from regnet_kernels.backends.triton import igemm
+from regnet_kernels.backends.triton.conv_grad import (DyPrologue, UPrologue, conv_dgrad, conv_wgrad,
                                           wgrad_geometry)
 from test_conv_bn_act import GROUP_WIDTHS
 
@@ -290,7 +290,7 @@ def test_wgrad_bad_input(over, err, match):
 
 
 def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(_implicit_gemm, "interpreting", lambda: False)
+    monkeypatch.setattr(igemm, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         conv_dgrad(torch.randn(2, 16, 4, 4), torch.randn(16, 8, 3, 3), (7, 8), 2, 2)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

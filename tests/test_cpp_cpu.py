@@ -15,7 +15,7 @@ from blocks import BLOCKS, make_block
 from numerics import (activation, bn_fold, check_close, check_conv_bn_act_op, conv_weight,
                       grouped_conv_cases, ref_conv_bn, rel_err)
 from regnet_kernels.models.fused import block_forward_eval, fold_block
-from regnet_kernels.ops import _extension, cpp
+from regnet_kernels.backends.cpp import build, ops as cpp
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -38,13 +38,13 @@ def fresh_build(tmp_path_factory):
     procs = [subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
-    old = os.environ.get(_extension.CACHE_ENV)
-    os.environ[_extension.CACHE_ENV] = str(cache)
+    old = os.environ.get(build.CACHE_ENV)
+    os.environ[build.CACHE_ENV] = str(cache)
     yield cache, results
     if old is None:
-        os.environ.pop(_extension.CACHE_ENV, None)
+        os.environ.pop(build.CACHE_ENV, None)
     else:
-        os.environ[_extension.CACHE_ENV] = old
+        os.environ[build.CACHE_ENV] = old
 
 
 def test_concurrent_first_build(fresh_build):
@@ -62,7 +62,7 @@ def test_concurrent_first_build(fresh_build):
 
 def test_import_does_not_build(tmp_path):
     env = dict(os.environ, REGNET_KERNELS_CACHE=str(tmp_path / "cache"))
-    code = "import regnet_kernels, regnet_kernels.ops.cpp; print('imported')"
+    code = "import regnet_kernels, regnet_kernels.backends.cpp.ops; print('imported')"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -71,19 +71,19 @@ def test_import_does_not_build(tmp_path):
 
 
 def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(_extension, "source_dir", lambda: tmp_path / "nowhere")
-    with pytest.raises(_extension.ExtensionBuildError, match="sources not found"):
-        _extension._build_and_load()
+    monkeypatch.setattr(build, "source_dir", lambda: tmp_path / "nowhere")
+    with pytest.raises(build.ExtensionBuildError, match="sources not found"):
+        build._build_and_load()
     src = tmp_path / "csrc"
     (src / "cpu").mkdir(parents=True)
     (src / "ops.cpp").write_text('#error "deliberately broken"\n')
-    monkeypatch.setattr(_extension, "source_dir", lambda: src)
-    monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(_extension.ExtensionBuildError) as info:
-        _extension._build_and_load()
+    monkeypatch.setattr(build, "source_dir", lambda: src)
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(build.ExtensionBuildError) as info:
+        build._build_and_load()
     msg = str(info.value)
     assert "deliberately broken" in msg and "C++20 compiler" in msg
-    assert _extension.CACHE_ENV in msg and "ninja" in msg
+    assert build.CACHE_ENV in msg and "ninja" in msg
 
 
 # ---------------------------------------------------------------------------
@@ -342,13 +342,13 @@ def test_block_eval(name):
 def test_cuda_architectures_from_the_environment(monkeypatch):
     """REGNET_KERNELS_CUDA_ARCHS picks nvcc's targets (default sm_90a and sm_80); a bad
     value is a clear error."""
-    from regnet_kernels.ops import _extension
+    from regnet_kernels.backends.cpp import build
 
-    monkeypatch.delenv(_extension.CUDA_ARCHS_ENV, raising=False)
-    assert _extension.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a",
+    monkeypatch.delenv(build.CUDA_ARCHS_ENV, raising=False)
+    assert build.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a",
                                             "-gencode=arch=compute_80,code=sm_80"]
-    monkeypatch.setenv(_extension.CUDA_ARCHS_ENV, " 90a ")
-    assert _extension.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a"]
-    monkeypatch.setenv(_extension.CUDA_ARCHS_ENV, "sm_90")
-    with pytest.raises(_extension.ExtensionBuildError, match="expected compute capabilities"):
-        _extension.cuda_arch_flags()
+    monkeypatch.setenv(build.CUDA_ARCHS_ENV, " 90a ")
+    assert build.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a"]
+    monkeypatch.setenv(build.CUDA_ARCHS_ENV, "sm_90")
+    with pytest.raises(build.ExtensionBuildError, match="expected compute capabilities"):
+        build.cuda_arch_flags()

@@ -29,7 +29,7 @@ from bad_inputs import CONV_BN_ACT_CASES
 from blocks import make_block
 from numerics import GROUP_WIDTHS, nan_filled_empty, randomize_bn, rel_err
 from regnet_kernels.models.fused import block_forward_train
-from regnet_kernels.ops import _extension, cpp
+from regnet_kernels.backends.cpp import build, ops as cpp
 
 DTYPES = [torch.float32, torch.bfloat16]
 # ||out - ref|| / ||ref|| against float64, for outputs and gradients alike. Measured on
@@ -53,7 +53,7 @@ def device(request):
     """Runs a parity test on each device the extension has kernels for here."""
     global DEV
     if request.param == "cuda":
-        ok, reason = _extension.available(cuda=True)
+        ok, reason = build.available(cuda=True)
         assert ok, reason  # a GPU machine must build the CUDA kernels
     DEV = request.param
     yield DEV

@@ -316,7 +316,7 @@ def test_cuda_toolkit_found_when_torch_guesses_wrong(monkeypatch, tmp_path):
     nvcc is a wrapper (/usr/local/bin/nvcc), the extension asks nvcc for its toolkit."""
     from torch.utils import cpp_extension
 
-    from regnet_kernels.ops import _extension
+    from regnet_kernels.backends.cpp import build as _extension
 
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))  # no headers there
     includes, ldflags = _extension._cuda_toolkit_flags()
@@ -327,7 +327,7 @@ def test_cuda_toolkit_found_when_torch_guesses_wrong(monkeypatch, tmp_path):
 def test_cuda_toolkit_missing_is_a_clear_error(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
-    from regnet_kernels.ops import _extension
+    from regnet_kernels.backends.cpp import build as _extension
 
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc either

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from regnet_kernels.ops import _extension
+from regnet_kernels.backends.cpp import build
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # a killed build once hung every later one forever
@@ -32,7 +32,7 @@ def sources(tmp_path):
 
 def build_dir_of(src: Path, cache: Path) -> Path:
     """Where `load()` builds src with cache as REGNET_KERNELS_CACHE."""
-    key = _extension._build_key(src, _extension._sources(src, False), _extension._cpu_flags(),
+    key = build._build_key(src, build._sources(src, False), build._cpu_flags(),
                                 False)
     return cache / key
 
@@ -41,9 +41,9 @@ def load_command(src: Path) -> list[str]:
     """A python command that loads the extension built from src and prints its path."""
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from regnet_kernels.ops import _extension
-        _extension.source_dir = lambda: Path({str(src)!r})
-        print(_extension.load())
+        from regnet_kernels.backends.cpp import build
+        build.source_dir = lambda: Path({str(src)!r})
+        print(build.load())
     """)
     return [sys.executable, "-c", code]
 
@@ -66,7 +66,7 @@ def load(src: Path, cache: Path, **env) -> subprocess.CompletedProcess:
 
 def assert_built(result: subprocess.CompletedProcess, build_dir: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == str(build_dir / f"{_extension.NAME}.so")
+    assert result.stdout.strip() == str(build_dir / f"{build.NAME}.so")
     assert (build_dir / "BUILD_OK").is_file()
     assert not (build_dir / "lock").exists()
 
@@ -160,7 +160,7 @@ def test_build_progress_then_a_read_only_finished_build_loads(sources, tmp_path)
         for path in [cache, *cache.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == str(build_dir / f"{_extension.NAME}.so")
+    assert result.stdout.strip() == str(build_dir / f"{build.NAME}.so")
     assert "regnet_kernels:" not in result.stderr, "a finished build loads silently"
 
 
@@ -169,10 +169,10 @@ def test_missing_compiler_is_the_first_line(sources, tmp_path):
     compiler is missing, before the build log."""
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from regnet_kernels import backends
-        from regnet_kernels.ops import _extension
-        _extension.source_dir = lambda: Path({str(sources)!r})
-        print(backends.environment_report())
+        from regnet_kernels.ops import dispatch
+        from regnet_kernels.backends.cpp import build
+        build.source_dir = lambda: Path({str(sources)!r})
+        print(dispatch.environment_report())
     """)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=TIMEOUT,
@@ -194,7 +194,7 @@ def test_interrupted_build_is_a_keyboard_interrupt(sources, tmp_path, monkeypatc
         raise RuntimeError("Error building extension: ninja: build stopped") from ninja
 
     monkeypatch.setattr(cpp_extension, "load", interrupted_ninja)
-    monkeypatch.setattr(_extension, "source_dir", lambda: sources)
-    monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "source_dir", lambda: sources)
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(KeyboardInterrupt, match="interrupted; the next use resumes it"):
-        _extension._build_and_load()
+        build._build_and_load()

@@ -38,7 +38,7 @@ from regnet_kernels import ops
 from regnet_kernels.models.fused import block_forward_train
 from regnet_kernels.models.reference import ResBottleneckBlock
 from regnet_kernels.ops import BatchNormArgs
-from regnet_kernels.ops.se_excite import _squeeze_tiles
+from regnet_kernels.backends.triton.se_excite import _squeeze_tiles
 
 F64 = torch.float64
 

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from regnet_kernels.ops import _extension
+from regnet_kernels.backends.cpp import build
 
 REPO = Path(__file__).resolve().parents[1]
 # What a package build reads: the metadata, the package and the C++/CUDA sources.
@@ -31,7 +31,7 @@ def copy_checkout(target: Path) -> Path:
 
 def cpu_build_key(csrc: Path) -> str:
     """The extension's build key: a hash over every source and header file under csrc."""
-    return _extension._build_key(csrc, _extension._sources(csrc, False), _extension._cpu_flags(),
+    return build._build_key(csrc, build._sources(csrc, False), build._cpu_flags(),
                                  False)
 
 
@@ -64,9 +64,9 @@ def test_pip_install_into_a_fresh_venv_runs_a_fused_model(tmp_path):
     code = textwrap.dedent(f"""
         import sys, torch
         import regnet_kernels as rk
-        from regnet_kernels.ops import _extension
+        from regnet_kernels.backends.cpp import build
         assert rk.__file__.startswith({str(venv)!r}), rk.__file__
-        print(_extension.source_dir())
+        print(build.source_dir())
         ref = rk.reference_model("regnetx_200mf").eval()
         fused = rk.fused_model("regnetx_200mf").eval()
         fused.load_state_dict(ref.state_dict())

@@ -4,7 +4,7 @@ import torch
 
 from numerics import DEVICE, DTYPES, poisoned_outputs, rel_err, vector_dtype
 from regnet_kernels import ops
-from regnet_kernels.ops.se_excite import _squeeze_tiles
+from regnet_kernels.backends.triton.se_excite import _squeeze_tiles
 
 
 def ref_gate(sums, hw, w1, b1, w2, b2):

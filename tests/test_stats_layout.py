@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from regnet_kernels.ops.bn_finalize import STAT_ROWS
+from regnet_kernels.ops.types import STAT_ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 

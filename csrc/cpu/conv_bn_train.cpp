@@ -1,5 +1,5 @@
 // conv_bn_train, its backward and bn_update_running on the CPU: a training-mode
-// conv + BatchNorm whose output stays lazy (see regnet_kernels/ops/conv_bn_train.py):
+// conv + BatchNorm whose output stays lazy (see docs/ops.md, "Lazy BN outputs"):
 // the raw conv output y plus per-channel batch statistics; the BN output
 // v = y * scale + shift is applied by whichever op reads y, and in autograd the
 // gradient that arrives for y is dL/dv.

@@ -1,7 +1,7 @@
 // Shared by the CUDA bindings (cuda/<op>_binding.cpp, one per op): argument checks and
 // the tensor -> launcher-struct plumbing. Everything torch-facing lives in the bindings;
 // the kernels (cuda/<op>.cu) see only pointers, sizes and strides (launchers.h). The
-// bindings are compiled only where torch has CUDA (regnet_kernels/ops/_extension.py),
+// bindings are compiled only where torch has CUDA (regnet_kernels/backends/cpp/build.py),
 // as their own library loaded after the CPU one, so a CUDA build problem never takes
 // the CPU backend down with it.
 #pragma once

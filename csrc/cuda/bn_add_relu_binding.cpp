@@ -1,6 +1,5 @@
-// The CUDA implementation of bn_add_relu and bn_add_relu_backward (schema in csrc/ops.cpp): tensors ->
-// launchers.h argument structs -> bn_add_relu.cu.
-
+// The CUDA implementation of bn_add_relu and bn_add_relu_backward (schemas in csrc/ops.cpp):
+// tensors -> launchers.h argument structs -> bn_add_relu.cu.
 #include "binding.h"
 
 namespace regnet_kernels::cuda {

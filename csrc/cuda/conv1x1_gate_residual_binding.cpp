@@ -1,6 +1,5 @@
 // The CUDA implementation of conv1x1_gate_residual (schema in csrc/ops.cpp): tensors ->
 // rk_conv1x1_gate_residual_args (launchers.h) -> conv1x1_gate_residual.cu.
-
 #include "binding.h"
 
 namespace regnet_kernels::cuda {

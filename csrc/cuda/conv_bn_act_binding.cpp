@@ -1,6 +1,5 @@
-// The CUDA implementation of conv_bn_act and conv_bn_act_squeeze (schema in csrc/ops.cpp): tensors -> rk_conv_bn_act_args
-// (launchers.h) -> conv_bn_act.cu.
-
+// The CUDA implementation of conv_bn_act and conv_bn_act_squeeze (schemas in csrc/ops.cpp):
+// tensors -> rk_conv_bn_act_args (launchers.h) -> conv_bn_act.cu.
 #include "binding.h"
 
 namespace regnet_kernels::cuda {
@@ -38,7 +37,7 @@ at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 // The schema's sums are (N, 1, C_out) on every device, so that the one fake
-// implementation (regnet_kernels/ops/cpp.py) is right for all: the kernel's per-row-tile
+// implementation (regnet_kernels/backends/cpp/fakes.py) is right for all: the kernel's per-row-tile
 // partials are summed here, in tile order (one small extra launch).
 std::tuple<at::Tensor, at::Tensor> conv_bn_act_squeeze(const at::Tensor& x,
                                                        const at::Tensor& weight,

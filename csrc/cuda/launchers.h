@@ -113,8 +113,8 @@ cudaError_t rk_conv1x1_gate_residual(const rk_conv1x1_gate_residual_args* args,
                                      cudaStream_t stream);
 
 // ===========================================================================
-// Training ops. The semantics of the Triton and C++ CPU ops (csrc/ops.cpp,
-// regnet_kernels/ops/conv_bn_train.py):
+// Training ops. The semantics of the Triton and C++ CPU ops (csrc/ops.cpp, docs/ops.md
+// "Lazy BN outputs"):
 //
 //   u = relu?(x * in_scale + in_shift) * gate[n]     the conv's input prologue
 //   y = conv(u, weight)                               raw output, stored dense NHWC

@@ -1,6 +1,5 @@
-// The CUDA implementation of se_excite (schema in csrc/ops.cpp): tensors -> rk_se_excite_args (launchers.h) ->
-// se_excite.cu.
-
+// The CUDA implementation of se_excite (schema in csrc/ops.cpp): tensors ->
+// rk_se_excite_args (launchers.h) -> se_excite.cu.
 #include "binding.h"
 
 namespace regnet_kernels::cuda {

@@ -1,6 +1,5 @@
-// The CUDA implementation of se_squeeze and se_squeeze_backward (schema in csrc/ops.cpp): tensors ->
-// launchers.h argument structs -> se_squeeze.cu.
-
+// The CUDA implementation of se_squeeze and se_squeeze_backward (schemas in csrc/ops.cpp):
+// tensors -> launchers.h argument structs -> se_squeeze.cu.
 #include "binding.h"
 
 namespace regnet_kernels::cuda {

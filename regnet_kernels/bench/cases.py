@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import dispatch
 from ..complexity import INPUT_CHANNELS
 from ..models.fused import fuse
 from ..models.reference import (ResBottleneckBlock, SqueezeExcite, Stem, conv_bn,
@@ -71,16 +72,6 @@ def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> to
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def backend_ops(backend: str):
-    """The module of fused eval op functions of a backend."""
-    if backend in ("cpu", "cuda"):  # the C++ extension: its CPU or CUDA kernels by device
-        from ..ops import cpp
-        return cpp
-    if backend == "triton":
-        return ops
-    raise NotImplementedError(f"no op-level functions for backend {backend!r} yet")
-
-
 # ---------------------------------------------------------------------------
 # Op level: reference modules computing exactly what one fused op computes
 # ---------------------------------------------------------------------------
@@ -129,7 +120,7 @@ def _conv_case(name: str, model: str, module: Callable[[], nn.Module], c_in: int
         seq = module.conv if squeeze else module
         conv, bn = seq[0], seq[1]
         scale, shift = ops.fold_bn(bn)
-        op = backend_ops(backend).conv_bn_act
+        op = dispatch.ops_for(backend).conv_bn_act
         return lambda x: op(x, conv.weight, scale, shift, stride=conv.stride[0],
                             groups=conv.groups, relu=len(seq) > 2, squeeze=squeeze)
 
@@ -146,7 +137,7 @@ def _excite_case(name: str, shape: BlockShape, cost) -> Case:
         return (mean.to(dtype)[:, :, None, None],)
 
     def fused_fn(module, backend):
-        op = backend_ops(backend).se_excite
+        op = dispatch.ops_for(backend).se_excite
         weights = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
         return lambda sums: op(sums, hw, *weights)
 
@@ -170,7 +161,7 @@ def _gate_residual_case(name: str, shape: BlockShape, cost) -> Case:
         return b, gate, x
 
     def fused_fn(module, backend):
-        op = backend_ops(backend).conv1x1_gate_residual
+        op = dispatch.ops_for(backend).conv1x1_gate_residual
         scale, shift = ops.fold_bn(module.conv[1])
         proj = {}
         if module.proj is not None:

@@ -306,11 +306,11 @@ def step_build(plan: Plan, deadline: float) -> str:
         torch = _torch()
         if not torch.cuda.is_available():
             raise Skipped("no CUDA device")
-        from ..backends import environment_report
-        from ..ops import _extension
+        from ..backends.cpp import build
+        from ..ops.dispatch import environment_report
 
         start = time.monotonic()
-        _extension.load_cuda()
+        build.load_cuda()
         seconds = time.monotonic() - start
         append(ENV, "$ python -m regnet_kernels env", environment_report(), "")
         word = "ok"

@@ -1,7 +1,7 @@
 """What a result was measured on: device, clocks, library versions, threads, time.
 
 Every CSV row carries these, since cuDNN's grouped-conv speed alone has moved 3x between
-versions (fusion.md section 1).
+versions (docs/performance.md, "Why fuse").
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 
 import torch
 
-from ..ops import _triton
+from ..ops.dispatch import triton_version
 
 
 def _cpu_model() -> str:
@@ -47,10 +47,6 @@ def _gpu_clocks() -> str:
     return f"sm {sm} (max {sm_max}), mem {mem} (max {mem_max})"
 
 
-def _triton_version() -> str:
-    return "" if _triton.IMPORT_ERROR else _triton.triton.__version__
-
-
 def machine_info(device: str) -> dict[str, str]:
     """Device name, clocks, versions, thread count and a UTC timestamp."""
     cuda = device == "cuda"
@@ -61,7 +57,7 @@ def machine_info(device: str) -> dict[str, str]:
         "device_name": torch.cuda.get_device_name() if cuda else _cpu_model(),
         "clocks": _gpu_clocks() if cuda else _cpu_clock(),
         "torch": torch.__version__,
-        "triton": _triton_version(),
+        "triton": triton_version() or "",
         "cuda": torch.version.cuda or "",
         "cudnn": str(cudnn or ""),
         "threads": str(torch.get_num_threads()),

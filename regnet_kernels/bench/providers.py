@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..ops import _extension, _triton
-from ..ops._implicit_gemm import interpreting
+from ..ops import dispatch
+from ..ops.dispatch import interpreting
 from .cases import Case
 
 BASELINES = ("eager", "eager_cl", "compile", "compile_max")
@@ -45,29 +45,29 @@ def unavailable_reason(provider: str, device: str) -> str | None:
     """Why ``provider`` cannot run on ``device`` ("cuda" or "cpu"), or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
-    if provider == "triton" and _triton.IMPORT_ERROR is not None:
-        return _triton.unavailable_reason()
+    if provider in FUSED:
+        return _fused_unavailable_reason(provider, device)
+    if provider.startswith("compile") and not hasattr(torch, "compile"):
+        return "torch.compile is missing"
+    return None
+
+
+def _fused_unavailable_reason(provider: str, device: str) -> str | None:
+    """The backend table's answer (`dispatch`), with the benchmark's own rule: Triton's CPU
+    interpreter times the interpreter, not a kernel, so it runs only when asked for."""
     if provider == "triton" and device != "cuda" and not interpreter_allowed():
         return ("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (numpy, far "
                 "too slow to benchmark)")
     if provider == "triton" and device == "cuda" and interpreting():
         return "TRITON_INTERPRET=1 is set: the kernels would run in the interpreter"
-    if provider == "cuda":
-        if device != "cuda":
-            return "needs a CUDA device"
-        ok, reason = _extension.available(cuda=True)
-        if not ok:
-            return f"CUDA kernels unavailable: {reason.splitlines()[0]}"
-    if provider == "cpu":
-        if device != "cpu":
-            return "the C++ CPU backend runs CPU tensors only"
-        from ..ops import cpp
-        ok, reason = cpp.available()
-        if not ok:
-            return f"C++ extension unavailable: {reason.splitlines()[0]}"
-    if provider.startswith("compile") and not hasattr(torch, "compile"):
-        return "torch.compile is missing"
-    return None
+    if provider == "cuda" and device != "cuda":
+        return "needs a CUDA device"
+    backend = dispatch.BACKENDS[provider]
+    reason = backend.why_not(device)
+    if reason:
+        return f"{provider} {reason}"
+    usable, reason = backend.status()  # the C++ backends build on first use
+    return None if usable else f"{provider} backend unavailable: {reason.splitlines()[0]}"
 
 
 def _to_device(t, device: str, channels_last: bool):

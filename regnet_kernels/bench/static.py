@@ -71,9 +71,8 @@ from .traffic import H200_PEAKS
 
 #: The machine the prediction is for: NVIDIA H200 SXM. SMs, L2 and the achievable copy
 #: bandwidth and bf16 matrix rate were measured on the H200 this project benchmarks on
-#: (/work/.library/device/KINDS.md, 2026-10-28/11-04: 132 SMs, 4.3 TB/s copy, 769-798 TFLOP/s
-#: bf16, SM clock 1980 MHz under load); the fp64 tensor rate is the datasheet's (H200.md:
-#: H100-class arithmetic). The rest are assumptions of the model, to calibrate on a GPU.
+#: (2026-10-28/11-04: 132 SMs, 4.3 TB/s copy, 769-798 TFLOP/s bf16, SM clock 1980 MHz under
+#: load); the fp64 tensor rate is the datasheet's (H100-class arithmetic). The rest are assumptions of the model, to calibrate on a GPU.
 H200_MODEL = {
     "sms": 132,
     "clock_hz": 1.98e9,
@@ -537,7 +536,7 @@ def compile_cuda_kernels(arch: str = "sm_90", jobs: int = 2) -> dict:
     run_jobs returns them, and "kernels": short C++ name (`cuda_launches.kernel_key`) ->
     the kernel's analysis (per-warp loop MACs: compiled without a launch configuration),
     and "names": mangled -> demangled."""
-    from ..ops._extension import source_dir
+    from ..backends.cpp.build import source_dir
     from .cuda_launches import kernel_key
     sources = sorted((source_dir() / "cuda").glob("*.cu"))
     capability = arch_capability(arch)

@@ -5,13 +5,13 @@ plus its writes. Two schedules of the same network:
 
 - eager: every conv, BN, ReLU, pool, SE step, multiply, add and ReLU is its own pass over its
   tensor (an in-place ReLU still reads and writes it). 16-18 launches per Y block, 10-12 per X.
-- fused: the plan of fusion.md section 2. conv a reads x and writes a; conv b reads a and
+- fused: the fused block of docs/ops.md. conv a reads x and writes a; conv b reads a and
   writes b (and the SE sums); the excite reads and writes only (N, C) vectors; conv c reads b,
   the shortcut (x, or x at the projection's stride) and writes the block output. 4 launches per
   Y block, 3 per X block.
 
-Conventions (these set where the totals land relative to fusion.md's rough ~260 / ~75 MB per
-image for RegNetY-8.0GF in bf16 at 224):
+Conventions (these set where the totals land relative to the rough ~260 / ~75 MB per image for
+RegNetY-8.0GF in bf16 at 224 of docs/performance.md):
 - The stem (eager: conv, BN, ReLU; fused: one conv_bn_act) and the head (pool, classifier;
   the same in both) are included.
 - A stride-2 1x1 projection reads only the pixels it uses (w_in * H_out * W_out elements).
@@ -22,7 +22,8 @@ image for RegNetY-8.0GF in bf16 at 224):
 - FLOPs are 2 x the multiply-adds that `regnet_kernels.complexity` counts (pycls's count).
 
 With these conventions RegNetY-8.0GF bf16 at 224 moves 261 MB/image eager in 285 launches and
-75 MB/image fused in 71 launches (3.5x less), fusion.md's ~260 / ~75 MB and ~280 / ~70 launches.
+75 MB/image fused in 71 launches (3.5x less), the rough estimate's ~260 / ~75 MB and ~280 / ~70
+launches.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..complexity import INPUT_CHANNELS, complexity
 from ..zoo import resolve_params
 from .shapes import BlockShape, block_shapes, stem_output_size
 
-#: Peak numbers for the roofline, measured on an H200 (fusion.md section 1): copy bandwidth
+#: Peak numbers for the roofline, measured on an H200 (docs/performance.md): copy bandwidth
 #: and dense tensor-core FLOP/s. fp32 runs on TF32 tensor cores (cuDNN's default), whose dense
 #: rate is half the 16-bit rate on Hopper.
 H200_PEAKS = {"bandwidth": 4.3e12,

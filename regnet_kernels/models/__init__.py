@@ -1,4 +1,5 @@
-"""RegNet modules: the plain PyTorch reference (and, later, the fused variant)."""
+"""RegNet modules: the plain PyTorch reference (`reference`, exported here) and the fused
+models built by the same builder (`fused`: fused_model, fuse, unfuse)."""
 from .reference import (
     BottleneckTransform,
     Head,

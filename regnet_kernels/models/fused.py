@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops import _triton
+from ..ops import dispatch
 from ..ops.sync_batchnorm import sync_group
 from ..design import RegNetParams
 from ..zoo import resolve_params
@@ -83,7 +83,8 @@ def block_forward_eval(x: torch.Tensor, fb: FoldedBlock, block_ops=ops) -> torch
     """One eval-mode X/Y block through the fused ops: 3 launches (X) or 4 (Y).
 
     block_ops: the module providing conv_bn_act, se_excite and conv1x1_gate_residual
-    (`regnet_kernels.ops` for Triton, `regnet_kernels.ops.cpp` for the C++ CPU ops).
+    (`regnet_kernels.ops` for Triton, `regnet_kernels.ops.cpp` for the C++ ops;
+    `dispatch.ops_for(backend)` gives either).
     """
     a = block_ops.conv_bn_act(x, fb.a.weight, fb.a.scale, fb.a.shift)
     gate = None
@@ -165,9 +166,6 @@ def check_norms(model: nn.Module) -> None:
 # with forwards through the fused ops (so the reference builder builds fused models)
 # ---------------------------------------------------------------------------
 
-BACKENDS = ("triton", "cpu", "cuda")
-
-
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast runs convolutions in for x's device, or None."""
     device = x.device.type
@@ -190,15 +188,13 @@ class _FusedModule:
     sync_bn = False   # True: training BN statistics over the default process group
 
     def _ops(self, x: torch.Tensor):
-        """The module of fused ops for x: `regnet_kernels.ops` (Triton) or `.ops.cpp` (the
-        C++ extension: its CPU or CUDA kernels, by x's device)."""
-        resolved = resolve_backend(self.backend, x.device, type(self).__name__)
-        return ops if resolved == "triton" else ops.cpp
+        """The module of the fused ops that run x (`dispatch.resolve`, `dispatch.ops_for`)."""
+        return dispatch.ops_for(dispatch.resolve(self.backend, x.device, type(self).__name__))
 
     def extra_repr(self) -> str:
         if self.backend != "auto":
             return f"backend={self.backend!r}"
-        on_cuda = "triton" if _triton.IMPORT_ERROR is None else "cuda"
+        on_cuda = dispatch.resolve("auto", "cuda")
         return f"backend='auto' (CPU tensors: 'cpu', CUDA tensors: {on_cuda!r})"
 
     def _eval_fusion(self, x: torch.Tensor) -> bool:
@@ -291,29 +287,12 @@ class FusedStem(_FusedModule, Stem):
 _FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}
 
 
-def resolve_backend(backend: str, device: torch.device | str, owner: str = "model") -> str:
-    """The fused ops a module with this `backend` runs for tensors on device: "triton",
-    "cpu" (the C++ CPU ops) or "cuda" (the C++ extension's CUDA kernels). Raises as a
-    forward would when the backend cannot run them."""
-    device_type = torch.device(device).type
-    if backend in ("cpu", "cuda") and device_type != backend:
-        raise RuntimeError(f"{owner}: backend={backend!r} runs {backend.upper()} tensors, "
-                           f"got a tensor on {device}")
-    if backend == "triton" and _triton.IMPORT_ERROR is not None:
-        raise _triton.TritonUnavailable(f"backend='triton': {_triton.unavailable_reason()}")
-    if backend != "auto":
-        return backend
-    if device_type == "cpu":
-        return "cpu"
-    return "cuda" if _triton.IMPORT_ERROR is not None else "triton"
-
-
 def resolved_backend(model: nn.Module, device: torch.device | str) -> str:
     """Which fused ops `model` runs for tensors on device: "triton", "cpu" (the C++ CPU ops)
     or "cuda" (the C++ extension's CUDA kernels), as its `backend=` resolves ("auto": by
     the device). Raises ValueError for a model without fused modules or whose modules
     resolve differently."""
-    resolved = {resolve_backend(m.backend, device, type(m).__name__)
+    resolved = {dispatch.resolve(m.backend, device, type(m).__name__)
                 for m in model.modules() if isinstance(m, _FusedModule)}
     if not resolved:
         raise ValueError(f"resolved_backend: {type(model).__name__} has no fused modules "
@@ -322,12 +301,6 @@ def resolved_backend(model: nn.Module, device: torch.device | str) -> str:
         raise ValueError(f"resolved_backend: the fused modules run different backends on "
                          f"{device}: {sorted(resolved)}")
     return resolved.pop()
-
-
-def _check_backend(backend: str) -> None:
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: 'auto', "
-                         + ", ".join(repr(b) for b in BACKENDS))
 
 
 def _set_options(model: nn.Module, backend: str, sync_bn: bool) -> None:
@@ -371,7 +344,7 @@ def fused_model(name_or_params: str | RegNetParams, backend: str = "auto",
     SyncBatchNorm does not. `nn.SyncBatchNorm.convert_sync_batchnorm(model)` works as well
     (each SyncBatchNorm syncs over its own process_group).
     """
-    _check_backend(backend)
+    dispatch.check_name(backend)
     model = RegNet(resolve_params(name_or_params), num_classes, stem=FusedStem, block=FusedBlock)
     _set_options(model, backend, sync_bn)
     _store_weights_channels_last(model)
@@ -449,7 +422,7 @@ def fuse(model: nn.Module, backend: str = "auto", sync_bn: bool = False) -> nn.M
     was given. The parameters keep their storage (FSDP / DDP views stay valid); where
     nothing holds views of them, `model.to(memory_format=torch.channels_last)` stores the
     3x3 conv weights as the kernels read them (one permute less per conv and forward)."""
-    _check_backend(backend)
+    dispatch.check_name(backend)
     plan = []
     for path, module in model.named_modules():
         fused_class = _FUSED.get(type(module))

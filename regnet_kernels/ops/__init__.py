@@ -1,20 +1,17 @@
-"""Fused RegNet block ops (Triton backend), as plain functions.
+"""The fused ops' backend-neutral face: the op functions, BN folding, and the contract both
+backends (regnet_kernels.backends.triton and .cpp) build on. Imports only torch.
 
-Each op is a torch custom op in the `regnet_triton` namespace (so it traces
-under torch.compile) with a fake implementation.
+    checks.py       argument checks (each backend passes its device check and dtypes)
+    types.py        TrainOutput, BatchNormArgs, the BN statistics rows, output shapes
+    se_autograd.py  the SE excitation's backward, which both backends register
+    sync_batchnorm.py  the cross-rank BN statistics (SyncBatchNorm) over either backend
+    dispatch.py     the backend table: which backend runs where, and why not
 
-Eval (BN folded from running statistics):
-  conv_bn_act            k x k grouped conv + folded BN + ReLU (+ SE squeeze sums)
-  se_excite              SE squeeze sums -> sigmoid gate
-  conv1x1_gate_residual  gate * x -> 1x1 conv + folded BN + identity/projection shortcut + ReLU
-An eval-mode Y block is 4 launches, an X block 3.
-
-Training (BN from batch statistics; differentiable, deterministic):
-  conv_bn_train          conv of relu(x * s + t) * gate -> raw y, batch stats, running-stat
-                         update (built from conv_bn_stats + bn_finalize)
-  se_squeeze             SE squeeze of relu(y * s + t) from the raw conv output
-  bn_add_relu            relu(BN(y) + shortcut or BN(projection))
-  conv_dgrad, conv_wgrad, bn_act_backward: the gradient kernels behind them
+`regnet_kernels.ops.<op>` (conv_bn_act, se_excite, conv1x1_gate_residual, conv_bn_train,
+se_squeeze, bn_add_relu, conv_bn_stats, bn_finalize, conv_dgrad, conv_wgrad,
+bn_act_backward) is the Triton backend's function, imported (with Triton) on first use;
+`regnet_kernels.ops.cpp` is the C++ extension's (CPU and CUDA) functions; `dispatch.ops_for`
+gives either by backend name. docs/ops.md has the ops' math.
 """
 from __future__ import annotations
 
@@ -22,16 +19,22 @@ from typing import Sequence
 
 import torch
 
-from ._implicit_gemm import acc_dtype
-from .bn_act_backward import bn_act_backward
-from .bn_add_relu import bn_add_relu
-from .bn_finalize import BatchNormArgs, BatchStats, bn_finalize
-from .conv1x1_gate_residual import conv1x1_gate_residual
-from .conv_bn_act import ConvStats, conv_bn_act, conv_bn_stats
-from .conv_bn_train import TrainOutput, conv_bn_train
-from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
-from .se_excite import se_excite, se_squeeze
-from . import cpp  # the C++ extension's ops: importing builds nothing (see cpp.py)
+from . import dispatch
+from .types import BatchNormArgs, TrainOutput, acc_dtype
+
+# The Triton backend's public names, re-exported here on first use (importing Triton then).
+_TRITON_NAMES = ("conv_bn_act", "se_excite", "conv1x1_gate_residual", "conv_bn_stats",
+                 "ConvStats", "bn_finalize", "BatchStats", "se_squeeze", "bn_add_relu",
+                 "conv_bn_train", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
+                 "bn_act_backward")
+
+
+def __getattr__(name: str):
+    if name in _TRITON_NAMES:
+        return getattr(dispatch.ops_for("triton"), name)
+    if name == "cpp":
+        return dispatch.ops_for("cpu")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +74,4 @@ def fold_bns(bns: Sequence[torch.nn.BatchNorm2d]) -> list[tuple[torch.Tensor, to
     return list(zip(scale, shift))
 
 
-__all__ = ["conv_bn_act", "se_excite", "conv1x1_gate_residual", "fold_bn", "fold_bns",
-           "conv_bn_stats", "ConvStats", "bn_finalize", "BatchStats", "BatchNormArgs",
-           "se_squeeze", "bn_add_relu", "conv_bn_train", "TrainOutput", "conv_dgrad", "conv_wgrad", "DyPrologue", "UPrologue",
-           "bn_act_backward", "cpp"]
+__all__ = [*_TRITON_NAMES, "fold_bn", "fold_bns", "BatchNormArgs", "TrainOutput", "cpp"]

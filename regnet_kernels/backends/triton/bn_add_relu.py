@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
+from ...ops.checks import check_bn_add_relu_args
+from ...ops.types import new_activation
 from .bn_act_backward import bn_act_backward
-from ._implicit_gemm import (TRITON_DTYPES, acc_constexpr, check_activation,
-                             check_channel_vector, check_optional_affine, check_same,
-                             new_activation, nhwc_strides)
+from .igemm import TRITON_CHECKS, acc_constexpr, nhwc_strides
 
 
 @triton.jit
@@ -108,24 +109,6 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             None for relu(BN(y)) alone (a training stem's materialized output).
     Returns: (N, C, H, W) channels_last, y's dtype.
     """
-    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift)
+    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift, **TRITON_CHECKS)
     return _bn_add_relu_op(y, scale, shift, shortcut, sc_scale, sc_shift)
 
-
-def check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift, *, device_check=None,
-                           dtypes=TRITON_DTYPES) -> None:
-    """bn_add_relu's argument checks (shared with the C++ backend, which passes its
-    device check and dtypes)."""
-    check_activation("y", y, device_check=device_check, dtypes=dtypes)
-    c = y.shape[1]
-    check_channel_vector("scale", scale, c, y)
-    check_channel_vector("shift", shift, c, y)
-    if shortcut is not None:
-        check_activation("shortcut", shortcut, device_check=device_check, dtypes=dtypes)
-        check_same("shortcut", shortcut, y, "y")
-        if shortcut.shape != y.shape:
-            raise ValueError(f"shortcut {tuple(shortcut.shape)} and y {tuple(y.shape)} differ "
-                             "in shape")
-    elif sc_scale is not None:
-        raise ValueError("sc_scale/sc_shift given without a shortcut")
-    check_optional_affine(("sc_scale", "sc_shift"), sc_scale, sc_shift, c, y)

@@ -21,11 +21,18 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._implicit_gemm import (TRITON_DTYPES, acc_constexpr, acc_dtype, check_activation,
-                             check_gate, check_optional_affine, check_same, check_vector_dtype,
-                             new_activation, nhwc_strides, output_rows)
+from ...ops.checks import (
+    check_activation,
+    check_gate,
+    check_optional_affine,
+    check_same,
+    check_vector_dtype,
+)
+from ...ops.types import acc_dtype, new_activation
+from .igemm import acc_constexpr, nhwc_strides, output_rows, TRITON_CHECKS
 
 
 class BnActGrads(NamedTuple):
@@ -164,7 +171,7 @@ def bn_act_backward(grad: torch.Tensor, y: torch.Tensor, scale: Optional[torch.T
         write_dv: write dv (x's dtype, channels_last). reduce: also return the
             per-channel sums of dv * y and dv.
     """
-    check_activation("y", y, dtypes=TRITON_DTYPES)
+    check_activation("y", y, **TRITON_CHECKS)
     n, c, h, w = y.shape
     if grad.dim() == 3:
         if grad.shape[0] != n or grad.shape[2] != c:
@@ -175,7 +182,7 @@ def bn_act_backward(grad: torch.Tensor, y: torch.Tensor, scale: Optional[torch.T
                              f"cover the {h}x{w} image")
         grad = grad.contiguous()
     else:
-        check_activation("grad", grad, dtypes=TRITON_DTYPES)
+        check_activation("grad", grad, **TRITON_CHECKS)
         check_same("grad", grad, y, "y")
         if grad.shape != y.shape:
             raise ValueError(f"grad {tuple(grad.shape)} and y {tuple(y.shape)} differ in shape")
@@ -183,7 +190,7 @@ def bn_act_backward(grad: torch.Tensor, y: torch.Tensor, scale: Optional[torch.T
     if gate is not None:
         check_gate(gate, n, c, y)
     if mask_src is not None:
-        check_activation("mask_src", mask_src, dtypes=TRITON_DTYPES)
+        check_activation("mask_src", mask_src, **TRITON_CHECKS)
         if mask_src.shape != y.shape:
             raise ValueError(f"mask_src {tuple(mask_src.shape)} and y {tuple(y.shape)} differ")
     dv, parts, dgate = _bn_act_backward_op(grad, y, scale, shift, relu, gate, mask_src,

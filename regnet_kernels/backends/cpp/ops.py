@@ -3,7 +3,7 @@ and its CUDA kernels (csrc/cuda; the dispatcher picks by device).
 
 Same Python signatures, argument checks and results as the Triton functions in
 `regnet_kernels.ops` (float32, bfloat16, float16; any input layout, channels_last
-output). The extension is built on the first call (see `_extension.py`; the CUDA
+output). The extension is built on the first call (see `build.py`; the CUDA
 kernels on the first call with CUDA tensors); importing this module builds nothing.
 
 Eval (BN folded): conv_bn_act, se_excite, conv1x1_gate_residual.
@@ -17,10 +17,8 @@ stands for v = y * scale + shift, and its gradient is dL/dv.
 One difference: the SE squeeze sums (of `conv_bn_act(..., squeeze=True)` and of
 `se_squeeze`) have one row tile per image, shape (N, 1, C).
 
-The fake implementations below (and se_excite's autograd formula) are registered once
-the library is loaded; the C++ library names this module (`set_python_module`), so
-torch imports it when it needs them. The other training ops' autograd is in C++
-(csrc/autograd.cpp).
+Their fake implementations and se_excite's autograd formula are in `fakes.py`; the other
+training ops' autograd is in C++ (csrc/autograd.cpp).
 """
 from __future__ import annotations
 
@@ -28,23 +26,20 @@ from typing import Optional
 
 import torch
 
-from . import _extension
-from ._implicit_gemm import (SUPPORTED_DTYPES, check_activation, check_channel_vector,
-                             check_prologue_conv, conv_output_size, new_activation)
-from .bn_add_relu import check_bn_add_relu_args
-from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count
-from .conv1x1_gate_residual import check_gate_residual_args
-from .conv_bn_act import check_conv_bn_act_args
-from .conv_bn_train import TrainOutput
-from .sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
-from .se_excite import _se_excite_backward, _se_excite_setup, check_se_excite_args
+from ...ops.checks import (check_bn_add_relu_args, check_conv_bn_act_args,
+                           check_conv_bn_train_args, check_gate_residual_args,
+                           check_se_excite_args, check_se_squeeze_args)
+from ...ops.dispatch import BACKENDS
+from ...ops.sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
+from ...ops.types import BatchNormArgs, TrainOutput
+from . import build, fakes
 
 
 def _ops():
     """torch.ops.regnet_kernels, building and loading the extension on first use."""
-    if not _registered:
-        _extension.load()
-        _register()
+    if not fakes.registered:
+        build.load()
+        fakes.register()
     return torch.ops.regnet_kernels
 
 
@@ -52,97 +47,24 @@ def available() -> tuple[bool, str]:
     """(True, "") when the C++ CPU backend can run (builds and loads it if needed, with its
     fakes and autograd formulas: call it before torch.compile traces the ops, since the
     build cannot be traced), else (False, reason)."""
-    ok, reason = _extension.available()
+    ok, reason = build.available()
     if ok:
-        _register()
+        fakes.register()
     return ok, reason
 
 
-# ---------------------------------------------------------------------------
-# Fake implementations (shapes only, for torch.compile and opcheck) and autograd
-# ---------------------------------------------------------------------------
+def cpu_status() -> tuple[bool, str]:
+    """The "cpu" backend's (usable, reason) for the dispatcher's table."""
+    usable, reason = available()  # builds the extension on first use
+    return usable, reason or "C++ extension built and loaded"
 
 
-def _conv_out(x, weight, stride):
-    k = weight.shape[-1]
-    ho, wo = conv_output_size(x.shape[2], k, stride), conv_output_size(x.shape[3], k, stride)
-    return new_activation(x.shape[0], weight.shape[0], ho, wo, x)
-
-
-_registered = False
-
-
-def _register() -> None:
-    """Registers the fakes and the autograd formulas; the ops must exist (the library loaded)."""
-    global _registered
-    if _registered:
-        return
-
-    @torch.library.register_fake("regnet_kernels::conv_bn_act")
-    def _(x, weight, scale, shift, stride, groups, relu):
-        return _conv_out(x, weight, stride)
-
-    @torch.library.register_fake("regnet_kernels::conv_bn_act_squeeze")
-    def _(x, weight, scale, shift, stride, groups, relu):
-        return (_conv_out(x, weight, stride),
-                x.new_empty((x.shape[0], 1, weight.shape[0]), dtype=torch.float32))
-
-    @torch.library.register_fake("regnet_kernels::se_excite")
-    def _(sums, hw, w1, b1, w2, b2):
-        return sums.new_empty((sums.shape[0], sums.shape[2]), dtype=torch.float32)
-
-    @torch.library.register_fake("regnet_kernels::conv1x1_gate_residual")
-    def _(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, proj_shift,
-          proj_stride):
-        return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
-
-    @torch.library.register_fake("regnet_kernels::conv_bn_train")
-    def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps,
-          frozen_stats):
-        return (_conv_out(x, weight, stride),
-                x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=torch.float32))
-
-    @torch.library.register_fake("regnet_kernels::conv_bn_train_backward")
-    def _(grad, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate, frozen,
-          output_mask, bn_grads=None):
-        need_x, need_w = output_mask
-        none = stats.new_empty((0,))
-        return (new_activation(*x.shape, x) if need_x else x.new_empty((0,)),
-                weight.new_empty(weight.shape) if need_w else weight.new_empty((0,)),
-                stats.new_empty(gate.shape) if need_x and gate is not None else none,
-                stats.new_empty((weight.shape[0],)), stats.new_empty((weight.shape[0],)))
-
-    @torch.library.register_fake("regnet_kernels::bn_update_running")
-    def _(stats, count, running_mean, running_var, num_batches_tracked, momentum):
-        return None
-
-    @torch.library.register_fake("regnet_kernels::se_squeeze")
-    def _(y, scale, shift):
-        return y.new_empty((y.shape[0], 1, y.shape[1]), dtype=torch.float32)
-
-    @torch.library.register_fake("regnet_kernels::se_squeeze_backward")
-    def _(grad_sums, y, scale, shift):
-        return new_activation(*y.shape, y)
-
-    @torch.library.register_fake("regnet_kernels::bn_add_relu")
-    def _(y, scale, shift, shortcut, sc_scale, sc_shift):
-        return new_activation(*y.shape, y)
-
-    @torch.library.register_fake("regnet_kernels::bn_add_relu_backward")
-    def _(grad, out):
-        return new_activation(*out.shape, out)
-
-    # The SE MLP's backward is a few small torch matmuls: the Triton op's, reused. The
-    # other training ops have their autograd in C++ (csrc/autograd.cpp).
-    torch.library.register_autograd("regnet_kernels::se_excite", _se_excite_backward,
-                                    setup_context=_se_excite_setup)
-    _registered = True
-
-
-# The library loaded by other means (torch imports this module for the fakes, see
-# set_python_module in csrc/ops.cpp): register them now.
-if hasattr(torch.ops.regnet_kernels, "conv_bn_act"):
-    _register()
+def cuda_status() -> tuple[bool, str]:
+    """The "cuda" backend's (usable, reason) for the dispatcher's table."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    usable, reason = build.available(cuda=True)  # builds the CUDA kernels on first use
+    return usable, reason or "CUDA kernels built and loaded"
 
 
 # ---------------------------------------------------------------------------
@@ -153,12 +75,17 @@ if hasattr(torch.ops.regnet_kernels, "conv_bn_act"):
 def _check_device(name: str, t: torch.Tensor) -> None:
     """CPU kernels, or the CUDA kernels (built and loaded on first use)."""
     if t.device.type == "cuda":
-        ok, reason = _extension.available(cuda=True)
+        ok, reason = build.available(cuda=True)
         if not ok:
             raise RuntimeError(f"{name} is on {t.device}, and the C++ extension's CUDA kernels "
                                f"cannot run: {reason}")
     elif t.device.type not in ("cpu", "meta"):
         raise RuntimeError(f"{name} is on {t.device}: the C++ extension runs CPU and CUDA tensors")
+
+
+# What every op here passes to the shared argument checks (`ops.checks`): its device check and
+# the dtypes the backend table declares (no float64 kernels).
+CPP_CHECKS = dict(device_check=_check_device, dtypes=BACKENDS["cpu"].dtypes)
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -167,8 +94,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
 
     As `regnet_kernels.ops.conv_bn_act`; with squeeze=True the sums are (N, 1, C_out).
     """
-    check_conv_bn_act_args(x, weight, scale, shift, stride, groups,
-                           device_check=_check_device)
+    check_conv_bn_act_args(x, weight, scale, shift, stride, groups, **CPP_CHECKS)
     ops = _ops()
     if squeeze:
         return ops.conv_bn_act_squeeze(x, weight, scale, shift, stride, groups, relu)
@@ -182,7 +108,7 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
     As `regnet_kernels.ops.se_excite`: sums (N, C) or (N, T, C) float32; returns (N, C) float32.
     Differentiable in sums and the SE weights (the Triton op's backward formula).
     """
-    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=_check_device)
+    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, **CPP_CHECKS)
     return _ops().se_excite(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 
@@ -197,7 +123,7 @@ def conv1x1_gate_residual(
     As `regnet_kernels.ops.conv1x1_gate_residual` (identity or projection shortcut).
     """
     check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride, device_check=_check_device)
+                             proj_shift, proj_stride, **CPP_CHECKS)
     return _ops().conv1x1_gate_residual(x, weight, scale, shift, gate, shortcut, proj_weight,
                                         proj_scale, proj_shift,
                                         proj_stride if proj_weight is not None else 1)
@@ -222,15 +148,8 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     BN's weight and bias. frozen: BN as in eval mode (running statistics, not updated).
     sync_group: a process group whose ranks' statistics are merged (SyncBatchNorm).
     """
-    args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
-    c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate,
-                                device_check=_check_device, dtypes=SUPPORTED_DTYPES)
-    n, _, h, w = x.shape
-    k = weight.shape[-1]
-    count = n * conv_output_size(h, k, stride) * conv_output_size(w, k, stride)
-    if not frozen:
-        check_count(count)
-    args.check(c_out, x)
+    args, c_out, count = check_conv_bn_train_args(x, weight, bn, stride, groups, in_scale, in_shift,
+                                                 gate, frozen, **CPP_CHECKS)
     ops = _ops()
 
     def update_running(stats, count):
@@ -257,9 +176,7 @@ def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tor
     As `regnet_kernels.ops.se_squeeze` (one row tile per image): y is a lazy BN output,
     its gradient is dL/dv, v = y * scale + shift.
     """
-    check_activation("y", y, device_check=_check_device)
-    check_channel_vector("scale", scale, y.shape[1], y)
-    check_channel_vector("shift", shift, y.shape[1], y)
+    check_se_squeeze_args(y, scale, shift, **CPP_CHECKS)
     return _ops().se_squeeze(y, scale, shift)
 
 
@@ -270,8 +187,7 @@ def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
 
     As `regnet_kernels.ops.bn_add_relu`: y and a projection shortcut are lazy BN outputs.
     """
-    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift,
-                           device_check=_check_device, dtypes=SUPPORTED_DTYPES)
+    check_bn_add_relu_args(y, scale, shift, shortcut, sc_scale, sc_shift, **CPP_CHECKS)
     return _ops().bn_add_relu(y, scale, shift, shortcut, sc_scale, sc_shift)
 
 

@@ -15,29 +15,25 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._tuning import launch_tuned
-from ._implicit_gemm import (
-    SUPPORTED_DTYPES,
-    TRITON_DTYPES,
+from ...ops.checks import check_gate_residual_args
+from ...ops.types import new_activation
+from .igemm import (
     acc_constexpr,
-    check_activation,
-    check_channel_vector,
-    check_conv_weight,
-    check_gate,
-    check_same,
     conv_accumulate,
     conv_tiles,
     dot_precision,
     launch_config,
-    new_activation,
     nhwc_strides,
     output_rows,
     packed_weight,
     row_alignment,
+    TRITON_CHECKS,
     unit_channel_stride,
 )
+from .tuning import launch_tuned
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -162,55 +158,10 @@ def conv1x1_gate_residual(
         (N, C_out, Ho, Wo) channels_last, in x's dtype.
     """
     check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride, dtypes=TRITON_DTYPES)
+                             proj_shift, proj_stride, **TRITON_CHECKS)
     if proj_weight is None:
         return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
                                          None, None, None, 1)
     return _conv1x1_gate_residual_op(x, weight, scale, shift, gate, shortcut,
                                      proj_weight, proj_scale, proj_shift, proj_stride)
 
-
-def check_gate_residual_args(x, weight, scale, shift, shortcut, gate, proj_weight, proj_scale,
-                             proj_shift, proj_stride, device_check=None,
-                             dtypes=SUPPORTED_DTYPES) -> None:
-    """conv1x1_gate_residual's argument checks (shared with the C++ backend, which passes
-    its own device check and keeps the default `dtypes`: it has no float64 kernels)."""
-    check_activation("x", x, device_check=device_check, dtypes=dtypes)
-    c_out, k = check_conv_weight("weight", weight, x, 1)
-    if k != 1:
-        raise ValueError(f"weight must be a 1x1 conv weight, got {k}x{k}")
-    check_channel_vector("scale", scale, c_out, x)
-    check_channel_vector("shift", shift, c_out, x)
-    n, c_b, ho, wo = x.shape
-    check_activation("shortcut", shortcut, device_check=device_check, dtypes=dtypes)
-    check_same("shortcut", shortcut, x, "x")
-    if gate is not None:
-        check_gate(gate, n, c_b, x)
-    if proj_weight is None:
-        if proj_scale is not None or proj_shift is not None:
-            raise ValueError("proj_scale/proj_shift given without proj_weight")
-        if tuple(shortcut.shape) != (n, c_out, ho, wo):
-            raise ValueError(
-                f"identity shortcut must have the output's shape {(n, c_out, ho, wo)}, "
-                f"got {tuple(shortcut.shape)} (pass proj_weight for a projection shortcut)"
-            )
-        return
-    if proj_scale is None or proj_shift is None:
-        raise ValueError("a projection shortcut needs proj_scale and proj_shift")
-    if proj_stride < 1:
-        raise ValueError(f"proj_stride must be >= 1, got {proj_stride}")
-    p_out, pk = check_conv_weight("proj_weight", proj_weight, shortcut, 1)
-    if pk != 1 or p_out != c_out:
-        raise ValueError(
-            f"proj_weight must have shape ({c_out}, {shortcut.shape[1]}, 1, 1), "
-            f"got {tuple(proj_weight.shape)}"
-        )
-    check_channel_vector("proj_scale", proj_scale, c_out, x)
-    check_channel_vector("proj_shift", proj_shift, c_out, x)
-    if shortcut.shape[0] != n:
-        raise ValueError(f"shortcut has batch {shortcut.shape[0]}, x has {n}")
-    h, w = shortcut.shape[2:]
-    if ((h - 1) // proj_stride + 1, (w - 1) // proj_stride + 1) != (ho, wo):
-        raise ValueError(
-            f"a stride-{proj_stride} projection of a {h}x{w} shortcut is not {ho}x{wo} like x"
-        )

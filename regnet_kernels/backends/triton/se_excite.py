@@ -15,14 +15,14 @@ pass over its raw output y: per-(image, row tile) sums of relu(y * scale + shift
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
+from ...ops.checks import check_se_excite_args, check_se_squeeze_args
+from ...ops.se_autograd import se_excite_backward, se_excite_setup_context
+from ...ops.types import acc_dtype
 from .bn_act_backward import bn_act_backward
-from ._implicit_gemm import (SUPPORTED_DTYPES, TRITON_DTYPES, acc_constexpr, acc_dtype,
-                             check_activation, check_channel_vector, check_device, check_same,
-                             dtype_name, nhwc_strides, output_rows)
-
-MAX_SE_WIDTH = 4096
+from .igemm import TRITON_CHECKS, acc_constexpr, nhwc_strides, output_rows
 
 
 @triton.jit
@@ -90,66 +90,7 @@ def _(sums, hw, w1, b1, w2, b2):
     return sums.new_empty((sums.shape[0], sums.shape[2]))
 
 
-def _se_excite_setup(ctx, inputs, output):
-    sums, hw, w1, b1, w2, b2 = inputs
-    ctx.save_for_backward(sums, w1, b1, w2, b2, output)
-    ctx.hw = hw
-
-
-def _se_excite_backward(ctx, grad_gate):
-    """The SE MLP's backward on (N, C) vectors: a few small matmuls in torch."""
-    sums, w1, b1, w2, b2, gate = ctx.saved_tensors
-    mean = sums.sum(1) / ctx.hw
-    w1m, w2m = w1.to(gate.dtype).flatten(1), w2.to(gate.dtype).flatten(1)
-    hidden_pre = mean @ w1m.T + b1.to(gate.dtype)
-    hidden = hidden_pre.clamp_min(0.0)
-    dz = grad_gate * gate * (1.0 - gate)
-    dhidden = (dz @ w2m) * (hidden_pre > 0)
-    dmean = dhidden @ w1m
-    dsums = (dmean / ctx.hw).unsqueeze(1).expand_as(sums).contiguous()
-    return (dsums, None, (dhidden.T @ mean).reshape(w1.shape).to(w1.dtype),
-            dhidden.sum(0).to(b1.dtype), (dz.T @ hidden).reshape(w2.shape).to(w2.dtype),
-            dz.sum(0).to(b2.dtype))
-
-
-_se_excite_op.register_autograd(_se_excite_backward, setup_context=_se_excite_setup)
-
-
-def check_se_excite_args(sums, hw, w1, b1, w2, b2, device_check=None,
-                         dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
-    """se_excite's argument checks (shared with the C++ backend, which passes its own
-    device check and keeps the default weight `dtypes`: it has no float64 kernels).
-    The sums are in the weights' accumulation dtype (`acc_dtype`). Returns sums as
-    (N, T, C)."""
-    if sums.dim() == 2:
-        sums = sums.unsqueeze(1)
-    if sums.dim() != 3:
-        raise ValueError(f"sums must be (N, C) or (N, T, C), got shape {tuple(sums.shape)}")
-    sum_dtypes = list(dict.fromkeys(acc_dtype(d) for d in dtypes))
-    if sums.dtype not in sum_dtypes:
-        raise TypeError(f"sums must be {' or '.join(dtype_name(d) for d in sum_dtypes)}, "
-                        f"got {sums.dtype}")
-    (device_check or check_device)("sums", sums)
-    if int(hw) < 1:
-        raise ValueError(f"hw must be >= 1, got {hw}")
-    c = sums.shape[2]
-    s = w1.shape[0]
-    # 1x1 conv weights (S, C, 1, 1) are read through their first two strides.
-    for name, t, shape in (("w1", w1, (s, c)), ("b1", b1, (s,)), ("w2", w2, (c, s)), ("b2", b2, (c,))):
-        allowed = (shape, shape + (1, 1)) if len(shape) == 2 else (shape,)
-        if tuple(t.shape) not in allowed:
-            raise ValueError(f"{name} must have shape {shape} for {c} channels and SE width {s}, "
-                             f"got {tuple(t.shape)}")
-        check_same(name, t, sums, "sums", dtype=False)
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: "
-                            + ", ".join(dtype_name(d) for d in dtypes))
-        if acc_dtype(t.dtype) != sums.dtype:
-            raise TypeError(f"sums must be {dtype_name(acc_dtype(t.dtype))} with "
-                            f"{dtype_name(t.dtype)} SE weights ({name}), got {sums.dtype}")
-    if s > MAX_SE_WIDTH:
-        raise ValueError(f"SE width {s} exceeds the supported maximum {MAX_SE_WIDTH}")
-    return sums
+_se_excite_op.register_autograd(se_excite_backward, setup_context=se_excite_setup_context)
 
 
 def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
@@ -167,7 +108,7 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
     Returns:
         (N, C) gate in the sums' dtype.
     """
-    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, dtypes=TRITON_DTYPES)
+    sums = check_se_excite_args(sums, hw, w1, b1, w2, b2, **TRITON_CHECKS)
     return _se_excite_op(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 
@@ -233,7 +174,5 @@ def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tor
     y is a lazy BN output (`conv_bn_train`): its gradient is dL/dv, v = y * scale + shift.
     scale, shift and the sums are float32, float64 for a float64 y (`acc_dtype`).
     Returns (N, T, C) partial sums for `se_excite`."""
-    check_activation("y", y, dtypes=TRITON_DTYPES)
-    check_channel_vector("scale", scale, y.shape[1], y)
-    check_channel_vector("shift", shift, y.shape[1], y)
+    check_se_squeeze_args(y, scale, shift, **TRITON_CHECKS)
     return _se_squeeze_op(y, scale, shift)

@@ -31,7 +31,7 @@ import torch
 CANDIDATES = tuple({"num_warps": w, "num_stages": s} for w in (4, 8) for s in (2, 3, 4))
 TUNE_ENV = "REGNET_KERNELS_TUNE"
 CONFIG_DIR_ENV = "REGNET_KERNELS_CONFIG_DIR"
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # regnet_kernels/configs
 
 _tables: dict[str, dict] = {}
 

@@ -1,7 +1,7 @@
 """Finding, building (on first use) and loading the C++/CUDA extension.
 
 Nothing is compiled at install time and `import regnet_kernels` never builds:
-the first call of a C++ op (`regnet_kernels.ops.cpp.*`) calls `load()`, which
+the first call of a C++ op (`regnet_kernels.backends.cpp.ops.*`) calls `load()`, which
 
 1. finds the sources: `regnet_kernels/csrc/` in an installed package (setup.py ships
    them there), else `csrc/` at the repository root (a checkout or an editable install);
@@ -59,7 +59,7 @@ class ExtensionBuildError(RuntimeError):
 def source_dir() -> Path:
     """The C++/CUDA sources: `regnet_kernels/csrc` in an installed package (setup.py copies
     them there), else `csrc/` at the repository root (a checkout, an editable install)."""
-    package = Path(__file__).resolve().parents[1]
+    package = Path(__file__).resolve().parents[2]  # regnet_kernels
     installed = package / "csrc"
     return installed if installed.is_dir() else package.parent / "csrc"
 

@@ -1,5 +1,6 @@
-"""Pieces shared by the fused convolution ops: the implicit-GEMM main loop, the
-output-row decomposition, tile selection and input checks.
+"""Pieces shared by the Triton backend's convolution ops: the implicit-GEMM main loop, the
+output-row decomposition, tile selection and the Triton device check (the argument checks
+themselves are shared with the C++ backend: `regnet_kernels.ops.checks`).
 
 A convolution with `groups` groups is, per group, a GEMM
     out[m, co] = sum_k A[m, k] * B[k, co]
@@ -18,17 +19,12 @@ torch.autograd.gradcheck needs). The kernels take it as the ACC_DTYPE constexpr.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
+from ...ops.dispatch import BACKENDS, interpreting
+from ...ops.types import acc_dtype
 
 # ---------------------------------------------------------------------------
 # Triton device functions
@@ -173,11 +169,6 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
 
 
-def conv_output_size(size: int, k: int, stride: int) -> int:
-    """Output height (or width) of a k x k conv with padding k // 2."""
-    return (size + 2 * (k // 2) - k) // stride + 1
-
-
 def conv_tiles(rows: int, cout_g: int, cin_g: int,
                dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for `rows` output pixels per tiling unit,
@@ -241,44 +232,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype for activations of `dtype`, which is also the dtype of
-    every per-channel vector that goes with them (BN scale/shift, statistics and
-    partials, SE squeeze sums and gate, weight gradients): float64 for float64
-    activations, float32 for the others."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def acc_constexpr(dtype: torch.dtype) -> tl.dtype:
     """`acc_dtype(dtype)` as the kernels' ACC_DTYPE constexpr."""
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
-
-
-# Activation dtypes of the ops' shared argument checks. The C++ CPU ops take these;
-# the Triton ops also take float64 (computed in float64 throughout, for gradcheck).
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def check_activation(name: str, x: torch.Tensor, channels: int | None = None, *,
-                     device_check=None, dtypes=SUPPORTED_DTYPES) -> None:
-    """A 4-D float activation in one of `dtypes` (the Triton ops pass TRITON_DTYPES),
-    on a device Triton can run on (or that `device_check(name, x)` accepts: the C++
-    backend passes its own)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {x.dtype}; supported: "
-                        + ", ".join(dtype_name(d) for d in dtypes))
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{name} has {x.shape[1]} channels, expected {channels}")
-    (device_check or check_device)(name, x)
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
@@ -292,102 +248,9 @@ def check_device(name: str, t: torch.Tensor) -> None:
     )
 
 
-def check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str,
-               dtype: bool = True) -> None:
-    if t.device != ref.device:
-        raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-    if dtype and t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
-
-
-def check_channel_vector(name: str, t: torch.Tensor, channels: int, ref: torch.Tensor) -> None:
-    """A per-channel vector (folded BN scale or shift) of length `channels`, in the
-    accumulation dtype of the activation `ref` (`acc_dtype`)."""
-    if t.dim() != 1 or t.shape[0] != channels:
-        raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
-    check_vector_dtype(name, t, ref)
-    check_same(name, t, ref, "x", dtype=False)
-
-
-def check_vector_dtype(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    """t (a per-channel vector, gate, sums...) is in the accumulation dtype of ref."""
-    want = acc_dtype(ref.dtype)
-    if t.dtype != want:
-        raise TypeError(f"{name} must be {dtype_name(want)} with {dtype_name(ref.dtype)} "
-                        f"activations, got {t.dtype}")
-
-
-def check_optional_affine(names: tuple[str, str], scale, shift, channels: int,
-                          ref: torch.Tensor) -> None:
-    """An optional per-channel (scale, shift) pair (see check_channel_vector): both or neither."""
-    if (scale is None) != (shift is None):
-        raise ValueError(f"pass both {names[0]} and {names[1]}, or neither")
-    if scale is not None:
-        check_channel_vector(names[0], scale, channels, ref)
-        check_channel_vector(names[1], shift, channels, ref)
-
-
-def check_prologue_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int,
-                        in_scale, in_shift, gate, *, device_check=None,
-                        dtypes=TRITON_DTYPES) -> int:
-    """The arguments of a conv whose input goes through the prologue
-    relu?(x * in_scale + in_shift) * gate (the C++ backend passes its device check and
-    dtypes). Returns the output channels."""
-    check_activation("x", x, device_check=device_check, dtypes=dtypes)
-    c_out, _ = check_conv_weight("weight", weight, x, groups)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    check_optional_affine(("in_scale", "in_shift"), in_scale, in_shift, x.shape[1], x)
-    if gate is not None:
-        check_gate(gate, x.shape[0], x.shape[1], x)
-    return c_out
-
-
-def check_gate(gate: torch.Tensor, n: int, channels: int, x: torch.Tensor) -> None:
-    """An (N, C) SE gate in x's accumulation dtype, unit stride along channels."""
-    if tuple(gate.shape) != (n, channels):
-        raise ValueError(f"gate must have shape ({n}, {channels}), got {tuple(gate.shape)}")
-    check_vector_dtype("gate", gate, x)
-    check_same("gate", gate, x, "x", dtype=False)
-    if gate.stride(1) != 1:
-        raise ValueError("gate must have unit stride along channels")
-
-
-def check_weight(name: str, w: torch.Tensor, groups: int) -> tuple[int, int, int]:
-    """A 4-D square odd-sized conv weight whose output channels `groups` divides.
-
-    Returns (out_channels, in_channels_per_group, kernel_size).
-    """
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (C_out, C_in / groups, k, k), got {tuple(w.shape)}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    c_out, cin_g, kh, kw = w.shape
-    if c_out % groups:
-        raise ValueError(f"groups={groups} does not divide the {c_out} output channels of {name}")
-    if kh != kw or kh % 2 == 0:
-        raise ValueError(f"{name} must have a square, odd kernel size, got {kh}x{kw}")
-    return c_out, cin_g, kh
-
-
-def check_conv_weight(name: str, w: torch.Tensor, x: torch.Tensor, groups: int) -> tuple[int, int]:
-    """A square odd-sized conv weight for `groups` groups over x's channels.
-
-    Returns (out_channels, kernel_size).
-    """
-    c_out, cin_g, k = check_weight(name, w, groups)
-    check_same(name, w, x, "x")
-    c_in = x.shape[1]
-    if c_in % groups:
-        raise ValueError(f"groups={groups} does not divide the {c_in} input channels")
-    if cin_g * groups != c_in:
-        raise ValueError(
-            f"{name} expects {cin_g * groups} input channels ({cin_g} per group x {groups} groups), "
-            f"x has {c_in}"
-        )
-    return c_out, k
+# What every Triton op passes to the shared argument checks (`ops.checks`): its device check
+# and the dtypes the backend table declares.
+TRITON_CHECKS = dict(device_check=check_device, dtypes=BACKENDS["triton"].dtypes)
 
 
 def nhwc_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -416,9 +279,3 @@ def row_alignment(x: torch.Tensor) -> int:
     while align > 1 and any(s % align for s in (x.stride(0), x.stride(2), x.stride(3))):
         align //= 2
     return max(align, 1)
-
-
-def new_activation(n: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialized NHWC (channels_last) activation."""
-    return torch.empty((n, c, h, w), dtype=like.dtype, device=like.device,
-                       memory_format=torch.channels_last)

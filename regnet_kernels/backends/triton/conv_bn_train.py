@@ -20,30 +20,19 @@ from the previous layer's raw output in the weight-gradient kernel's prologue.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from functools import partial
+from typing import Optional
 
 import torch
 
-from .conv_bn_act import _fake as _conv_fake, _geometry as _conv_geometry, _launch as _conv_launch
+from ...ops.checks import check_conv_bn_train_args
+from ...ops.sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
+from ...ops.types import STAT_ROWS, BatchNormArgs, TrainOutput, acc_dtype
 from .bn_act_backward import bn_act_backward
-from .bn_finalize import STAT_ROWS, BatchNormArgs, check_count, finalize_launch
+from .bn_finalize import finalize_launch, update_running_stats
+from .conv_bn_act import _fake as _conv_fake, _geometry as _conv_geometry, _launch as _conv_launch
 from .conv_grad import DyPrologue, UPrologue, conv_dgrad, conv_wgrad
-from ._implicit_gemm import acc_dtype, check_prologue_conv, conv_output_size
-from .sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
-
-
-class TrainOutput(NamedTuple):
-    """The lazy BN output: raw conv output y and the per-channel batch statistics
-    (var biased; float32, float64 for a float64 y); the BN output is
-    v = y * scale + shift. y stands for v in autograd (see the module docstring):
-    pass it only to ops that take (y, scale, shift). The statistics are not
-    differentiable."""
-    y: torch.Tensor
-    mean: torch.Tensor
-    inv_std: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
-    var: torch.Tensor
+from .igemm import TRITON_CHECKS
 
 
 @torch.library.custom_op("regnet_triton::conv_bn_train", mutates_args=())
@@ -171,15 +160,11 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
         TrainOutput(y raw channels_last, mean, inv_std, scale, shift, var); gradients
         flow to x, weight, gate and the BN's weight and bias.
     """
-    args = bn if isinstance(bn, BatchNormArgs) else BatchNormArgs.of(bn)
-    c_out = check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
-    n, _, h, w = x.shape
-    if not frozen:
-        k = weight.shape[-1]
-        check_count(n * conv_output_size(h, k, stride) * conv_output_size(w, k, stride))
-    args.check(c_out, x)
+    args, c_out, count = check_conv_bn_train_args(x, weight, bn, stride, groups, in_scale, in_shift,
+                                                 gate, frozen, **TRITON_CHECKS)
     if sync_group is not None and not frozen:
-        prims = ConvBnPrimitives(_conv_bn_train_op, conv_bn_train_backward, args.update_running)
+        prims = ConvBnPrimitives(_conv_bn_train_op, conv_bn_train_backward,
+                                 partial(update_running_stats, args))
         y, stats = sync_conv_bn_train(prims, sync_group, x, weight, stride, groups, in_scale,
                                       in_shift, in_relu, gate, args.weight, args.bias, args.eps)
         return TrainOutput(y, *stats.unbind(0))
@@ -187,5 +172,5 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     y, stats = _conv_bn_train_op(x, weight, stride, groups, in_scale, in_shift, in_relu, gate,
                                  args.weight, args.bias, args.eps, frozen_stats)
     if not frozen:
-        args.update_running(stats, y.shape[0] * y.shape[2] * y.shape[3])
+        update_running_stats(args, stats, count)
     return TrainOutput(y, *stats.unbind(0))

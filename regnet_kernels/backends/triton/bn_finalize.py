@@ -27,9 +27,12 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._implicit_gemm import acc_constexpr, acc_dtype, check_device, check_same
+from ...ops.checks import check_batch_norm, check_same
+from ...ops.types import STAT_ROWS, BatchNormArgs, check_count
+from .igemm import acc_constexpr, check_device
 
 BLOCK_C = 128
 # Tiles a finalize program loads at once; the group-merge pass's tiles and channels at once,
@@ -38,7 +41,6 @@ BLOCK_T = 16
 MERGE_BLOCK_T, MERGE_BLOCK_C = 32, 64
 MERGE_ABOVE_TILES = 256
 MERGE_PROGRAMS = 528
-STAT_ROWS = ("mean", "inv_std", "scale", "shift", "var")
 
 
 class BatchStats(NamedTuple):
@@ -208,57 +210,11 @@ def _(stats, count, running_mean, running_var, num_batches_tracked, momentum):
     return None
 
 
-class BatchNormArgs(NamedTuple):
-    """What a training-mode BN reads and updates (any may be None but eps/momentum)."""
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
-    num_batches_tracked: Optional[torch.Tensor]
-    eps: float
-    momentum: Optional[float]
-
-    @classmethod
-    def of(cls, bn: torch.nn.BatchNorm2d) -> "BatchNormArgs":
-        """From a module, honouring its `affine` and `track_running_stats`."""
-        track = bn.track_running_stats
-        return cls(bn.weight, bn.bias, bn.running_mean if track else None,
-                   bn.running_var if track else None, bn.num_batches_tracked if track else None,
-                   float(bn.eps), None if bn.momentum is None else float(bn.momentum))
-
-    def frozen_stats(self, channels: int, ref: torch.Tensor) -> torch.Tensor:
-        """(5, C) STAT_ROWS from the running statistics (an eval-mode BN: frozen), in
-        ref's accumulation dtype, detached: BN's gamma/beta gradients come from the
-        conv op's backward, not through these."""
-        if self.running_mean is None:
-            raise ValueError("a frozen (eval-mode) BatchNorm needs running statistics")
-        dtype = acc_dtype(ref.dtype)
-        with torch.no_grad():
-            mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
-            inv_std = torch.rsqrt(var + self.eps)
-            scale = inv_std if self.weight is None else inv_std * self.weight.to(dtype)
-            shift = -mean * scale if self.bias is None else self.bias.to(dtype) - mean * scale
-            return torch.stack([mean, inv_std, scale, shift, var]).reshape(5, channels)
-
-    def update_running(self, stats: torch.Tensor, count: int) -> None:
-        """Update the running statistics (if tracked) from (5, C) finalize output."""
-        if self.running_mean is not None:
-            _bn_update_running_op(stats.detach(), count, self.running_mean, self.running_var,
-                                  self.num_batches_tracked, self.momentum)
-
-    def check(self, channels: int, ref: torch.Tensor) -> None:
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            v = getattr(self, name)
-            if v is not None:
-                if v.shape != (channels,):
-                    raise ValueError(f"BN {name} must have shape ({channels},), got {tuple(v.shape)}")
-                check_same(f"BN {name}", v, ref, "the activations", dtype=False)
-        if (self.weight is None) != (self.bias is None):
-            raise ValueError("pass both BN weight and bias, or neither")
-        if (self.running_mean is None) != (self.running_var is None):
-            raise ValueError("pass both running_mean and running_var, or neither")
-        if self.running_mean is not None and self.momentum is None and self.num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+def update_running_stats(args: BatchNormArgs, stats: torch.Tensor, count: int) -> None:
+    """Update the BN's running statistics (if tracked) from (5, C) finalize output."""
+    if args.running_mean is not None:
+        _bn_update_running_op(stats.detach(), count, args.running_mean, args.running_var,
+                              args.num_batches_tracked, args.momentum)
 
 
 def bn_finalize(tile_sum: torch.Tensor, tile_m2: torch.Tensor, count: int, rows_per_tile: int,
@@ -295,13 +251,9 @@ def bn_finalize(tile_sum: torch.Tensor, tile_m2: torch.Tensor, count: int, rows_
     check_count(count)
     if rows_per_tile < 1 or triton.cdiv(count, rows_per_tile) != t:
         raise ValueError(f"{t} tiles of {rows_per_tile} rows do not cover {count} rows")
-    args.check(c, tile_sum)
+    check_batch_norm(args, c, tile_sum)
     w, b = (None if v is None else v.detach() for v in (args.weight, args.bias))
     stats = _bn_finalize_op(tile_sum, tile_m2, int(count), int(rows_per_tile), w, b, args.eps)
-    args.update_running(stats, int(count))
+    update_running_stats(args, stats, int(count))
     return BatchStats(*stats.unbind(0))
 
-
-def check_count(count: int) -> None:
-    if count < 2:
-        raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got {count}")

@@ -19,31 +19,26 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._tuning import launch_tuned
-from ._implicit_gemm import (
-    TRITON_DTYPES,
-    SUPPORTED_DTYPES,
+from ...ops.checks import check_conv_bn_act_args, check_prologue_conv
+from ...ops.types import acc_dtype, conv_output_size, new_activation
+from .igemm import (
     acc_constexpr,
-    acc_dtype,
-    check_activation,
-    check_channel_vector,
-    check_conv_weight,
-    check_prologue_conv,
     conv_accumulate,
-    conv_output_size,
     conv_tiles,
     dot_precision,
     group_channels,
     launch_config,
-    new_activation,
     nhwc_strides,
     output_rows,
     packed_weight,
     row_alignment,
+    TRITON_CHECKS,
     unit_channel_stride,
 )
+from .tuning import launch_tuned
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -227,22 +222,10 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     Returns:
         y (channels_last, x's dtype), or (y, sums) when squeeze=True.
     """
-    check_conv_bn_act_args(x, weight, scale, shift, stride, groups, dtypes=TRITON_DTYPES)
+    check_conv_bn_act_args(x, weight, scale, shift, stride, groups, **TRITON_CHECKS)
     if squeeze:
         return _conv_bn_act_squeeze_op(x, weight, scale, shift, stride, groups, relu)
     return _conv_bn_act_op(x, weight, scale, shift, stride, groups, relu)
-
-
-def check_conv_bn_act_args(x, weight, scale, shift, stride, groups, device_check=None,
-                           dtypes=SUPPORTED_DTYPES) -> None:
-    """conv_bn_act's argument checks (shared with the C++ backend, which passes its
-    own device check and keeps the default `dtypes`: it has no float64 kernels)."""
-    check_activation("x", x, device_check=device_check, dtypes=dtypes)
-    c_out, _ = check_conv_weight("weight", weight, x, groups)
-    check_channel_vector("scale", scale, c_out, x)
-    check_channel_vector("shift", shift, c_out, x)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
 
 
 class ConvStats(NamedTuple):
@@ -280,7 +263,7 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, gro
         ConvStats(y (channels_last, x's dtype), tile_sum, tile_m2 ((T, C_out), acc_dtype),
         rows_per_tile).
     """
-    check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate)
+    check_prologue_conv(x, weight, stride, groups, in_scale, in_shift, gate, **TRITON_CHECKS)
     y, stats = _conv_bn_stats_op(x, weight, stride, groups, in_scale, in_shift, in_relu, gate)
     _, _, (block_m, _, _), _ = _geometry(x, weight, stride, groups, squeeze=False)
     return ConvStats(y, stats[0], stats[1], block_m)

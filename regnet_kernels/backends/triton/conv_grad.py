@@ -38,35 +38,31 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import tl, triton
-from ._tuning import launch_tuned
-from ._implicit_gemm import (
-    TRITON_DTYPES,
+from ...ops.checks import (check_activation, check_channel_vector, check_gate, check_same,
+                           check_weight)
+from ...ops.types import acc_dtype, conv_output_size, new_activation
+from .igemm import (
     _pow2_clamp,
     acc_constexpr,
-    acc_dtype,
-    check_activation,
-    check_channel_vector,
-    check_gate,
-    check_same,
-    check_weight,
-    conv_output_size,
+    affine_vectors,
     conv_tiles,
     dot_precision,
     fp64_tiles,
     group_channels,
     launch_config,
-    new_activation,
     nhwc_strides,
     output_rows,
-    affine_vectors,
     packed_weight,
     prologue,
     row_alignment,
     tap_rows,
+    TRITON_CHECKS,
     unit_channel_stride,
 )
+from .tuning import launch_tuned
 
 
 class DyPrologue(NamedTuple):
@@ -504,7 +500,7 @@ def _check_dy_prologue(p: Optional[DyPrologue], dy: torch.Tensor) -> tuple:
     for name, t in (("dy_prologue.y", p.y), ("dy_prologue.mask_src", p.mask_src)):
         if t is None:
             continue
-        check_activation(name, t, dtypes=TRITON_DTYPES)
+        check_activation(name, t, **TRITON_CHECKS)
         check_same(name, t, dy, "dy")
         if t.shape != dy.shape:
             raise ValueError(f"{name} must have dy's shape {tuple(dy.shape)}, "
@@ -539,7 +535,7 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_hw: Sequence[int], 
     Returns:
         dx: (N, C_in, H, W) channels_last, in dy's dtype (fp32 accumulation, fp64 for fp64).
     """
-    check_activation("dy", dy, dtypes=TRITON_DTYPES)
+    check_activation("dy", dy, **TRITON_CHECKS)
     _check_stride(stride)
     c_out, cin_g, k = check_weight("weight", weight, groups)
     check_same("weight", weight, dy, "dy")
@@ -574,8 +570,8 @@ def conv_wgrad(u: torch.Tensor, dy: torch.Tensor, kernel_size: int, stride: int 
     Returns:
         dw: (C_out, C_in / groups, k, k) contiguous, float32 (float64 for float64 u).
     """
-    check_activation("u", u, dtypes=TRITON_DTYPES)
-    check_activation("dy", dy, dtypes=TRITON_DTYPES)
+    check_activation("u", u, **TRITON_CHECKS)
+    check_activation("dy", dy, **TRITON_CHECKS)
     check_same("dy", dy, u, "u")
     _check_stride(stride)
     if kernel_size < 1 or kernel_size % 2 == 0:

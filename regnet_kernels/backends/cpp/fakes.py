@@ -1,0 +1,96 @@
+"""The C++ extension's fake implementations (shapes only, for torch.compile and opcheck),
+and se_excite's autograd formula (shared with the Triton op: `regnet_kernels.ops.se_autograd`).
+
+They are registered once the library is loaded (`register`, called by `ops.py` after it
+loads the extension); the C++ library names this module (`set_python_module` in
+csrc/ops.cpp), so torch imports it when it needs them. The other training ops' autograd
+is in C++ (csrc/autograd.cpp).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...ops.se_autograd import se_excite_backward, se_excite_setup_context
+from ...ops.types import STAT_ROWS, conv_output_size, new_activation
+
+
+def _conv_out(x, weight, stride):
+    k = weight.shape[-1]
+    ho, wo = conv_output_size(x.shape[2], k, stride), conv_output_size(x.shape[3], k, stride)
+    return new_activation(x.shape[0], weight.shape[0], ho, wo, x)
+
+
+registered = False
+
+
+def register() -> None:
+    """Registers the fakes and the autograd formulas; the ops must exist (the library loaded)."""
+    global registered
+    if registered:
+        return
+
+    @torch.library.register_fake("regnet_kernels::conv_bn_act")
+    def _(x, weight, scale, shift, stride, groups, relu):
+        return _conv_out(x, weight, stride)
+
+    @torch.library.register_fake("regnet_kernels::conv_bn_act_squeeze")
+    def _(x, weight, scale, shift, stride, groups, relu):
+        return (_conv_out(x, weight, stride),
+                x.new_empty((x.shape[0], 1, weight.shape[0]), dtype=torch.float32))
+
+    @torch.library.register_fake("regnet_kernels::se_excite")
+    def _(sums, hw, w1, b1, w2, b2):
+        return sums.new_empty((sums.shape[0], sums.shape[2]), dtype=torch.float32)
+
+    @torch.library.register_fake("regnet_kernels::conv1x1_gate_residual")
+    def _(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, proj_shift,
+          proj_stride):
+        return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
+
+    @torch.library.register_fake("regnet_kernels::conv_bn_train")
+    def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps,
+          frozen_stats):
+        return (_conv_out(x, weight, stride),
+                x.new_empty((len(STAT_ROWS), weight.shape[0]), dtype=torch.float32))
+
+    @torch.library.register_fake("regnet_kernels::conv_bn_train_backward")
+    def _(grad, x, weight, y, stats, stride, groups, in_scale, in_shift, in_relu, gate, frozen,
+          output_mask, bn_grads=None):
+        need_x, need_w = output_mask
+        none = stats.new_empty((0,))
+        return (new_activation(*x.shape, x) if need_x else x.new_empty((0,)),
+                weight.new_empty(weight.shape) if need_w else weight.new_empty((0,)),
+                stats.new_empty(gate.shape) if need_x and gate is not None else none,
+                stats.new_empty((weight.shape[0],)), stats.new_empty((weight.shape[0],)))
+
+    @torch.library.register_fake("regnet_kernels::bn_update_running")
+    def _(stats, count, running_mean, running_var, num_batches_tracked, momentum):
+        return None
+
+    @torch.library.register_fake("regnet_kernels::se_squeeze")
+    def _(y, scale, shift):
+        return y.new_empty((y.shape[0], 1, y.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("regnet_kernels::se_squeeze_backward")
+    def _(grad_sums, y, scale, shift):
+        return new_activation(*y.shape, y)
+
+    @torch.library.register_fake("regnet_kernels::bn_add_relu")
+    def _(y, scale, shift, shortcut, sc_scale, sc_shift):
+        return new_activation(*y.shape, y)
+
+    @torch.library.register_fake("regnet_kernels::bn_add_relu_backward")
+    def _(grad, out):
+        return new_activation(*out.shape, out)
+
+    # The SE MLP's backward is shared with the Triton op (ops/se_autograd.py); the other
+    # training ops have their autograd in C++ (csrc/autograd.cpp).
+    torch.library.register_autograd("regnet_kernels::se_excite", se_excite_backward,
+                                    setup_context=se_excite_setup_context)
+    registered = True
+
+
+# The library loaded by other means (torch imports this module for the fakes, see
+# set_python_module in csrc/ops.cpp): register them now.
+if hasattr(torch.ops.regnet_kernels, "conv_bn_act"):
+    register()
