@@ -425,6 +425,31 @@ def test_torch_compile_fullgraph_on_cpu():
         assert rel_err(compiled(x), ref.eval()(x)) < 1e-5
 
 
+COMPILED_FIRST_CALL = """
+import torch
+import regnet_kernels as rk
+params = rk.RegNetParams(depth=4, w0=24, wa=24, wm=2.0, group_width=8, se_ratio=0.25)
+torch.manual_seed(0)
+model = rk.fused_model(params, backend="cpu", num_classes=10).eval()
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    out = torch.compile(model, fullgraph=True)(x)  # the process's first op call: traced
+    eager = model(x)
+assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6), (out - eager).abs().max()
+print("ok")
+"""
+
+
+def test_torch_compile_fullgraph_as_the_first_call():
+    """A fresh process whose first fused op call is under torch.compile(fullgraph=True): the
+    extension is loaded by the dispatcher outside the trace (loading it inside failed with
+    Dynamo's "Unsupported context manager")."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILED_FIRST_CALL], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

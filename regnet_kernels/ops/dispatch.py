@@ -48,6 +48,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]  # activation dtypes
     modes: tuple[str, ...]        # "eval" (BN folded), "train" (batch statistics, autograd)
     status_function: str          # its module's (usable, reason) check, which may build
+    prepare: Optional[str] = None  # its module's function that builds / loads compiled code
     requires: Optional[str] = None  # a package beyond torch it imports, and how to install it
     install: str = ""
 
@@ -87,11 +88,16 @@ class Backend:
                 f"it ({self.install}); {others} do not")
 
     def load(self) -> ModuleType:
-        """The module of this backend's op functions (imported now if it was not)."""
+        """The module of this backend's op functions (imported now if it was not), its
+        compiled code built and loaded (`prepare`): ops_for calls this outside torch.compile's
+        tracing, where a build cannot run."""
         missing = self.missing_requirement()
         if missing:
             raise BackendUnavailable(f"backend={self.name!r} cannot run: {missing}")
-        return importlib.import_module(self.module)
+        module = importlib.import_module(self.module)
+        if self.prepare:
+            getattr(module, self.prepare)()
+        return module
 
     def status(self) -> tuple[bool, str]:
         """(usable, reason): whether it runs in this process, and why not or how. The C++
@@ -99,7 +105,7 @@ class Backend:
         missing = self.missing_requirement()
         if missing:
             return False, missing
-        return getattr(self.load(), self.status_function)()
+        return getattr(importlib.import_module(self.module), self.status_function)()
 
 
 _import_errors: dict[str, Optional[str]] = {}  # package -> why it cannot be imported (None: it can)
@@ -124,11 +130,11 @@ BACKENDS = {
     "cpu": Backend(
         "cpu", "regnet_kernels.backends.cpp.ops", lambda: ("cpu",), "CPU tensors",
         auto_devices=("cpu",), dtypes=HALF_AND_FLOAT32, modes=MODES,
-        status_function="cpu_status"),
+        status_function="cpu_status", prepare="load_library"),
     "cuda": Backend(
         "cuda", "regnet_kernels.backends.cpp.ops", lambda: ("cuda",), "CUDA tensors",
         auto_devices=("cuda",), dtypes=HALF_AND_FLOAT32, modes=MODES,
-        status_function="cuda_status"),
+        status_function="cuda_status", prepare="load_library"),
 }
 
 

@@ -43,6 +43,13 @@ def _ops():
     return torch.ops.regnet_kernels
 
 
+def load_library() -> None:
+    """Builds (first use only) and loads the extension with its fakes now: the dispatcher
+    calls this before the first op runs, also when torch.compile traces that first call
+    (a build cannot be traced)."""
+    _ops()
+
+
 def available() -> tuple[bool, str]:
     """(True, "") when the C++ CPU backend can run (builds and loads it if needed, with its
     fakes and autograd formulas: call it before torch.compile traces the ops, since the
