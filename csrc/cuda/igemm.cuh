@@ -763,8 +763,8 @@ __device__ __forceinline__ void stage(OutTile<E, TL>& out, const float (&acc)[TL
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         E* dst = &out.v[f.row(i, h)][f.col(j, 0)];
-        dst[0] = static_cast<E>(Elem<E>::from_float(acc[i][j][2 * h]));
-        dst[1] = static_cast<E>(Elem<E>::from_float(acc[i][j][2 * h + 1]));
+        dst[0] = Elem<E>::from_float(acc[i][j][2 * h]);
+        dst[1] = Elem<E>::from_float(acc[i][j][2 * h + 1]);
       }
 }
 
