@@ -4,39 +4,43 @@
 //   f = momentum, or 1 / num_batches_tracked (after its increment) when momentum is None
 //   running_mean = (1 - f) * running_mean + f * mean
 //   running_var  = (1 - f) * running_var  + f * var * count / (count - 1)
-// computed in fp32 and rounded once into the buffers' dtype. `Check(t, name)` rejects
+// computed in fp32 and rounded once into the buffers' dtype. `Check(op, t, name)` rejects
 // a tensor on the wrong device.
 #pragma once
 
 #include "rk_stats.h"
 
+#include "op_error.h"
+
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
 #include <optional>
 
 namespace regnet_kernels {
 
-template <void (*Check)(const at::Tensor&, const char*)>
+template <void (*Check)(const char*, const at::Tensor&, const char*)>
 void bn_update_running(const at::Tensor& stats, int64_t count, at::Tensor& running_mean,
                        at::Tensor& running_var,
                        const std::optional<at::Tensor>& num_batches_tracked,
                        std::optional<double> momentum) {
   constexpr int64_t kMeanRow = RK_STAT_MEAN, kVarRow = RK_STAT_VAR, kRows = RK_STAT_ROWS;
-  Check(stats, "stats");
-  Check(running_mean, "running_mean");
-  Check(running_var, "running_var");
+  constexpr char op[] = "bn_update_running";
+  Check(op, stats, "stats");
+  Check(op, running_mean, "running_mean");
+  Check(op, running_var, "running_var");
+  const char* backend = stats.is_cuda() ? "cuda" : "cpu";
   const int64_t c = stats.size(-1);
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({kRows, c}) && stats.scalar_type() == at::kFloat,
-              "regnet_kernels: stats must be float32 (5, C), got ", stats.sizes());
-  TORCH_CHECK(running_mean.sizes() == at::IntArrayRef({c}) &&
-                  running_var.sizes() == at::IntArrayRef({c}),
-              "regnet_kernels: running_mean and running_var must have shape (", c, ",)");
-  TORCH_CHECK(count > 1, "regnet_kernels: count must be > 1, got ", count);
-  TORCH_CHECK(momentum || num_batches_tracked,
-              "regnet_kernels: momentum=None (cumulative average) needs num_batches_tracked");
+  RK_CHECK(op, backend, stats.sizes() == at::IntArrayRef({kRows, c}) &&
+               stats.scalar_type() == at::kFloat,
+           "stats must be float32 (5, C), got ", stats.sizes());
+  RK_CHECK(op, backend, running_mean.sizes() == at::IntArrayRef({c}) &&
+               running_var.sizes() == at::IntArrayRef({c}),
+           "running_mean and running_var must have shape (", c, ",)");
+  RK_CHECK(op, backend, count > 1, "count must be > 1, got ", count);
+  RK_CHECK(op, backend, momentum || num_batches_tracked,
+           "momentum=None (cumulative average) needs num_batches_tracked");
   if (num_batches_tracked) {
-    Check(*num_batches_tracked, "num_batches_tracked");
+    Check(op, *num_batches_tracked, "num_batches_tracked");
     num_batches_tracked->add_(1);
   }
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);

@@ -14,31 +14,32 @@
 namespace regnet_kernels::cpu {
 namespace {
 
-void check_activation(const at::Tensor& t, const char* name) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 4, "regnet_kernels: ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
+void check_activation(const char* op, const at::Tensor& t, const char* name) {
+  check_cpu(op, t, name);
+  RK_CHECK_CPU(op, t.dim() == 4, name, " must be 4-D (N, C, H, W), got ", t.sizes());
 }
 
 at::Tensor bn_add_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                        const std::optional<at::Tensor>& shortcut,
                        const std::optional<at::Tensor>& sc_scale,
                        const std::optional<at::Tensor>& sc_shift) {
-  check_activation(y, "y");
+  constexpr char op[] = "bn_add_relu";
+  check_activation(op, y, "y");
   const int64_t c = y.size(1);
-  check_channel_vector(scale, c, "scale");
-  check_channel_vector(shift, c, "shift");
-  TORCH_CHECK(sc_scale.has_value() == sc_shift.has_value(),
-              "regnet_kernels: pass both sc_scale and sc_shift, or neither");
-  TORCH_CHECK(shortcut || !sc_scale, "regnet_kernels: sc_scale/sc_shift given without a shortcut");
+  check_channel_vector(op, scale, c, "scale");
+  check_channel_vector(op, shift, c, "shift");
+  RK_CHECK_CPU(op, sc_scale.has_value() == sc_shift.has_value(),
+               "pass both sc_scale and sc_shift, or neither");
+  RK_CHECK_CPU(op, shortcut || !sc_scale, "sc_scale/sc_shift given without a shortcut");
   if (shortcut) {
-    check_activation(*shortcut, "shortcut");
-    TORCH_CHECK(shortcut->sizes() == y.sizes() && shortcut->scalar_type() == y.scalar_type(),
-                "regnet_kernels: shortcut must have y's shape ", y.sizes(), " and dtype ",
-                y.scalar_type(), ", got ", shortcut->scalar_type(), " ", shortcut->sizes());
+    check_activation(op, *shortcut, "shortcut");
+    RK_CHECK_CPU(op, shortcut->sizes() == y.sizes() && shortcut->scalar_type() == y.scalar_type(),
+                 "shortcut must have y's shape ", y.sizes(), " and dtype ",
+                 y.scalar_type(), ", got ", shortcut->scalar_type(), " ", shortcut->sizes());
   }
   if (sc_scale) {
-    check_channel_vector(*sc_scale, c, "sc_scale");
-    check_channel_vector(*sc_shift, c, "sc_shift");
+    check_channel_vector(op, *sc_scale, c, "sc_scale");
+    check_channel_vector(op, *sc_shift, c, "sc_shift");
   }
   const at::Tensor yc = nhwc(y);
   at::Tensor out = at::empty_like(yc);
@@ -77,11 +78,12 @@ at::Tensor bn_add_relu(const at::Tensor& y, const at::Tensor& scale, const at::T
 
 // grad * (out > 0): the gradient of the pre-ReLU sum, for y and the shortcut alike.
 at::Tensor bn_add_relu_backward(const at::Tensor& grad, const at::Tensor& out) {
-  check_activation(out, "out");
-  check_cpu(grad, "grad");
-  TORCH_CHECK(grad.sizes() == out.sizes() && grad.scalar_type() == out.scalar_type(),
-              "regnet_kernels: grad must have out's shape ", out.sizes(), " and dtype ",
-              out.scalar_type(), ", got ", grad.scalar_type(), " ", grad.sizes());
+  constexpr char op[] = "bn_add_relu_backward";
+  check_activation(op, out, "out");
+  check_cpu(op, grad, "grad");
+  RK_CHECK_CPU(op, grad.sizes() == out.sizes() && grad.scalar_type() == out.scalar_type(),
+               "grad must have out's shape ", out.sizes(), " and dtype ",
+               out.scalar_type(), ", got ", grad.scalar_type(), " ", grad.sizes());
   const at::Tensor g = nhwc(grad), o = nhwc(out);
   at::Tensor dz = at::empty_like(o);
   if (dz.numel() == 0) return dz;

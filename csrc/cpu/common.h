@@ -11,7 +11,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
-#include <c10/util/Exception.h>
+
+#include "../op_error.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -21,6 +22,9 @@
 // Dispatches the activation dtypes the ops take: float32, float16, bfloat16.
 #define REGNET_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_V2(TYPE, NAME, AT_WRAP(__VA_ARGS__), at::kFloat, at::kHalf, at::kBFloat16)
+
+// A check of the op `op` (its registered name) on this backend.
+#define RK_CHECK_CPU(op, cond, ...) RK_CHECK(op, "cpu", cond, __VA_ARGS__)
 
 namespace regnet_kernels::cpu {
 
@@ -42,17 +46,18 @@ inline at::Tensor f32(const at::Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
-inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "regnet_kernels (C++ CPU): ", name, " must be a CPU tensor, got ",
-              t.device());
+inline void check_cpu(const char* op, const at::Tensor& t, const char* name) {
+  RK_CHECK_CPU(op, t.device().is_cpu(), name, " must be a CPU tensor, got ",
+               t.device());
 }
 
-inline void check_channel_vector(const at::Tensor& t, int64_t c, const char* name) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, "regnet_kernels: ", name, " must have shape (", c,
-              ",), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "regnet_kernels: ", name, " must be float32, got ",
-              t.scalar_type());
+inline void check_channel_vector(const char* op, const at::Tensor& t, int64_t c,
+                                 const char* name) {
+  check_cpu(op, t, name);
+  RK_CHECK_CPU(op, t.dim() == 1 && t.size(0) == c, name, " must have shape (", c,
+               ",), got ", t.sizes());
+  RK_CHECK_CPU(op, t.scalar_type() == at::kFloat, name, " must be float32, got ",
+               t.scalar_type());
 }
 
 // Loads a row of `c` activations as fp32: the row itself for fp32 (const as
@@ -152,20 +157,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // The checks of a k x k conv (padding k // 2) of x by weight; returns C_out.
-inline int64_t check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
-                          int64_t groups) {
-  check_cpu(x, "x");
-  check_cpu(weight, "weight");
-  TORCH_CHECK(x.dim() == 4, "regnet_kernels: x must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-              "regnet_kernels: weight must be (C_out, C_in / groups, k, k) with odd k, got ",
-              weight.sizes());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "regnet_kernels: weight has dtype ",
-              weight.scalar_type(), " but x has ", x.scalar_type());
-  TORCH_CHECK(stride >= 1, "regnet_kernels: stride must be >= 1, got ", stride);
-  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0 && weight.size(1) * groups == x.size(1),
-              "regnet_kernels: weight ", weight.sizes(), " with groups=", groups, " does not fit ",
-              x.size(1), " input channels");
+inline int64_t check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                          int64_t stride, int64_t groups) {
+  check_cpu(op, x, "x");
+  check_cpu(op, weight, "weight");
+  RK_CHECK_CPU(op, x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
+  RK_CHECK_CPU(op, weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+               "weight must be (C_out, C_in / groups, k, k) with odd k, got ",
+               weight.sizes());
+  RK_CHECK_CPU(op, x.scalar_type() == weight.scalar_type(), "weight has dtype ",
+               weight.scalar_type(), " but x has ", x.scalar_type());
+  RK_CHECK_CPU(op, stride >= 1, "stride must be >= 1, got ", stride);
+  RK_CHECK_CPU(op, groups >= 1 && weight.size(0) % groups == 0 &&
+                   weight.size(1) * groups == x.size(1),
+               "weight ", weight.sizes(), " with groups=", groups, " does not fit ",
+               x.size(1), " input channels");
   return weight.size(0);
 }
 

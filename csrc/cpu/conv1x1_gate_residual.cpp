@@ -48,43 +48,46 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& proj_weight,
                                  const std::optional<at::Tensor>& proj_scale,
                                  const std::optional<at::Tensor>& proj_shift, int64_t proj_stride) {
-  check_cpu(x, "x");
-  check_cpu(weight, "weight");
-  check_cpu(shortcut, "shortcut");
-  TORCH_CHECK(x.dim() == 4 && shortcut.dim() == 4, "regnet_kernels: x and shortcut must be 4-D");
+  constexpr char op[] = "conv1x1_gate_residual";
+  check_cpu(op, x, "x");
+  check_cpu(op, weight, "weight");
+  check_cpu(op, shortcut, "shortcut");
+  RK_CHECK_CPU(op, x.dim() == 4 && shortcut.dim() == 4, "x and shortcut must be 4-D");
   const int64_t n = x.size(0), c_b = x.size(1), ho = x.size(2), wo = x.size(3), hw = ho * wo;
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == c_b && weight.size(2) == 1 && weight.size(3) == 1,
-              "regnet_kernels: weight must be (C_out, ", c_b, ", 1, 1), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && shortcut.scalar_type() == x.scalar_type(),
-              "regnet_kernels: weight and shortcut must have x's dtype ", x.scalar_type());
+  RK_CHECK_CPU(op, weight.dim() == 4 && weight.size(1) == c_b && weight.size(2) == 1 &&
+                   weight.size(3) == 1,
+               "weight must be (C_out, ", c_b, ", 1, 1), got ", weight.sizes());
+  RK_CHECK_CPU(op, weight.scalar_type() == x.scalar_type() &&
+                   shortcut.scalar_type() == x.scalar_type(),
+               "weight and shortcut must have x's dtype ", x.scalar_type());
   const int64_t c_out = weight.size(0);
-  check_channel_vector(scale, c_out, "scale");
-  check_channel_vector(shift, c_out, "shift");
+  check_channel_vector(op, scale, c_out, "scale");
+  check_channel_vector(op, shift, c_out, "shift");
   const bool project = proj_weight.has_value();
   if (gate) {
-    check_cpu(*gate, "gate");
-    TORCH_CHECK(gate->dim() == 2 && gate->size(0) == n && gate->size(1) == c_b &&
-                    gate->scalar_type() == at::kFloat,
-                "regnet_kernels: gate must be float32 (", n, ", ", c_b, "), got ", gate->sizes());
+    check_cpu(op, *gate, "gate");
+    RK_CHECK_CPU(op, gate->dim() == 2 && gate->size(0) == n && gate->size(1) == c_b &&
+                     gate->scalar_type() == at::kFloat,
+                 "gate must be float32 (", n, ", ", c_b, "), got ", gate->sizes());
   }
   at::Tensor pw2, ps, pt, sc;
   if (project) {
-    TORCH_CHECK(proj_scale && proj_shift, "regnet_kernels: a projection needs proj_scale/proj_shift");
-    TORCH_CHECK(proj_stride >= 1, "regnet_kernels: proj_stride must be >= 1, got ", proj_stride);
-    check_cpu(*proj_weight, "proj_weight");
+    RK_CHECK_CPU(op, proj_scale && proj_shift, "a projection needs proj_scale/proj_shift");
+    RK_CHECK_CPU(op, proj_stride >= 1, "proj_stride must be >= 1, got ", proj_stride);
+    check_cpu(op, *proj_weight, "proj_weight");
     const int64_t c_in = shortcut.size(1);
-    TORCH_CHECK(proj_weight->dim() == 4 && proj_weight->size(0) == c_out &&
-                    proj_weight->size(1) == c_in && proj_weight->size(2) == 1 &&
-                    proj_weight->size(3) == 1 && proj_weight->scalar_type() == x.scalar_type(),
-                "regnet_kernels: proj_weight must be (", c_out, ", ", c_in, ", 1, 1) of x's dtype, got ",
-                proj_weight->sizes());
-    check_channel_vector(*proj_scale, c_out, "proj_scale");
-    check_channel_vector(*proj_shift, c_out, "proj_shift");
+    RK_CHECK_CPU(op, proj_weight->dim() == 4 && proj_weight->size(0) == c_out &&
+                     proj_weight->size(1) == c_in && proj_weight->size(2) == 1 &&
+                     proj_weight->size(3) == 1 && proj_weight->scalar_type() == x.scalar_type(),
+                 "proj_weight must be (", c_out, ", ", c_in, ", 1, 1) of x's dtype, got ",
+                 proj_weight->sizes());
+    check_channel_vector(op, *proj_scale, c_out, "proj_scale");
+    check_channel_vector(op, *proj_shift, c_out, "proj_shift");
     const int64_t h = shortcut.size(2), w = shortcut.size(3);
-    TORCH_CHECK(shortcut.size(0) == n && (h - 1) / proj_stride + 1 == ho &&
-                    (w - 1) / proj_stride + 1 == wo,
-                "regnet_kernels: a stride-", proj_stride, " projection of shortcut ", shortcut.sizes(),
-                " does not match x ", x.sizes());
+    RK_CHECK_CPU(op, shortcut.size(0) == n && (h - 1) / proj_stride + 1 == ho &&
+                     (w - 1) / proj_stride + 1 == wo,
+                 "a stride-", proj_stride, " projection of shortcut ", shortcut.sizes(),
+                 " does not match x ", x.sizes());
     at::Tensor s = shortcut;
     if (proj_stride > 1) s = s.slice(2, 0, h, proj_stride).slice(3, 0, w, proj_stride);
     sc = nhwc(s);  // the strided pixels, gathered once (a view for stride 1 NHWC)
@@ -92,10 +95,10 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
     ps = f32(*proj_scale);
     pt = f32(*proj_shift);
   } else {
-    TORCH_CHECK(!proj_scale && !proj_shift, "regnet_kernels: proj_scale/proj_shift without proj_weight");
-    TORCH_CHECK(shortcut.sizes() == at::IntArrayRef({n, c_out, ho, wo}),
-                "regnet_kernels: identity shortcut must be (", n, ", ", c_out, ", ", ho, ", ", wo,
-                "), got ", shortcut.sizes());
+    RK_CHECK_CPU(op, !proj_scale && !proj_shift, "proj_scale/proj_shift without proj_weight");
+    RK_CHECK_CPU(op, shortcut.sizes() == at::IntArrayRef({n, c_out, ho, wo}),
+                 "identity shortcut must be (", n, ", ", c_out, ", ", ho, ", ", wo,
+                 "), got ", shortcut.sizes());
     sc = nhwc(shortcut);
   }
 

@@ -16,9 +16,10 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_act_impl(const at::Tensor& x, const a
                                                     const at::Tensor& scale, const at::Tensor& shift,
                                                     int64_t stride, int64_t groups, bool relu,
                                                     bool squeeze) {
-  const int64_t c_out = check_conv(x, weight, stride, groups);
-  check_channel_vector(scale, c_out, "scale");
-  check_channel_vector(shift, c_out, "shift");
+  constexpr char op[] = "conv_bn_act";
+  const int64_t c_out = check_conv(op, x, weight, stride, groups);
+  check_channel_vector(op, scale, c_out, "scale");
+  check_channel_vector(op, shift, c_out, "shift");
   const int64_t pad = weight.size(2) / 2;
 
   at::Tensor y = nhwc(at::convolution(nhwc(x), weight, std::nullopt, {stride, stride}, {pad, pad},

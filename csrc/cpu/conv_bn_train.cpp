@@ -38,25 +38,25 @@ struct Prologue {
   at::Tensor scale, shift, gate;  // dense fp32, or undefined
   bool relu = false;
 
-  Prologue(const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
+  Prologue(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
            const std::optional<at::Tensor>& in_shift, bool in_relu,
            const std::optional<at::Tensor>& in_gate)
       : relu(in_relu) {
     const int64_t n = x.size(0), c = x.size(1);
-    TORCH_CHECK(in_scale.has_value() == in_shift.has_value(),
-                "regnet_kernels: pass both in_scale and in_shift, or neither");
+    RK_CHECK_CPU(op, in_scale.has_value() == in_shift.has_value(),
+                 "pass both in_scale and in_shift, or neither");
     if (in_scale) {
-      check_channel_vector(*in_scale, c, "in_scale");
-      check_channel_vector(*in_shift, c, "in_shift");
+      check_channel_vector(op, *in_scale, c, "in_scale");
+      check_channel_vector(op, *in_shift, c, "in_shift");
       scale = f32(*in_scale);
       shift = f32(*in_shift);
     }
     if (in_gate) {
-      check_cpu(*in_gate, "gate");
-      TORCH_CHECK(in_gate->dim() == 2 && in_gate->size(0) == n && in_gate->size(1) == c &&
-                      in_gate->scalar_type() == at::kFloat,
-                  "regnet_kernels: gate must be float32 (", n, ", ", c, "), got ",
-                  in_gate->scalar_type(), " ", in_gate->sizes());
+      check_cpu(op, *in_gate, "gate");
+      RK_CHECK_CPU(op, in_gate->dim() == 2 && in_gate->size(0) == n && in_gate->size(1) == c &&
+                       in_gate->scalar_type() == at::kFloat,
+                   "gate must be float32 (", n, ", ", c, "), got ",
+                   in_gate->scalar_type(), " ", in_gate->sizes());
       gate = in_gate->contiguous();
     }
   }
@@ -190,32 +190,33 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
     bool in_relu, const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, double eps,
     const std::optional<at::Tensor>& frozen_stats) {
-  const int64_t c_out = check_conv(x, weight, stride, groups);
-  const Prologue prologue(x, in_scale, in_shift, in_relu, gate);
-  TORCH_CHECK(bn_weight.has_value() == bn_bias.has_value(),
-              "regnet_kernels: pass both BN weight and bias, or neither");
+  constexpr char op[] = "conv_bn_train";
+  const int64_t c_out = check_conv(op, x, weight, stride, groups);
+  const Prologue prologue(op, x, in_scale, in_shift, in_relu, gate);
+  RK_CHECK_CPU(op, bn_weight.has_value() == bn_bias.has_value(),
+               "pass both BN weight and bias, or neither");
   // gamma and beta are the BN module's parameters, in its dtype (read as fp32).
   for (const auto& [t, name] : {std::pair{&bn_weight, "bn_weight"}, {&bn_bias, "bn_bias"}}) {
     if (!t->has_value()) continue;
-    check_cpu(**t, name);
-    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == c_out && (*t)->is_floating_point(),
-                "regnet_kernels: ", name, " must be a floating-point (", c_out, ",) vector, got ",
-                (*t)->scalar_type(), " ", (*t)->sizes());
+    check_cpu(op, **t, name);
+    RK_CHECK_CPU(op, (*t)->dim() == 1 && (*t)->size(0) == c_out && (*t)->is_floating_point(),
+                 name, " must be a floating-point (", c_out, ",) vector, got ",
+                 (*t)->scalar_type(), " ", (*t)->sizes());
   }
   const int64_t pad = weight.size(2) / 2;
   at::Tensor y = nhwc(at::convolution(conv_input(x, prologue), weight, std::nullopt,
                                       {stride, stride}, {pad, pad}, {1, 1}, false, {0, 0}, groups));
   if (frozen_stats) {  // an eval-mode BN: the running statistics, given as (5, C) rows
-    check_cpu(*frozen_stats, "frozen_stats");
-    TORCH_CHECK(frozen_stats->sizes() == at::IntArrayRef({int64_t{RK_STAT_ROWS}, c_out}) &&
-                    frozen_stats->scalar_type() == at::kFloat,
-                "regnet_kernels: frozen_stats must be float32 (5, ", c_out, "), got ",
-                frozen_stats->sizes());
+    check_cpu(op, *frozen_stats, "frozen_stats");
+    RK_CHECK_CPU(op, frozen_stats->sizes() == at::IntArrayRef({int64_t{RK_STAT_ROWS}, c_out}) &&
+                     frozen_stats->scalar_type() == at::kFloat,
+                 "frozen_stats must be float32 (5, ", c_out, "), got ",
+                 frozen_stats->sizes());
     return {y, frozen_stats->clone()};
   }
   const int64_t rows = y.size(0) * y.size(2) * y.size(3);
-  TORCH_CHECK(rows > 1, "regnet_kernels: BatchNorm in training needs more than 1 value per "
-              "channel, got ", rows);
+  RK_CHECK_CPU(op, rows > 1, "BatchNorm in training needs more than 1 value per "
+               "channel, got ", rows);
 
   at::Tensor stats = at::empty({int64_t{RK_STAT_ROWS}, c_out}, x.options().dtype(at::kFloat));
   float* st = stats.data_ptr<float>();
@@ -283,27 +284,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
     bool in_relu, const std::optional<at::Tensor>& gate, bool frozen,
     std::array<bool, 2> output_mask, const std::optional<at::Tensor>& bn_grads) {
-  const int64_t c_out = check_conv(x, weight, stride, groups);
-  const Prologue prologue(x, in_scale, in_shift, in_relu, gate);
-  check_cpu(grad_v, "grad");
-  check_cpu(y, "y");
+  constexpr char op[] = "conv_bn_train_backward";
+  const int64_t c_out = check_conv(op, x, weight, stride, groups);
+  const Prologue prologue(op, x, in_scale, in_shift, in_relu, gate);
+  check_cpu(op, grad_v, "grad");
+  check_cpu(op, y, "y");
   const int64_t pad = weight.size(2) / 2, k = weight.size(2);
   const int64_t ho = (x.size(2) + 2 * pad - k) / stride + 1;
   const int64_t wo = (x.size(3) + 2 * pad - k) / stride + 1;
-  TORCH_CHECK(y.sizes() == at::IntArrayRef({x.size(0), c_out, ho, wo}) &&
-                  y.scalar_type() == x.scalar_type(),
-              "regnet_kernels: y must be the conv output (", x.size(0), ", ", c_out, ", ", ho, ", ",
-              wo, ") of x's dtype, got ", y.scalar_type(), " ", y.sizes());
-  TORCH_CHECK(grad_v.sizes() == y.sizes() && grad_v.scalar_type() == y.scalar_type(),
-              "regnet_kernels: grad must have y's shape and dtype, got ", grad_v.scalar_type(), " ",
-              grad_v.sizes());
-  check_cpu(stats, "stats");
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({int64_t{RK_STAT_ROWS}, c_out}) &&
-                  stats.scalar_type() == at::kFloat,
-              "regnet_kernels: stats must be float32 (5, ", c_out, "), got ", stats.sizes());
+  RK_CHECK_CPU(op, y.sizes() == at::IntArrayRef({x.size(0), c_out, ho, wo}) &&
+                   y.scalar_type() == x.scalar_type(),
+               "y must be the conv output (", x.size(0), ", ", c_out, ", ", ho, ", ",
+               wo, ") of x's dtype, got ", y.scalar_type(), " ", y.sizes());
+  RK_CHECK_CPU(op, grad_v.sizes() == y.sizes() && grad_v.scalar_type() == y.scalar_type(),
+               "grad must have y's shape and dtype, got ", grad_v.scalar_type(), " ",
+               grad_v.sizes());
+  check_cpu(op, stats, "stats");
+  RK_CHECK_CPU(op, stats.sizes() == at::IntArrayRef({int64_t{RK_STAT_ROWS}, c_out}) &&
+                   stats.scalar_type() == at::kFloat,
+               "stats must be float32 (5, ", c_out, "), got ", stats.sizes());
   const int64_t rows = y.size(0) * ho * wo;
-  TORCH_CHECK(frozen || rows > 1,
-              "regnet_kernels: BatchNorm statistics need more than 1 value per channel");
+  RK_CHECK_CPU(op, frozen || rows > 1,
+               "BatchNorm statistics need more than 1 value per channel");
 
   const at::Tensor g = nhwc(grad_v), yc = nhwc(y), st = stats.contiguous();
   const float* mean = st.data_ptr<float>() + RK_STAT_MEAN * c_out;
@@ -312,11 +314,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
 
   at::Tensor d_beta, d_gamma;
   if (bn_grads) {  // SyncBatchNorm: the reductions over every rank, given
-    check_cpu(*bn_grads, "bn_grads");
-    TORCH_CHECK(bn_grads->sizes() == at::IntArrayRef({2, c_out}) &&
-                    bn_grads->scalar_type() == at::kFloat,
-                "regnet_kernels: bn_grads must be float32 (2, ", c_out, "), got ",
-                bn_grads->scalar_type(), " ", bn_grads->sizes());
+    check_cpu(op, *bn_grads, "bn_grads");
+    RK_CHECK_CPU(op, bn_grads->sizes() == at::IntArrayRef({2, c_out}) &&
+                     bn_grads->scalar_type() == at::kFloat,
+                 "bn_grads must be float32 (2, ", c_out, "), got ",
+                 bn_grads->scalar_type(), " ", bn_grads->sizes());
     d_beta = (*bn_grads)[0].contiguous();
     d_gamma = (*bn_grads)[1].contiguous();
   } else {

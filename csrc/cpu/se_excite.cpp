@@ -12,18 +12,20 @@ namespace {
 
 at::Tensor se_excite(const at::Tensor& sums, int64_t hw, const at::Tensor& w1, const at::Tensor& b1,
                      const at::Tensor& w2, const at::Tensor& b2) {
+  constexpr char op[] = "se_excite";
   for (const auto& [t, name] : {std::pair{&sums, "sums"}, {&w1, "w1"}, {&b1, "b1"}, {&w2, "w2"},
                                 {&b2, "b2"}}) {
-    check_cpu(*t, name);
+    check_cpu(op, *t, name);
   }
-  TORCH_CHECK(sums.dim() == 3 && sums.scalar_type() == at::kFloat,
-              "regnet_kernels: sums must be float32 (N, T, C), got ", sums.scalar_type(), " ",
-              sums.sizes());
-  TORCH_CHECK(hw >= 1, "regnet_kernels: hw must be >= 1, got ", hw);
+  RK_CHECK_CPU(op, sums.dim() == 3 && sums.scalar_type() == at::kFloat,
+               "sums must be float32 (N, T, C), got ", sums.scalar_type(), " ",
+               sums.sizes());
+  RK_CHECK_CPU(op, hw >= 1, "hw must be >= 1, got ", hw);
   const int64_t n = sums.size(0), tiles = sums.size(1), c = sums.size(2), s = w1.size(0);
-  TORCH_CHECK(w1.numel() == s * c && w2.numel() == c * s && w2.size(0) == c && b1.numel() == s &&
-                  b2.numel() == c,
-              "regnet_kernels: SE weights do not fit ", c, " channels and SE width ", s);
+  RK_CHECK_CPU(op, w1.numel() == s * c && w2.numel() == c * s && w2.size(0) == c &&
+                   b1.numel() == s &&
+                   b2.numel() == c,
+               "SE weights do not fit ", c, " channels and SE width ", s);
   at::Tensor gate = at::empty({n, c}, sums.options());
   if (gate.numel() == 0) return gate;
   // fp32 copies of the (small) SE weights; no-ops for contiguous fp32 ones.

@@ -13,15 +13,17 @@
 namespace regnet_kernels::cpu {
 namespace {
 
-void check_args(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {
-  check_cpu(y, "y");
-  TORCH_CHECK(y.dim() == 4, "regnet_kernels: y must be 4-D (N, C, H, W), got ", y.sizes());
-  check_channel_vector(scale, y.size(1), "scale");
-  check_channel_vector(shift, y.size(1), "shift");
+void check_args(const char* op, const at::Tensor& y, const at::Tensor& scale,
+                const at::Tensor& shift) {
+  check_cpu(op, y, "y");
+  RK_CHECK_CPU(op, y.dim() == 4, "y must be 4-D (N, C, H, W), got ", y.sizes());
+  check_channel_vector(op, scale, y.size(1), "scale");
+  check_channel_vector(op, shift, y.size(1), "shift");
 }
 
 at::Tensor se_squeeze(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {
-  check_args(y, scale, shift);
+  constexpr char op[] = "se_squeeze";
+  check_args(op, y, scale, shift);
   const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
   at::Tensor sums = at::empty({n, 1, c}, y.options().dtype(at::kFloat));
   if (sums.numel() == 0) return sums;
@@ -54,13 +56,14 @@ inline void squeeze_backward_row(const float* y, const float* s, const float* t,
 
 at::Tensor se_squeeze_backward(const at::Tensor& grad_sums, const at::Tensor& y,
                                const at::Tensor& scale, const at::Tensor& shift) {
-  check_args(y, scale, shift);
+  constexpr char op[] = "se_squeeze_backward";
+  check_args(op, y, scale, shift);
   const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
-  check_cpu(grad_sums, "grad_sums");
-  TORCH_CHECK(grad_sums.sizes() == at::IntArrayRef({n, 1, c}) &&
-                  grad_sums.scalar_type() == at::kFloat,
-              "regnet_kernels: grad_sums must be float32 (", n, ", 1, ", c, "), got ",
-              grad_sums.scalar_type(), " ", grad_sums.sizes());
+  check_cpu(op, grad_sums, "grad_sums");
+  RK_CHECK_CPU(op, grad_sums.sizes() == at::IntArrayRef({n, 1, c}) &&
+                   grad_sums.scalar_type() == at::kFloat,
+               "grad_sums must be float32 (", n, ", 1, ", c, "), got ",
+               grad_sums.scalar_type(), " ", grad_sums.sizes());
   const at::Tensor yc = nhwc(y);
   at::Tensor dv = at::empty_like(yc);
   if (dv.numel() == 0) return dv;

@@ -9,25 +9,26 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_act_impl(const at::Tensor& x, const a
                                                     const at::Tensor& scale,
                                                     const at::Tensor& shift, int64_t stride,
                                                     int64_t groups, bool relu, bool squeeze) {
-  check_conv(x, weight, stride, groups);
+  constexpr char op[] = "conv_bn_act";
+  check_conv(op, x, weight, stride, groups);
   const int64_t c_out = weight.size(0);
-  const at::Tensor s = channel_vector(scale, c_out, x, "scale");
-  const at::Tensor t = channel_vector(shift, c_out, x, "shift");
+  const at::Tensor s = channel_vector(op, scale, c_out, x, "scale");
+  const at::Tensor t = channel_vector(op, shift, c_out, x, "shift");
   const c10::cuda::CUDAGuard guard(x.device());
 
   rk_conv_bn_act_args args{};
-  set_kxk_conv_input(args, x, weight);
+  set_kxk_conv_input(op, args, x, weight);
   args.scale = s.data_ptr<float>(), args.shift = t.data_ptr<float>();
   args.stride = stride, args.groups = groups, args.relu = relu ? 1 : 0;
 
   rk_conv_plan plan{};
-  check_launch(rk_conv_bn_act_plan(&args, squeeze ? 1 : 0, &plan), "conv_bn_act (plan)");
+  check_launch(op, rk_conv_bn_act_plan(&args, squeeze ? 1 : 0, &plan), "conv_bn_act (plan)");
   at::Tensor y = new_activation(x, args.n, c_out, plan.out_h, plan.out_w);
   at::Tensor sums = at::empty({squeeze ? args.n : 0, squeeze ? plan.tiles_per_image : 0, c_out},
                               x.options().dtype(at::kFloat));
   args.y = y.data_ptr();
   args.sums = squeeze ? sums.data_ptr<float>() : nullptr;
-  check_launch(rk_conv_bn_act(&args, c10::cuda::getCurrentCUDAStream()), "conv_bn_act");
+  check_launch(op, rk_conv_bn_act(&args, c10::cuda::getCurrentCUDAStream()), "conv_bn_act");
   return {y, sums};
 }
 

@@ -4,10 +4,15 @@ Every check that looks at a tensor's device or dtype takes the backend's `device
 (a function (name, tensor) that raises when the backend cannot run that tensor) and its
 `dtypes` (the activation dtypes it has kernels for) as required keywords: the backend
 table in `dispatch` declares them, so no check guesses which backend it serves.
+Every error a backend's op raises names the op and the backend the same way,
+`regnet_kernels.<op> (<backend>): ...` (`op_errors`), whichever layer found the problem;
+the C++ checks behind these write the same prefix (csrc/op_error.h).
 Imports only torch.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -18,6 +23,44 @@ DeviceCheck = Callable[[str, torch.Tensor], None]
 
 # The largest SE width the kernels hold in registers (Triton) or on the stack (C++).
 MAX_SE_WIDTH = 4096
+
+
+# The exception types the checks raise; anything else (KeyboardInterrupt, an OSError from a
+# build...) passes through untouched.
+_PREFIXED_ERRORS = (TypeError, ValueError, RuntimeError, NotImplementedError)
+
+
+def error_prefix(op: str, backend: str) -> str:
+    return f"regnet_kernels.{op} ({backend}): "
+
+
+def op_errors(op: str, backend: str | None = None):
+    """Decorator for a backend's public op function: the TypeError / ValueError / RuntimeError
+    it raises start with `error_prefix(op, backend)`. backend=None names the device type of
+    the first argument (the C++ backend runs CPU and CUDA tensors). A message that already
+    starts with a prefix (a C++ check's) is left as it is; the type stays."""
+    def decorate(function):
+        first = next(iter(inspect.signature(function).parameters))
+
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except _PREFIXED_ERRORS as e:
+                message = str(e)
+                if type(e) not in _PREFIXED_ERRORS or message.startswith("regnet_kernels."):
+                    raise
+                where = backend or _device_type(args[0] if args else kwargs.get(first))
+                # Same type, the check's own traceback, no "during handling" chain.
+                raise type(e)(error_prefix(op, where) + message).with_traceback(
+                    e.__traceback__) from None
+        return run
+    return decorate
+
+
+def _device_type(t) -> str:
+    """The C++ backend's name for a tensor: its device type ("cpu", "cuda")."""
+    return t.device.type if isinstance(t, torch.Tensor) else "cpp"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

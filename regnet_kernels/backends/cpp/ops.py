@@ -28,7 +28,7 @@ import torch
 
 from ...ops.checks import (check_bn_add_relu_args, check_conv_bn_act_args,
                            check_conv_bn_train_args, check_gate_residual_args,
-                           check_se_excite_args, check_se_squeeze_args)
+                           check_se_excite_args, check_se_squeeze_args, op_errors)
 from ...ops.dispatch import BACKENDS
 from ...ops.sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
 from ...ops.types import BatchNormArgs, TrainOutput
@@ -95,6 +95,7 @@ def _check_device(name: str, t: torch.Tensor) -> None:
 CPP_CHECKS = dict(device_check=_check_device, dtypes=BACKENDS["cpu"].dtypes)
 
 
+@op_errors("conv_bn_act")
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 *, stride: int = 1, groups: int = 1, relu: bool = True, squeeze: bool = False):
     """Fused conv (k x k, padding k // 2) + folded BN + optional ReLU (CPU or CUDA).
@@ -108,6 +109,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     return ops.conv_bn_act(x, weight, scale, shift, stride, groups, relu)
 
 
+@op_errors("se_excite")
 def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
               w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums (CPU or CUDA).
@@ -119,6 +121,7 @@ def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
     return _ops().se_excite(sums.contiguous(), int(hw), w1, b1, w2, b2)
 
 
+@op_errors("conv1x1_gate_residual")
 def conv1x1_gate_residual(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     shortcut: torch.Tensor, *, gate: Optional[torch.Tensor] = None,
@@ -141,6 +144,7 @@ def conv1x1_gate_residual(
 # ---------------------------------------------------------------------------
 
 
+@op_errors("conv_bn_train")
 def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,
@@ -177,6 +181,7 @@ def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | tor
     return TrainOutput(y, *stats.unbind(0))
 
 
+@op_errors("se_squeeze")
 def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Per-image channel sums of relu(y * scale + shift), fp32 (N, 1, C) (CPU or CUDA).
 
@@ -187,6 +192,7 @@ def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tor
     return _ops().se_squeeze(y, scale, shift)
 
 
+@op_errors("bn_add_relu")
 def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 shortcut: Optional[torch.Tensor] = None, sc_scale: Optional[torch.Tensor] = None,
                 sc_shift: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from ...ops.checks import (
     check_optional_affine,
     check_same,
     check_vector_dtype,
+    op_errors,
 )
 from ...ops.types import acc_dtype, new_activation
 from .igemm import acc_constexpr, nhwc_strides, output_rows, TRITON_CHECKS
@@ -153,6 +154,7 @@ def _(grad, y, scale, shift, relu, gate, mask_src, grad_rows_per_tile, write_dv,
     return dv, parts, y.new_empty(dgate_shape, dtype=acc_dtype(y.dtype))
 
 
+@op_errors("bn_act_backward", "triton")
 def bn_act_backward(grad: torch.Tensor, y: torch.Tensor, scale: Optional[torch.Tensor] = None,
                     shift: Optional[torch.Tensor] = None, *, relu: bool = True,
                     gate: Optional[torch.Tensor] = None, mask_src: Optional[torch.Tensor] = None,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.checks import check_bn_add_relu_args
+from ...ops.checks import check_bn_add_relu_args, op_errors
 from ...ops.types import new_activation
 from .bn_act_backward import bn_act_backward
 from .igemm import TRITON_CHECKS, acc_constexpr, nhwc_strides
@@ -92,6 +92,7 @@ def _backward(ctx, grad):
 _bn_add_relu_op.register_autograd(_backward, setup_context=_setup)
 
 
+@op_errors("bn_add_relu", "triton")
 def bn_add_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 shortcut: Optional[torch.Tensor] = None, sc_scale: Optional[torch.Tensor] = None,
                 sc_shift: Optional[torch.Tensor] = None) -> torch.Tensor:

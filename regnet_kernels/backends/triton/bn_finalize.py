@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.checks import check_batch_norm, check_same
+from ...ops.checks import check_batch_norm, check_same, op_errors
 from ...ops.types import STAT_ROWS, BatchNormArgs, check_count
 from .igemm import acc_constexpr, check_device
 
@@ -217,6 +217,7 @@ def update_running_stats(args: BatchNormArgs, stats: torch.Tensor, count: int) -
                               args.num_batches_tracked, args.momentum)
 
 
+@op_errors("bn_finalize", "triton")
 def bn_finalize(tile_sum: torch.Tensor, tile_m2: torch.Tensor, count: int, rows_per_tile: int,
                 bn: Optional[torch.nn.BatchNorm2d] = None, *, weight=None, bias=None,
                 running_mean=None, running_var=None, num_batches_tracked=None,

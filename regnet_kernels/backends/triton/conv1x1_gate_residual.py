@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.checks import check_gate_residual_args
+from ...ops.checks import check_gate_residual_args, op_errors
 from ...ops.types import new_activation
 from .igemm import (
     acc_constexpr,
@@ -133,6 +133,7 @@ def _(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, proj_shi
     return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
 
 
+@op_errors("conv1x1_gate_residual", "triton")
 def conv1x1_gate_residual(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     shortcut: torch.Tensor, *, gate: Optional[torch.Tensor] = None,

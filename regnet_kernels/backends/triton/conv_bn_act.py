@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.checks import check_conv_bn_act_args, check_prologue_conv
+from ...ops.checks import check_conv_bn_act_args, check_prologue_conv, op_errors
 from ...ops.types import acc_dtype, conv_output_size, new_activation
 from .igemm import (
     acc_constexpr,
@@ -202,6 +202,7 @@ def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate):
     return _fake(x, weight, stride, groups, stats=True)
 
 
+@op_errors("conv_bn_act", "triton")
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 *, stride: int = 1, groups: int = 1, relu: bool = True, squeeze: bool = False):
     """Fused conv (k x k, padding k // 2) + folded BN + optional ReLU.
@@ -242,6 +243,7 @@ class ConvStats(NamedTuple):
         return self.y.shape[0] * self.y.shape[2] * self.y.shape[3]
 
 
+@op_errors("conv_bn_stats", "triton")
 def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, groups: int = 1,
                   in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None,
                   in_relu: bool = False, gate: Optional[torch.Tensor] = None) -> ConvStats:

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ...ops.checks import check_conv_bn_train_args
+from ...ops.checks import check_conv_bn_train_args, op_errors
 from ...ops.sync_batchnorm import ConvBnPrimitives, sync_conv_bn_train
 from ...ops.types import STAT_ROWS, BatchNormArgs, TrainOutput, acc_dtype
 from .bn_act_backward import bn_act_backward
@@ -132,6 +132,7 @@ def conv_bn_train_backward(grad_v, x, weight, y, stats, stride, groups, in_scale
 _conv_bn_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@op_errors("conv_bn_train", "triton")
 def conv_bn_train(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormArgs | torch.nn.BatchNorm2d,
                   *, stride: int = 1, groups: int = 1, in_scale: Optional[torch.Tensor] = None,
                   in_shift: Optional[torch.Tensor] = None, in_relu: bool = False,

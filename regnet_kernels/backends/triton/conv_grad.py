@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ...ops.checks import (check_activation, check_channel_vector, check_gate, check_same,
-                           check_weight)
+                           check_weight, op_errors)
 from ...ops.types import acc_dtype, conv_output_size, new_activation
 from .igemm import (
     _pow2_clamp,
@@ -518,6 +518,7 @@ def _check_dy_prologue(p: Optional[DyPrologue], dy: torch.Tensor) -> tuple:
     return tuple(p)
 
 
+@op_errors("conv_dgrad", "triton")
 def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_hw: Sequence[int], stride: int = 1,
                groups: int = 1, *, dy_prologue: Optional[DyPrologue] = None) -> torch.Tensor:
     """Gradient of a conv (k x k, padding k // 2) with respect to its input.
@@ -551,6 +552,7 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_hw: Sequence[int], 
     return _conv_dgrad_op(dy, weight, h, w, stride, groups, *_check_dy_prologue(dy_prologue, dy))
 
 
+@op_errors("conv_wgrad", "triton")
 def conv_wgrad(u: torch.Tensor, dy: torch.Tensor, kernel_size: int, stride: int = 1,
                groups: int = 1, *, u_prologue: Optional[UPrologue] = None,
                dy_prologue: Optional[DyPrologue] = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.checks import check_se_excite_args, check_se_squeeze_args
+from ...ops.checks import check_se_excite_args, check_se_squeeze_args, op_errors
 from ...ops.se_autograd import se_excite_backward, se_excite_setup_context
 from ...ops.types import acc_dtype
 from .bn_act_backward import bn_act_backward
@@ -93,6 +93,7 @@ def _(sums, hw, w1, b1, w2, b2):
 _se_excite_op.register_autograd(se_excite_backward, setup_context=se_excite_setup_context)
 
 
+@op_errors("se_excite", "triton")
 def se_excite(sums: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor,
               w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """gate = sigmoid(W2 relu(W1 mean + b1) + b2) from SE squeeze sums.
@@ -168,6 +169,7 @@ def _se_squeeze_backward(ctx, grad_sums):
 _se_squeeze_op.register_autograd(_se_squeeze_backward, setup_context=_se_squeeze_setup)
 
 
+@op_errors("se_squeeze", "triton")
 def se_squeeze(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Per-(image, row tile, channel) sums of relu(y * scale + shift): the SE
     squeeze of a training-mode BN + ReLU output, from the raw conv output y.
