@@ -37,16 +37,14 @@ at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const at::
   return std::get<0>(conv_bn_act_impl(x, weight, scale, shift, stride, groups, relu, false));
 }
 
-// The schema's sums are (N, 1, C_out) on every device, so that the one fake
-// implementation (regnet_kernels/backends/cpp/fakes.py) is right for all: the kernel's per-row-tile
-// partials are summed here, in tile order (one small extra launch).
+// The SE sums are (N, T, C_out), one row per row tile of an image (se_excite adds them up);
+// the fake (regnet_kernels/backends/cpp/fakes.py) gets T from the same tile choice.
 std::tuple<at::Tensor, at::Tensor> conv_bn_act_squeeze(const at::Tensor& x,
                                                        const at::Tensor& weight,
                                                        const at::Tensor& scale,
                                                        const at::Tensor& shift, int64_t stride,
                                                        int64_t groups, bool relu) {
-  auto [y, tile_sums] = conv_bn_act_impl(x, weight, scale, shift, stride, groups, relu, true);
-  return {y, tile_sums.sum(1, /*keepdim=*/true)};
+  return conv_bn_act_impl(x, weight, scale, shift, stride, groups, relu, true);
 }
 
 }  // namespace

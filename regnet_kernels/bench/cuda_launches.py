@@ -1,9 +1,10 @@
 """What the CUDA backend launches for an eval op call, without a GPU: the kernel (its C++
 name as the static report prints it), the grid, the warps and the dynamic shared memory.
 
-The choices mirror the C launchers (csrc/cuda/igemm.cuh `pick_tiles` and the tile table,
-conv_bn_act.cu, conv1x1_gate_residual.cu, se_excite.cu); tests/test_static_report.py checks
-the mirror against the launchers' own plan functions run under the CUDA emulation. The op
+The choices mirror the C launchers (csrc/cuda/igemm.cuh's tile table, conv_bn_act.cu,
+conv1x1_gate_residual.cu, se_excite.cu; the tile choice itself is the CUDA backend's
+`cuda_tiles.pick_tiles`, which its fakes use too); the CUDA emulation tests check the mirror
+against the launchers' own plan functions. The op
 calls come from `capture` (the fused model's eval forward on meta tensors): the CUDA ops
 take the same arguments as the Triton ones.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+from ..backends.cpp.cuda_tiles import pick_tiles
 
 #: igemm.cuh's Layout<T>: K step and padded shared-memory row (elements), pipeline depth.
 LAYOUT = {"bf16": (32, 40, 3), "fp16": (32, 40, 3), "fp32": (16, 20, 3)}
@@ -39,15 +42,6 @@ class CudaLaunch:
 def kernel_key(name: str) -> str:
     """A C++ kernel name as a lookup key (the report's short names differ in spaces)."""
     return name.replace(" ", "")
-
-
-def pick_tiles(dtype: str, n_per_group: int, rows: int) -> tuple[int, int]:
-    """igemm.cuh's pick_tiles: BN from the group's output width, BM = 64 for small row
-    counts, narrow groups and fp32."""
-    bn = 8 if n_per_group <= 8 else 16 if n_per_group <= 16 else 32 if n_per_group <= 32 \
-        else 64 if n_per_group <= 64 else 128
-    bm = 64 if rows <= 64 or bn <= 16 or dtype == "fp32" else 128
-    return bm, bn
 
 
 def _smem(dtype: str, bm: int, bn: int) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from ...ops.se_autograd import se_excite_backward, se_excite_setup_context
 from ...ops.types import STAT_ROWS, conv_output_size, new_activation
+from .cuda_tiles import squeeze_row_tiles
 
 
 def _conv_out(x, weight, stride):
@@ -35,8 +36,12 @@ def register() -> None:
 
     @torch.library.register_fake("regnet_kernels::conv_bn_act_squeeze")
     def _(x, weight, scale, shift, stride, groups, relu):
-        return (_conv_out(x, weight, stride),
-                x.new_empty((x.shape[0], 1, weight.shape[0]), dtype=torch.float32))
+        y = _conv_out(x, weight, stride)
+        n, c_out, ho, wo = y.shape
+        # SE sums (N, T, C_out): one row per image on the CPU, one per row tile on CUDA.
+        tiles = (squeeze_row_tiles(x.dtype, c_out // groups, ho * wo)
+                 if x.device.type == "cuda" else 1)
+        return y, x.new_empty((n, tiles, c_out), dtype=torch.float32)
 
     @torch.library.register_fake("regnet_kernels::se_excite")
     def _(sums, hw, w1, b1, w2, b2):
