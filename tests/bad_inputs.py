@@ -1,5 +1,7 @@
 """Bad-input cases shared by every backend's tests: the argument checks are the same
-Python functions whichever backend runs the op, and each backend must reject these."""
+Python functions whichever backend runs the op, and each backend must reject these (the
+op files run each table per backend). Every bad-input assertion of the tests goes through
+expect_rejected, so a check of the messages' common form belongs there."""
 import copy
 
 import pytest
@@ -122,7 +124,6 @@ def gate_residual_args(device, **over):
     args = dict(x=torch.randn(2, 16, 7, 7), weight=torch.randn(24, 16, 1, 1),
                 scale=torch.ones(24), shift=torch.zeros(24), shortcut=torch.randn(2, 24, 7, 7))
     return _on(device, {**args, **over})
-
 
 
 def se_excite_args(device, **over):
