@@ -12,8 +12,9 @@
 #             never runs on the CPU machines: the interpreter computes bf16 dots wrongly)
 #   compiled  -m "not bf16 and not gpu": the same files' fp32 / fp16 / fp64 tests, compiled
 #             for the GPU, as far as the budget goes
-# The CPU-only checks (tests/test_compile_targets.py's sm_90 compile, test_cuda_sources.py's
-# nvcc checks, test_cuda_emulation.py, the C++ CPU backend) never run here.
+# The CPU-only checks (tests/backends/triton/test_compile_targets.py's sm_90 compile,
+# tests/backends/cuda/test_cuda_sources.py's nvcc checks, the CUDA emulation (-m cuda_emu), the
+# C++ CPU backend (-m cpp_cpu)) never run here: CPU_ONLY leaves them out of every phase.
 # The CUDA kernels are built first, in the background, for sm_90 only (as the first call
 # does). pytest-xdist (-n WORKERS) and pytest-timeout (--timeout TEST_TIMEOUT) are used where
 # installed (the device image has both); without pytest-timeout a test that hangs has its
@@ -35,13 +36,12 @@ SUMMARY=$OUT/00-summary.md
 BUILD=$STATE/build  # the build step's own $OUT: its summary row and env.txt, folded in below
 mkdir -p "$BUILD"
 
-TRITON_FILES=(tests/test_conv_bn_act.py tests/test_conv1x1_gate_residual.py
-  tests/test_se_excite.py tests/test_bn_act_backward.py tests/test_bn_add_relu.py
-  tests/test_bn_finalize.py tests/test_conv_bn_train.py tests/test_conv_grad.py
+TRITON_FILES=(tests/ops tests/backends/triton/test_igemm.py
   tests/test_fused_block_eval.py tests/test_fused_block_train.py tests/test_fused_model.py
   tests/test_gradcheck.py)
-GPU_FILES=(tests/test_cuda_backend.py tests/test_cpp_train.py tests/test_fused_model.py
-  tests/test_fused_block_train.py tests/test_conv_bn_act.py)
+GPU_FILES=(tests/ops tests/backends/cuda/test_cuda_blocks.py tests/backends/cpp/test_blocks.py
+  tests/backends/triton/test_igemm.py tests/test_fused_model.py tests/test_fused_block_train.py)
+CPU_ONLY="not cuda_emu and not cpp_cpu"
 if [ "$DRY_RUN" != 0 ]; then
   read -r -a DRY_FILES <<< "${SUITE_DRY_TESTS:-tests/test_design.py}"
   PHASES=(dry)
@@ -51,9 +51,9 @@ fi
 
 phase_args() {  # the marker expression and files of a phase
   case $1 in
-    gpu) MARKS="gpu"; FILES=("${GPU_FILES[@]}") ;;
-    bf16) MARKS="bf16 and not gpu"; FILES=("${TRITON_FILES[@]}") ;;
-    compiled) MARKS="not bf16 and not gpu"; FILES=("${TRITON_FILES[@]}") ;;
+    gpu) MARKS="gpu and $CPU_ONLY"; FILES=("${GPU_FILES[@]}") ;;
+    bf16) MARKS="bf16 and not gpu and $CPU_ONLY"; FILES=("${TRITON_FILES[@]}") ;;
+    compiled) MARKS="not bf16 and not gpu and $CPU_ONLY"; FILES=("${TRITON_FILES[@]}") ;;
     dry) MARKS="not slow"; FILES=("${DRY_FILES[@]}") ;;
   esac
 }

@@ -61,21 +61,21 @@ def poisoned_outputs():
         yield
 
 
-def activation(n, c, h, w, dtype, generator=None, channels_last=True):
-    x = torch.randn(n, c, h, w, generator=generator).to(DEVICE, dtype)
+def activation(n, c, h, w, dtype, generator=None, channels_last=True, device=None):
+    x = torch.randn(n, c, h, w, generator=generator).to(device or DEVICE, dtype)
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
-def conv_weight(c_out, cin_g, k, dtype, generator=None):
+def conv_weight(c_out, cin_g, k, dtype, generator=None, device=None):
     w = torch.randn(c_out, cin_g, k, k, generator=generator) / math.sqrt(cin_g * k * k)
-    return w.to(DEVICE, dtype)
+    return w.to(device or DEVICE, dtype)
 
 
-def bn_fold(c, generator=None):
+def bn_fold(c, generator=None, device=None):
     """A random folded BN: scale in [0.5, 1.5], shift ~ N(0, 0.5)."""
     scale = torch.rand(c, generator=generator) + 0.5
     shift = torch.randn(c, generator=generator) * 0.5
-    return scale.to(DEVICE), shift.to(DEVICE)
+    return scale.to(device or DEVICE), shift.to(device or DEVICE)
 
 
 def ref_conv_bn(x, w, scale, shift, stride=1, groups=1):
@@ -95,7 +95,7 @@ def randomize_bn(module: torch.nn.Module, generator=None) -> None:
                 bn.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
 
 
-# Channels per group over every standard RegNetX/Y model (test_conv_bn_act checks the list),
+# Channels per group over every standard RegNetX/Y model (tests/ops/test_conv_bn_act.py checks the list),
 # but those only timm's regnety_64gf and regnety_256gf have: their conv cases are `slow`
 # (over a minute under the Triton interpreter).
 GROUP_WIDTHS = [8, 16, 24, 40, 48, 56, 64, 72, 80, 112, 120, 128, 168, 232, 264]
@@ -141,25 +141,30 @@ def nan_filled_empty():
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """Within the dtype's bound in norm (rel_err also asserts every element is finite,
-    i.e. written), and no single element off by more than 20 x that bound x max |ref|."""
+def close(out: torch.Tensor, ref: torch.Tensor, bound: float) -> None:
+    """Within `bound` in norm (rel_err also asserts every element is finite, i.e. written),
+    and no single element off by more than 20 x bound x max |ref|."""
     assert out.shape == ref.shape, (out.shape, ref.shape)
     err = rel_err(out, ref)
-    assert err < tol(dtype), err
+    assert err < bound, err
     worst = (out.detach().double() - ref.detach().double()).abs().max()
-    assert worst <= 20 * tol(dtype) * ref.detach().abs().max().double().clamp_min(1e-30), worst
+    assert worst <= 20 * bound * ref.detach().abs().max().double().clamp_min(1e-30), worst
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """close() within the dtype's bound, tol(dtype)."""
+    close(out, ref, tol(dtype))
 
 
 def check_conv_bn_act_op(conv_bn_act, n, c_in, c_out, h, k, stride, groups, dtype, relu=True,
-                      squeeze=False, channels_last=True, seed=0):
+                         squeeze=False, channels_last=True, seed=0, device=None):
     """One backend's conv_bn_act (the Triton or the C++ function) against float64
-    F.conv2d + BN (+ ReLU), on NaN-filled allocations; H x (H + 1) inputs. Returns
-    (y, squeeze sums or None) for backend-specific checks."""
+    F.conv2d + BN (+ ReLU), on NaN-filled allocations; H x (H + 1) inputs on `device`
+    (default DEVICE). Returns (y, squeeze sums or None) for backend-specific checks."""
     gen = torch.Generator().manual_seed(seed)
-    x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen, channels_last)
-    w = conv_weight(c_out, c_in // groups, k, dtype, gen)
-    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(c_out, gen))
+    x = activation(n, c_in, h, h + 1 if h > 1 else h, dtype, gen, channels_last, device)
+    w = conv_weight(c_out, c_in // groups, k, dtype, gen, device)
+    scale, shift = (v.to(vector_dtype(dtype)) for v in bn_fold(c_out, gen, device))
     with nan_filled_empty():
         out = conv_bn_act(x, w, scale, shift, stride=stride, groups=groups, relu=relu,
                           squeeze=squeeze)

@@ -1,6 +1,6 @@
-"""ctypes mirrors of the argument structs of csrc/cuda/launchers.h (checked against the
-C layout by tests/test_cuda_emulation.py::test_struct_mirrors_match_headers), and the
-statistics rows of csrc/rk_stats.h, read from the header itself."""
+"""ctypes mirrors of the argument structs of csrc/cuda/launchers.h (checked against the C
+layout by tests/backends/cuda/test_emulation_harness.py::test_struct_mirrors_match_headers),
+and the statistics rows of csrc/rk_stats.h, read from the header itself."""
 from __future__ import annotations
 
 import ctypes

@@ -8,8 +8,8 @@ CUDA headers and expose plain C launchers (csrc/cuda/launchers.h), so
 they compile without torch's CUDA build headers; the torch bindings (csrc/cuda/*.cpp)
 are type-checked against torch's headers. It skips when nvcc is missing, and when a GPU
 is present, where the parity tests of the CUDA ops (run through the torch bindings)
-take over. tests/test_cuda_emulation.py runs the kernels themselves on the CPU (fp32,
-and fp16/bf16 through an emulated mma.sync).
+take over. The cuda_emu tests of tests/ops/test_<op>.py run the kernels themselves on the
+CPU (fp32, and fp16/bf16 through an emulated mma.sync).
 
 What only a GPU can verify: the bindings' allocation / stream / guard paths, the
 tensor cores' own rounding and summation order, the int64 offsets of tensors with
@@ -31,7 +31,7 @@ import pytest
 
 from regnet_kernels.bench.sass import parse_ptxas_log
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 CSRC = ROOT / "csrc"
 SOURCES = sorted(CSRC.rglob("*.cu"))
 ARCHS = ("sm_90", "sm_80")

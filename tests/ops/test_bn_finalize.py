@@ -1,9 +1,13 @@
-"""bn_finalize (Triton) against nn.BatchNorm2d in training mode (float64)."""
+"""bn_finalize (the BN statistics from per-tile partials, and the running-statistics update),
+the Triton backend's (the C++ backend's is inside conv_bn_train), against nn.BatchNorm2d in
+training mode (float64); then the CUDA launcher rk_bn_finalize under the CPU emulation."""
 import copy
 
 import pytest
 import torch
 
+from bad_inputs import expect_rejected
+from cuda_emu.harness import S, Out, assert_close, isolated, launch, ptr, ref, tile_stats
 from numerics import DEVICE, rel_err
 from regnet_kernels import ops
 
@@ -104,8 +108,8 @@ def test_bad_input(kwargs, match):
     s = torch.randn(t, 8, device=DEVICE)
     count, rows = kwargs.pop("count"), kwargs.pop("rows")
     kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    with pytest.raises(ValueError, match=match):
-        ops.bn_finalize(s, s.abs(), count, rows, **kwargs)
+    expect_rejected("bn_finalize", "triton",
+                    lambda: ops.bn_finalize(s, s.abs(), count, rows, **kwargs), ValueError, match)
 
 
 def test_opcheck():
@@ -119,3 +123,35 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.regnet_triton.bn_update_running.default,
                               (stats, 50, torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE),
                                nbt, momentum))
+
+
+# ---------------------------------------------------------------------------
+# The CUDA launcher rk_bn_finalize under the CPU emulation
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gamma", [True, False])
+@pytest.mark.parametrize("rows,c,block_m", [(98, 24, 64), (338, 40, 64), (50, 7, 128), (256, 16, 32),
+                                          (3000, 40, 32)])  # 94 tiles > 32 merge rows
+@isolated
+def test_cuda_emu(emu, rows, c, block_m, gamma):
+    torch.manual_seed(rows + c)
+    y = torch.randn(rows, c, dtype=torch.float64) * 3 + torch.randn(c, dtype=torch.float64) * 5
+    partials = tile_stats(y, block_m).float().contiguous()
+    g = torch.rand(c) + 0.5 if gamma else None
+    b = torch.randn(c) if gamma else None
+    eps = 1e-5
+    stats = Out((S.RK_STAT_ROWS, c))
+    args = S.rk_bn_finalize_args(partials=ptr(partials), tiles=partials.shape[0], c=c, rows=rows,
+                                 block_m=block_m, gamma=ptr(g), beta=ptr(b), eps=eps,
+                                 stats=stats.ptr)
+    launch(emu, "rk_bn_finalize", ref(args), None)
+    stats.check_guards("stats")
+    mean = y.mean(0)
+    var = y.var(0, unbiased=False)
+    inv_std = 1 / torch.sqrt(var + eps)
+    sc = (g.double() if gamma else 1) * inv_std
+    sh = (b.double() if gamma else 0) - mean * sc
+    for row, name, e in [(S.RK_STAT_MEAN, "mean", mean), (S.RK_STAT_VAR, "var", var),
+                         (S.RK_STAT_INV_STD, "inv_std", inv_std), (S.RK_STAT_SCALE, "scale", sc),
+                         (S.RK_STAT_SHIFT, "shift", sh)]:
+        assert_close(name, stats.t[row], e)

@@ -1,21 +1,26 @@
-"""conv_dgrad / conv_wgrad (Triton) against float64 autograd of F.conv2d.
+"""conv_dgrad / conv_wgrad, the Triton backend's conv gradients (the C++ backend computes them
+inside conv_bn_train's backward), against float64 autograd of F.conv2d; then the CUDA
+launchers rk_conv_dgrad / rk_conv_wgrad under the CPU emulation (cuda_emu).
 
 The reference differentiates a float64 conv of the same input and weight with
 the same effective output gradient (the dy prologue computed in float64), and
 builds the u prologue's input in float64 before F.conv2d pads it with zeros.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from numerics import (DEVICE, DTYPES, activation, conv_weight, poisoned_outputs, rel_err, tol,
-                      vector_dtype)
-from regnet_kernels.backends.triton import igemm
-from regnet_kernels.backends.triton.conv_grad import (DyPrologue, UPrologue, conv_dgrad, conv_wgrad,
-                                          wgrad_geometry)
-from test_conv_bn_act import GROUP_WIDTHS
-
-SIZES = [7, 13, 16, 1]
+from bad_inputs import expect_rejected
+from cuda_emu.harness import (CONV_TRAIN_CASES, DT, TOL as EMU_TOL, TRAIN_16, S, Out,
+                              apply_prologue, assert_close, call, conv_train_ids, gemm_input,
+                              isolated, launch, nhwc_strides, out_hw, prologue_parts, ptr, ref,
+                              row_tiles, seed_of, to_layout, train16_ids)
+from numerics import (DEVICE, DTYPES, GROUP_WIDTHS, SIZES, activation, conv_weight,
+                      poisoned_outputs, rel_err, tol, vector_dtype)
+from regnet_kernels.backends.triton.conv_grad import (DyPrologue, UPrologue, conv_dgrad,
+                                                      conv_wgrad, wgrad_geometry)
 
 
 def col(v):
@@ -267,8 +272,7 @@ def _up(**over):
     (dict(dy_prologue=_dyp(mask_scale=torch.ones(16))), ValueError, "without mask_src"),
 ])
 def test_dgrad_bad_input(over, err, match):
-    with pytest.raises(err, match=match):
-        conv_dgrad(**_dgrad_args(**over))
+    expect_rejected("conv_dgrad", "triton", lambda: conv_dgrad(**_dgrad_args(**over)), err, match)
 
 
 @pytest.mark.parametrize("over,err,match", [
@@ -285,16 +289,7 @@ def test_dgrad_bad_input(over, err, match):
     (dict(dy_prologue=_dyp(c=24, B=torch.ones(16))), ValueError, r"B must have shape \(24,\)"),
 ])
 def test_wgrad_bad_input(over, err, match):
-    with pytest.raises(err, match=match):
-        conv_wgrad(**_wgrad_args(**over))
-
-
-def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(igemm, "interpreting", lambda: False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        conv_dgrad(torch.randn(2, 16, 4, 4), torch.randn(16, 8, 3, 3), (7, 8), 2, 2)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        conv_wgrad(torch.randn(2, 16, 7, 8), torch.randn(2, 24, 4, 4), 3, 2, 2)
+    expect_rejected("conv_wgrad", "triton", lambda: conv_wgrad(**_wgrad_args(**over)), err, match)
 
 
 @pytest.mark.parametrize("c", [3, 24, 168, 232])
@@ -318,3 +313,146 @@ def test_unaligned_channel_slices():
     with poisoned_outputs():
         assert rel_err(conv_dgrad(dy, wt, (13, 14), 2, 3), ref_dx) < tol(torch.float32)
         assert rel_err(conv_wgrad(u, dy, 3, 2, 3), ref_dw) < tol(torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# The CUDA launchers rk_conv_dgrad / rk_conv_wgrad under the CPU emulation: prologues,
+# the dgate partials, the wgrad pixel splits, guarded outputs, every 16-bit tile
+# ---------------------------------------------------------------------------
+
+def dgrad_reference(x, w, dy_nhwc, stride, groups, parts):
+    x64 = x.double()
+    k = w.shape[2]
+    dy = dy_nhwc.double().permute(0, 3, 1, 2)
+    du = torch.nn.grad.conv2d_input(x.shape, w.double(), dy, stride=stride, padding=k // 2,
+                                    groups=groups)
+    _, v, a = apply_prologue(x64, parts)
+    in_scale, in_shift, relu, gate = parts
+    dx = du
+    if gate is not None:
+        dx = dx * gate.double()[:, :, None, None]
+    if relu:
+        dx = dx * (v > 0)
+    dgate = (du * a) if gate is not None else None  # per pixel, NCHW
+    return dx.permute(0, 2, 3, 1), (dgate.permute(0, 2, 3, 1) if dgate is not None else None)
+
+
+def phase_tiles_of(dgate_image, stride, block_m, tiles):
+    """The dgrad's dgate partials of one image (H, W, C): its pixels phase by phase
+    (ih % stride, iw % stride), each phase's pixels in row tiles of block_m, tiles per
+    phase padded with zero rows."""
+    out = []
+    for ph in range(stride):
+        for pw in range(stride):
+            pixels = dgate_image[ph::stride, pw::stride].reshape(-1, dgate_image.shape[-1])
+            t = row_tiles(pixels, block_m).sum(1) if pixels.shape[0] else pixels.new_zeros(0, pixels.shape[-1])
+            pad = pixels.new_zeros(tiles - t.shape[0], pixels.shape[-1])
+            out.append(torch.cat([t, pad]))
+    return torch.cat(out)
+
+
+def run_conv_dgrad(emu, case, dtype):
+    """dy, the weight and x in dtype; du accumulates in fp32, dx = du * gate * relu'(v)
+    is rounded once to dtype, the dgate partials stay fp32."""
+    n, c_in, h, c_out, k, stride, groups, parts_name, xl = case
+    seed = seed_of(case) + 1
+    torch.manual_seed(seed)
+    x = to_layout(torch.randn(n, c_in, h, h), xl).to(dtype)
+    w = (torch.randn(c_out, c_in // groups, k, k) / math.sqrt(c_in // groups * k * k)).to(dtype)
+    cin_g, cout_g = c_in // groups, c_out // groups
+    # weight_t[g * cin_g + ci, kh, kw, co] = weight[g * cout_g + co, ci, kh, kw]
+    w_t = (w.view(groups, cout_g, cin_g, k, k).permute(0, 2, 3, 4, 1)
+           .reshape(c_in, k, k, cout_g).contiguous())
+    ho = out_hw(h, k, stride)
+    dy = torch.randn(n, ho, ho, c_out).to(dtype)
+    pro, parts, _keep = prologue_parts(parts_name, n, c_in, seed)
+    exp_dx, exp_dgate = dgrad_reference(x, w, dy, stride, groups, parts)
+    sx = nhwc_strides(x)
+    args = S.rk_conv_dgrad_args(
+        dtype=DT[dtype], dy=ptr(dy), n=n, out_h=ho, out_w=ho, c_out=c_out, weight_t=ptr(w_t),
+        c_in=c_in, k=k, stride=stride, groups=groups,
+        x=None if parts_name == "none" else ptr(x),  # read only with a prologue
+        h=h, w=h, sx_n=sx[0], sx_h=sx[1],
+        sx_w=sx[2], sx_c=sx[3], prologue=pro)
+    plan = S.rk_conv_dgrad_plan_t()
+    launch(emu, "rk_conv_dgrad_plan", ref(args), ref(plan))
+    dx = Out((n, h, h, c_in), dtype)
+    args.dx = dx.ptr
+    dgp = None
+    if exp_dgate is not None:
+        phase_tiles = -(-(-(-h // stride)) ** 2 // plan.block_m)  # of the largest phase
+        assert plan.tiles_per_image == stride * stride * phase_tiles, (plan.tiles_per_image,
+                                                                        plan.block_m)
+        dgp = Out((n, plan.tiles_per_image, c_in))
+        args.dgate_partials = dgp.ptr
+    launch(emu, "rk_conv_dgrad", ref(args), None)
+    dx.check_guards("dx")
+    assert_close("dx", dx.t, exp_dx, EMU_TOL[dtype])
+    if dgp is not None:  # fp32 sums of the fp32 du
+        dgp.check_guards("dgate_partials")
+        assert_close("dgate (partials summed over t)", dgp.t.double().sum(1), exp_dgate.sum((1, 2)))
+        per_tile = torch.stack([phase_tiles_of(exp_dgate[i], stride, plan.block_m, phase_tiles)
+                                for i in range(n)])
+        assert_close("dgate partials per tile", dgp.t, per_tile)
+
+
+@pytest.mark.parametrize("case", CONV_TRAIN_CASES, ids=conv_train_ids)
+@isolated
+def test_cuda_emu_dgrad_fp32(emu, case):
+    run_conv_dgrad(emu, case, torch.float32)
+
+
+@pytest.mark.parametrize("case_dtype", TRAIN_16, ids=train16_ids)
+@isolated
+def test_cuda_emu_dgrad_16bit(emu, case_dtype):
+    run_conv_dgrad(emu, *case_dtype)
+
+
+# Many narrow groups: about 1024 CTAs in all, so each pixel split spans several K
+# steps of the wgrad main loop (the small cases above get one step per split).
+WGRAD_EXTRA_CASES = [(2, 4096, 7, 4096, 1, 1, 512, "all", "nhwc")]
+
+
+def run_conv_wgrad(emu, case, dtype):
+    """dy in dtype, u = the prologue of x rounded to dtype (as the kernel loads it);
+    fp32 split partials summed in order, dw rounded once to dtype."""
+    n, c_in, h, c_out, k, stride, groups, parts_name, xl = case
+    seed = seed_of(case) + 2
+    torch.manual_seed(seed)
+    x = to_layout(torch.randn(n, c_in, h, h), xl).to(dtype)
+    ho = out_hw(h, k, stride)
+    dy = torch.randn(n, ho, ho, c_out).to(dtype)
+    pro, parts, _keep = prologue_parts(parts_name, n, c_in, seed)
+    u = gemm_input(x, parts)
+    wshape = (c_out, c_in // groups, k, k)
+    expect = torch.nn.grad.conv2d_weight(u, wshape, dy.double().permute(0, 3, 1, 2),
+                                         stride=stride, padding=k // 2, groups=groups)
+    expect = expect.permute(0, 2, 3, 1)  # (C_out, k, k, C_in / groups)
+    sx = nhwc_strides(x)
+    args = S.rk_conv_wgrad_args(
+        dtype=DT[dtype], dy=ptr(dy), n=n, out_h=ho, out_w=ho, c_out=c_out, x=ptr(x), h=h, w=h,
+        c_in=c_in, sx_n=sx[0], sx_h=sx[1], sx_w=sx[2], sx_c=sx[3], k=k, stride=stride,
+        groups=groups, prologue=pro)
+    ws_n = call(emu, "rk_conv_wgrad_workspace", ref(args))
+    assert ws_n >= 0
+    ws = Out((max(ws_n, 1),))  # NaN-filled: the kernel must not assume a zeroed workspace
+    dw = Out(tuple(expect.shape), dtype)
+    args.workspace = ws.ptr
+    args.dw = dw.ptr
+    launch(emu, "rk_conv_wgrad", ref(args), None)
+    dw.check_guards("dw")
+    ws.check_guards("workspace")
+    assert_close("dw", dw.t, expect, EMU_TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CONV_TRAIN_CASES + WGRAD_EXTRA_CASES, ids=conv_train_ids)
+@isolated
+def test_cuda_emu_wgrad_fp32(emu, case):
+    run_conv_wgrad(emu, case, torch.float32)
+
+
+@pytest.mark.parametrize("case_dtype", TRAIN_16 + [(c, torch.bfloat16) for c in WGRAD_EXTRA_CASES],
+                         ids=train16_ids)
+@isolated
+def test_cuda_emu_wgrad_16bit(emu, case_dtype):
+    run_conv_wgrad(emu, *case_dtype)

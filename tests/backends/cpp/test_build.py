@@ -1,6 +1,9 @@
-"""Building the C++ extension on first use, with a two-file stand-in for csrc/ (it compiles
-in about a second): recovery from a killed build, progress and waiting messages, a
-read-only finished build, and the first line of a failure saying why."""
+"""Building the C++ extension on first use: the real one by two processes at once into a fresh
+cache directory (one builds, the other waits and loads), importing builds nothing, a
+broken source is a clear error, nvcc's targets from the environment; and with a two-file
+stand-in for csrc/ (it compiles in about a second): recovery from a killed build, progress
+and waiting messages, a read-only finished build, and the first line of a failure saying
+why."""
 import os
 import re
 import select
@@ -14,10 +17,85 @@ from pathlib import Path
 
 import pytest
 
-from regnet_kernels.backends.cpp import build
+from regnet_kernels.backends.cpp import build, ops as cpp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 TIMEOUT = 120  # a killed build once hung every later one forever
+
+
+_BUILD_SCRIPT = textwrap.dedent("""
+    import torch
+    from regnet_kernels.ops import cpp
+    x = torch.randn(2, 8, 5, 5)
+    y = cpp.conv_bn_act(x, torch.randn(8, 8, 3, 3), torch.ones(8), torch.zeros(8))
+    assert y.shape == (2, 8, 5, 5) and torch.isfinite(y).all()
+    print("ok")
+""")
+
+
+@pytest.fixture
+def fresh_build(tmp_path_factory, monkeypatch):
+    """Builds the extension as a clean checkout would: two processes at once into
+    a fresh cache directory, which this process then loads from."""
+    cache = tmp_path_factory.mktemp("regnet_kernels_cache")
+    env = dict(os.environ, REGNET_KERNELS_CACHE=str(cache))
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    monkeypatch.setenv(build.CACHE_ENV, str(cache))
+    return cache, results
+
+
+def test_concurrent_first_build(fresh_build):
+    cache, results = fresh_build
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+        assert out.strip() == "ok"
+    building = [err for _, _, err in results if "regnet_kernels: building the C++ extension" in err]
+    assert len(building) == 1, "exactly one process builds; the other waits on the lock and loads"
+    assert str(cache) in building[0]
+    assert len(list(cache.glob("*/BUILD_OK"))) == 1
+    ok, reason = cpp.available()
+    assert ok, reason
+
+
+def test_import_does_not_build(tmp_path):
+    env = dict(os.environ, REGNET_KERNELS_CACHE=str(tmp_path / "cache"))
+    code = "import regnet_kernels, regnet_kernels.backends.cpp.ops; print('imported')"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "building" not in r.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "source_dir", lambda: tmp_path / "nowhere")
+    with pytest.raises(build.ExtensionBuildError, match="sources not found"):
+        build._build_and_load()
+    src = tmp_path / "csrc"
+    (src / "cpu").mkdir(parents=True)
+    (src / "ops.cpp").write_text('#error "deliberately broken"\n')
+    monkeypatch.setattr(build, "source_dir", lambda: src)
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(build.ExtensionBuildError) as info:
+        build._build_and_load()
+    msg = str(info.value)
+    assert "deliberately broken" in msg and "C++20 compiler" in msg
+    assert build.CACHE_ENV in msg and "ninja" in msg
+
+
+def test_cuda_architectures_from_the_environment(monkeypatch):
+    """REGNET_KERNELS_CUDA_ARCHS picks nvcc's targets (default sm_90a and sm_80); a bad
+    value is a clear error."""
+    monkeypatch.delenv(build.CUDA_ARCHS_ENV, raising=False)
+    assert build.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a",
+                                            "-gencode=arch=compute_80,code=sm_80"]
+    monkeypatch.setenv(build.CUDA_ARCHS_ENV, " 90a ")
+    assert build.cuda_arch_flags() == ["-gencode=arch=compute_90a,code=sm_90a"]
+    monkeypatch.setenv(build.CUDA_ARCHS_ENV, "sm_90")
+    with pytest.raises(build.ExtensionBuildError, match="expected compute capabilities"):
+        build.cuda_arch_flags()
 
 
 @pytest.fixture
@@ -41,7 +119,7 @@ def load_command(src: Path) -> list[str]:
     """A python command that loads the extension built from src and prints its path."""
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from regnet_kernels.backends.cpp import build
+        from regnet_kernels.backends.cpp import build, ops as cpp
         build.source_dir = lambda: Path({str(src)!r})
         print(build.load())
     """)
@@ -170,7 +248,7 @@ def test_missing_compiler_is_the_first_line(sources, tmp_path):
     code = textwrap.dedent(f"""
         from pathlib import Path
         from regnet_kernels.ops import dispatch
-        from regnet_kernels.backends.cpp import build
+        from regnet_kernels.backends.cpp import build, ops as cpp
         build.source_dir = lambda: Path({str(sources)!r})
         print(dispatch.environment_report())
     """)
