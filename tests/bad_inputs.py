@@ -91,7 +91,8 @@ CONV_BN_TRAIN_CASES = [
     (dict(bn=BatchNormArgs(None, None, torch.zeros(16), torch.ones(16), None, 1e-5, None)),
      ValueError, "needs num_batches_tracked"),
     (dict(x=torch.randn(1, 16, 1, 1)), ValueError, "more than 1 value"),
-    (dict(x=torch.randn(2, 16, 7, 7, device="meta")), RuntimeError, "is on meta"),
+    # the weight, not x: the C++ backend is named by x's device (cpu / cuda)
+    (dict(weight=torch.randn(16, 8, 3, 3, device="meta")), RuntimeError, "is on meta"),
 ]
 
 
@@ -155,6 +156,9 @@ def conv_bn_train_args(device, **over):
 
 def expect_rejected(op: str, backend: str, call, err, match: str):
     """Every bad-input assertion of the tests goes through here: `call()` (the op `op` of
-    the backend `backend`) raises `err` with a message that `match` finds (re.search)."""
-    with pytest.raises(err, match=match):
+    the backend `backend`) raises `err` with a message that `match` finds (re.search) and
+    that starts with the one prefix every layer writes, `regnet_kernels.<op> (<backend>): `."""
+    with pytest.raises(err, match=match) as raised:
         call()
+    prefix = f"regnet_kernels.{op} ({backend}): "
+    assert str(raised.value).startswith(prefix), f"{str(raised.value)!r} lacks {prefix!r}"

@@ -59,8 +59,11 @@ def op_errors(op: str, backend: str | None = None):
 
 
 def _device_type(t) -> str:
-    """The C++ backend's name for a tensor: its device type ("cpu", "cuda")."""
-    return t.device.type if isinstance(t, torch.Tensor) else "cpp"
+    """The C++ backend's name for its first argument: "cpu" or "cuda" by the tensor's
+    device, "cpp" (the extension) for anything else."""
+    if isinstance(t, torch.Tensor) and t.device.type in ("cpu", "cuda"):
+        return t.device.type
+    return "cpp"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

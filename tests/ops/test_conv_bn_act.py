@@ -14,6 +14,7 @@ from numerics import (DTYPES, GROUP_WIDTHS, SEER_GROUP_WIDTHS, activation, bn_fo
                       check_conv_bn_act_op, conv_weight, grouped_conv_cases, ref_conv_bn, rel_err)
 from op_backends import backends, per_backend
 from regnet_kernels import list_models, model_params
+from regnet_kernels.backends.cpp.cuda_tiles import squeeze_row_tiles
 
 # Activation dtypes per backend: the C++ CPU kernels are tested in fp32 and bf16 (fp16 once,
 # test_float16_grouped); the CUDA ones in all three, on a GPU and (cuda_emu) under the CPU
@@ -23,13 +24,17 @@ CPU_DTYPES = [torch.float32, torch.bfloat16]
 CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def check_conv_bn_act(backend, *args, **kwargs):
-    """The shared check on `backend`, plus: the C++ kernels' squeeze sums have one tile per
-    image."""
-    _, sums = check_conv_bn_act_op(backend.ops.conv_bn_act, *args, device=backend.device,
-                                   **kwargs)
-    if backend.is_cpp:
-        assert sums is None or sums.shape[1] == 1
+def check_conv_bn_act(backend, n, c_in, c_out, h, k, stride, groups, dtype, **kwargs):
+    """The shared check on `backend`, plus the SE sums' rows per image: one on the C++ CPU
+    kernels, one per row tile on the CUDA ones, as many as the C++ fake says
+    (cuda_tiles.squeeze_row_tiles; cuda_emu runs the launcher's own plan)."""
+    y, sums = check_conv_bn_act_op(backend.ops.conv_bn_act, n, c_in, c_out, h, k, stride, groups,
+                                   dtype, device=backend.device, **kwargs)
+    if sums is not None and backend.name == "cpu":
+        assert sums.shape[1] == 1
+    if sums is not None and backend.name in ("cuda", "cuda_emu"):
+        ho, wo = y.shape[2:]
+        assert sums.shape[1] == squeeze_row_tiles(dtype, c_out // groups, ho * wo)
 
 
 def test_group_widths_are_the_standard_models():
