@@ -2,7 +2,7 @@
 
 Eval mode: BN folded to per-channel scale/shift on every forward (`fold_block`, a few
 foreach launches: nothing to go stale; `freeze` keeps one), then a Y block is 4 kernel
-launches and an X block 3 (`block_forward_eval`); the C++ CPU backend takes the folding
+launches and an X block 3 (`block_forward_eval`); the C++ CPU backend takes a kept folding
 packed for oneDNN instead (the BN scale in the weights: `pack_block`, run by its `PackedBlock`). Training mode: BN batch statistics computed in
 the conv epilogues, differentiable (`block_forward_train`).
 """
@@ -209,21 +209,18 @@ class _FusedModule:
 
     def _folded(self, dtype: Optional[torch.dtype], x: torch.Tensor, fused_ops):
         """This module's eval weights for x: folded now, or the folding `freeze` keeps. A
-        backend with its own form of them (its `pack_block` / `pack_conv`: the BN scale
-        folded into the weight) gets them in that form, reordered into the layout its
-        convolutions want (prepacked) when the folding is kept: a frozen model packs once,
-        an unfrozen one leaves the reorder to each conv (as many reorders, one pass less)."""
+        kept folding is handed to the backend's packer where it has one (`pack_block` /
+        `pack_conv`: the BN scale folded into the weights, reordered once into the layout
+        its convolutions want), so a frozen model packs once; packing every forward would
+        cost more than it saves."""
         frozen = self.__dict__.get("_frozen")
+        if frozen is None:
+            return self._fold(dtype)
         key = (dtype, x.device, fused_ops.__name__)
-        if frozen is not None and key in frozen:
-            return frozen[key]
-        weights = self._fold(dtype)
-        pack = getattr(fused_ops, self._packer, None)
-        if pack is not None:
-            weights = pack(weights, x, prepack=frozen is not None)
-        if frozen is not None:
-            frozen[key] = weights
-        return weights
+        if key not in frozen:
+            pack = getattr(fused_ops, self._packer, None)
+            frozen[key] = self._fold(dtype) if pack is None else pack(self._fold(dtype), x)
+        return frozen[key]
 
     def train(self, mode: bool = True):
         if mode:  # a model that trains changes its weights: it is no longer frozen

@@ -7,8 +7,9 @@ output). The extension is built on the first call (see `build.py`; the CUDA
 kernels on the first call with CUDA tensors); importing this module builds nothing.
 
 Eval (BN folded): conv_bn_act, se_excite, conv1x1_gate_residual. The fused models' eval
-forward on CPU tensors (float32, bfloat16) runs `pack_block` / `pack_conv`'s weights instead:
-each BN's scale folded into its conv weight, prepacked in oneDNN's layout once per kept fold,
+forward on CPU tensors (float32, bfloat16) of a frozen model (`regnet_kernels.freeze`) runs
+`pack_block` / `pack_conv`'s weights instead: each BN's scale folded into its conv weight,
+prepacked in oneDNN's layout once per kept fold,
 and conv, bias, ReLU and the residual add as one oneDNN primitive (`PackedBlock`, through
 the ops' .folded overloads).
 Training (BN from batch statistics, differentiable, deterministic):
@@ -152,9 +153,9 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 @dataclass(frozen=True)
 class PackedConv:
     """A conv with its eval BN folded into it: weight * scale, and the shift as a bias (in the
-    activations' dtype, as oneDNN takes it). A prepacked weight is in oneDNN's preferred
+    activations' dtype, as oneDNN takes it). The weight is prepacked: in oneDNN's preferred
     layout for the input shape and thread count it was packed for (another shape still runs:
-    oneDNN then reorders it on every call); a dense one is reordered by every call."""
+    oneDNN then reorders it on every call)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -196,40 +197,40 @@ class PackedBlock:
 
 
 def _packs(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in PACKED_DTYPES
+    """Whether the oneDNN path runs x: CPU float32 / bfloat16 tensors, outside torch.compile's
+    trace (which cannot hold a oneDNN tensor; its graph runs the folded-scale ops)."""
+    return (x.device.type == "cpu" and x.dtype in PACKED_DTYPES
+            and not torch.compiler.is_compiling())
 
 
-def _pack(folded, input_shape: list[int], prepack: bool) -> PackedConv:
-    """A FoldedConv's weight * scale (rounded once to the weight's dtype), prepacked if asked
-    for and not inside torch.compile's trace (which cannot hold a oneDNN tensor)."""
+def _pack(folded, input_shape: list[int]) -> PackedConv:
+    """A FoldedConv's weight * scale (rounded once to the weight's dtype), prepacked."""
     scale = folded.scale.view(-1, 1, 1, 1)
     weight = (folded.weight.float() * scale).to(folded.weight.dtype)
-    if prepack and not torch.compiler.is_compiling():
-        pad = weight.shape[-1] // 2
-        weight = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, [pad, pad], [folded.stride] * 2, [1, 1], folded.groups, input_shape)
+    pad = weight.shape[-1] // 2
+    weight = torch.ops.mkldnn._reorder_convolution_weight(
+        weight, [pad, pad], [folded.stride] * 2, [1, 1], folded.groups, input_shape)
     return PackedConv(weight, folded.shift.to(weight.dtype), folded.stride, folded.groups)
 
 
-def pack_conv(folded, x: torch.Tensor, prepack: bool = True):
-    """A FoldedConv (the stem's) for the oneDNN path (`PackedConv`), its weight prepacked
-    for input x if `prepack`; or `folded` itself where that path does not run x (CUDA
-    tensors, float16)."""
-    return _pack(folded, list(x.shape), prepack) if _packs(x) else folded
+def pack_conv(folded, x: torch.Tensor):
+    """A FoldedConv (the stem's) prepacked for input x (`PackedConv`), or `folded` itself
+    where the oneDNN path does not run x (`_packs`)."""
+    return _pack(folded, list(x.shape)) if _packs(x) else folded
 
 
-def pack_block(folded, x: torch.Tensor, prepack: bool = True):
-    """A FoldedBlock for the oneDNN path (`PackedBlock`), its weights prepacked for input x
-    if `prepack`; or `folded` itself where that path does not run x (CUDA tensors, float16)."""
+def pack_block(folded, x: torch.Tensor):
+    """A FoldedBlock prepacked for input x (`PackedBlock`), or `folded` itself where the
+    oneDNN path does not run x (`_packs`)."""
     if not _packs(x):
         return folded
     n, _, h, w = x.shape
     w_b, stride = folded.a.weight.shape[0], folded.b.stride
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     return PackedBlock(
-        a=_pack(folded.a, list(x.shape), prepack), b=_pack(folded.b, [n, w_b, h, w], prepack),
-        c=_pack(folded.c, [n, w_b, h_out, w_out], prepack),
-        proj=None if folded.proj is None else _pack(folded.proj, list(x.shape), prepack),
+        a=_pack(folded.a, list(x.shape)), b=_pack(folded.b, [n, w_b, h, w]),
+        c=_pack(folded.c, [n, w_b, h_out, w_out]),
+        proj=None if folded.proj is None else _pack(folded.proj, list(x.shape)),
         se=folded.se)
 
 
