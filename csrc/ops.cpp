@@ -33,6 +33,20 @@ TORCH_LIBRARY(regnet_kernels, m) {
       "conv1x1_gate_residual(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? gate, "
       "Tensor shortcut, Tensor? proj_weight, Tensor? proj_scale, Tensor? proj_shift, "
       "SymInt proj_stride) -> Tensor");
+  // Their .folded overloads: each BN's scale already folded into the conv weight,
+  // which may be prepacked in oneDNN's layout (an MkldnnCPU tensor; CPU only), and
+  // its shift as the bias, in x's dtype: relu?(conv(x, weight) + bias) (and its sums
+  // as above); relu(conv1x1(x * gate, weight) + bias + shortcut), shortcut = identity
+  // or conv1x1(shortcut, proj_weight, stride proj_stride) + proj_bias.
+  m.def(
+      "conv_bn_act.folded(Tensor x, Tensor weight, Tensor bias, SymInt stride, SymInt groups, "
+      "bool relu) -> Tensor");
+  m.def(
+      "conv_bn_act_squeeze.folded(Tensor x, Tensor weight, Tensor bias, SymInt stride, "
+      "SymInt groups, bool relu) -> (Tensor, Tensor)");
+  m.def(
+      "conv1x1_gate_residual.folded(Tensor x, Tensor weight, Tensor bias, Tensor? gate, "
+      "Tensor shortcut, Tensor? proj_weight, Tensor? proj_bias, SymInt proj_stride) -> Tensor");
 
   // ---- Training (BN from batch statistics); see docs/ops.md ----
   // Lazy BN output: raw y = conv(relu?(x * in_scale + in_shift) * gate, weight), channels_last,

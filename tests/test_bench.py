@@ -94,6 +94,47 @@ def test_rounds_combine_to_the_median_and_their_range():
     assert cli._combine(rounds) == Timing(2.0, 1.0, 3.0, None)
 
 
+def test_rounds_interleave_the_providers(monkeypatch):
+    """--repeat N: the providers take turns, round after round (one provider's rounds are
+    not back to back, so a load change on a shared machine hits every provider alike), and a
+    provider that cannot run (freezing in a training step) says why instead of a time."""
+    order, provider_of = [], {}
+
+    def fake_measure(step, config):
+        order.append(provider_of[step])
+        return Timing(1.0, 1.0, 1.0, None)
+
+    real_make_step = cli.make_step
+
+    def tagged_make_step(prepared, *args):
+        step = real_make_step(prepared, *args)
+        provider_of[step] = prepared.provider
+        return step
+
+    monkeypatch.setattr(cli, "_measure", fake_measure)
+    monkeypatch.setattr(cli, "make_step", tagged_make_step)
+    argv = ["bench", "--cpu-smoke", "--level", "block", "--model", "regnetx_200mf",
+            "--resolution", "32", "--op-batch", "2", "--mode", "train", "--threads", "1",
+            "--provider", "eager,eager_cl,compile_freeze", "--repeat", "3"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    assert order == ["eager", "eager_cl"] * 3 * len(block_cases("regnetx_200mf", 32))
+    assert "compile_freeze: Inductor's freezing is for inference" in printed.getvalue()
+
+
+def test_compile_freeze_provider_computes_the_reference():
+    """compile_freeze: torch.compile with Inductor's freezing for this compilation only (the
+    global config untouched), the same results as eager."""
+    case = op_cases("regnetx_200mf", 32)[0]  # the stem: conv, BN, ReLU
+    ref, frozen = (prepare(case, p, "fp32", "eval", "cpu") for p in ("eager", "compile_freeze"))
+    with torch.no_grad():
+        want = make_step(ref, case, 2, "fp32", "eval", "cpu")()
+        got = make_step(frozen, case, 2, "fp32", "eval", "cpu")()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch._inductor.config.freezing
+
+
 def test_traffic_command(capsys):
     assert main(["bench", "--traffic", "regnety_8gf"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,15 @@
 //   - the projection shortcut is a second GEMM over the (strided) block input;
 //   - BN scale/shift of both branches, the residual add and the final ReLU are one
 //     parallel, vectorized pass over the GEMM output, in place, in fp32.
+//
+// Its .folded overload (conv1x1_bias_gate_residual here): the same with each
+// BN's scale folded into its (prepacked) weight, as the fused models' eval forward
+// runs it. The gate is one pass over the input (per-image gated weights could not be prepacked); the
+// projection is a oneDNN conv reading the block input at its stride (no gather);
+// the main conv, its bias, the residual add and the ReLU are one oneDNN primitive
+// (onednn.h): no pass over the output.
 #include "common.h"
+#include "onednn.h"
 
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -154,10 +162,65 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+void check_bias(const at::Tensor& bias, int64_t c, const at::Tensor& x, const char* name) {
+  check_cpu(bias, name);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == c && bias.scalar_type() == x.scalar_type(),
+              "regnet_kernels: ", name, " must be (", c, ",) of x's dtype, got ", bias.scalar_type(),
+              " ", bias.sizes());
+}
+
+at::Tensor conv1x1_bias_gate_residual(const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& bias, const std::optional<at::Tensor>& gate,
+                                      const at::Tensor& shortcut,
+                                      const std::optional<at::Tensor>& proj_weight,
+                                      const std::optional<at::Tensor>& proj_bias,
+                                      int64_t proj_stride) {
+  const int64_t c_out = check_conv(x, weight, 1, 1);
+  TORCH_CHECK(weight.size(2) == 1, "regnet_kernels: weight must be 1x1, got ", weight.sizes());
+  check_bias(bias, c_out, x, "bias");
+  check_cpu(shortcut, "shortcut");
+  const int64_t n = x.size(0), c_b = x.size(1), ho = x.size(2), wo = x.size(3);
+  at::Tensor input = nhwc(x);
+  if (gate) {
+    check_cpu(*gate, "gate");
+    TORCH_CHECK(gate->dim() == 2 && gate->size(0) == n && gate->size(1) == c_b &&
+                    gate->scalar_type() == at::kFloat,
+                "regnet_kernels: gate must be float32 (", n, ", ", c_b, "), got ", gate->sizes());
+    const at::Tensor x3 = input.permute({0, 2, 3, 1}).reshape({n, ho * wo, c_b});
+    input = gate_input(x3, *gate).view({n, ho, wo, c_b}).permute({0, 3, 1, 2});
+  }
+  at::Tensor residual;
+  if (proj_weight) {
+    TORCH_CHECK(proj_bias, "regnet_kernels: a projection needs proj_bias");
+    TORCH_CHECK(check_conv(shortcut, *proj_weight, proj_stride, 1) == c_out &&
+                    proj_weight->size(2) == 1,
+                "regnet_kernels: proj_weight must be (", c_out, ", C_in, 1, 1), got ",
+                proj_weight->sizes());
+    check_bias(*proj_bias, c_out, x, "proj_bias");
+    residual = onednn_conv(nhwc(shortcut), *proj_weight, proj_bias->contiguous(), proj_stride, 1,
+                           /*relu=*/false);
+  } else {
+    TORCH_CHECK(!proj_bias, "regnet_kernels: proj_bias without proj_weight");
+    residual = nhwc(shortcut);
+  }
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef({n, c_out, ho, wo}) &&
+                  residual.scalar_type() == x.scalar_type(),
+              "regnet_kernels: the shortcut branch gives ", residual.sizes(), " ",
+              residual.scalar_type(), ", the conv (", n, ", ", c_out, ", ", ho, ", ", wo, ") ",
+              x.scalar_type());
+  return nhwc(onednn_conv1x1_add_relu(input, weight, bias.contiguous(), residual));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regnet_kernels, CPU, m) {
   m.impl("conv1x1_gate_residual", &conv1x1_gate_residual);
+  m.impl("conv1x1_gate_residual.folded", &conv1x1_bias_gate_residual);
+}
+
+// A prepacked weight is an MkldnnCPU tensor (see conv_bn_act.cpp).
+TORCH_LIBRARY_IMPL(regnet_kernels, MkldnnCPU, m) {
+  m.impl("conv1x1_gate_residual.folded", &conv1x1_bias_gate_residual);
 }
 
 }  // namespace regnet_kernels::cpu

@@ -1,11 +1,16 @@
 """Providers: the implementations a case is timed with, in one process.
 
-Baselines (the reference modules): ``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile``
-and ``compile_max`` (torch.compile default / max-autotune, NCHW as the reference is written).
+Baselines (the reference modules): ``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile``,
+``compile_freeze`` and ``compile_max`` (torch.compile default, default with Inductor's freezing
+-- the weights and BN statistics taken as constants: BN folded into the conv weights, which are
+prepacked once, the best CPU inference Inductor offers; eval only -- and max-autotune; NCHW
+as the reference is written).
 cuDNN autotuning (``torch.backends.cudnn.benchmark``) is on for every provider on CUDA.
 Fused: ``triton`` (CUDA), ``cuda`` (the C++ extension's CUDA kernels), ``cpu``
 (the C++ CPU ops, CPU only).
-Fused providers get channels_last inputs, their fast path.
+Fused providers get channels_last inputs, their fast path. In eval, fused models and blocks
+are frozen (`regnet_kernels.freeze`: BN folded once, not every forward), the same constant
+weights assumption as ``compile_freeze``.
 """
 from __future__ import annotations
 
@@ -15,11 +20,12 @@ from typing import Callable
 
 import torch
 
+from ..models.fused import freeze
 from ..ops import dispatch
 from ..ops.dispatch import interpreting
 from .cases import Case
 
-BASELINES = ("eager", "eager_cl", "compile", "compile_max")
+BASELINES = ("eager", "eager_cl", "compile", "compile_freeze", "compile_max")
 FUSED = ("triton", "cuda", "cpu")
 PROVIDERS = BASELINES + FUSED
 
@@ -96,6 +102,9 @@ def prepare(case: Case, provider: str, dtype: str, mode: str, device: str) -> Pr
     reason = unavailable_reason(provider, device)
     if reason:
         raise Unavailable(reason)
+    if provider == "compile_freeze" and mode != "eval":
+        raise Unavailable("Inductor's freezing is for inference: it takes the weights as "
+                          "constants (a training step would run plain compile)")
     with torch.random.fork_rng(devices=[]):  # the same weights for every provider
         torch.manual_seed(0)
         module = case.make_module().to(device, DTYPES[dtype])
@@ -103,6 +112,8 @@ def prepare(case: Case, provider: str, dtype: str, mode: str, device: str) -> Pr
         module.train()
     if provider in FUSED:
         fn = case.fused_fn(module, provider)
+        if mode == "eval" and isinstance(fn, torch.nn.Module):
+            freeze(fn)
         return Prepared(provider, fn, True, True, fn if isinstance(fn, torch.nn.Module) else None)
     channels_last = provider == "eager_cl"
     if channels_last:
@@ -112,7 +123,9 @@ def prepare(case: Case, provider: str, dtype: str, mode: str, device: str) -> Pr
         torch._dynamo.reset()  # a fresh cache per case
         # compile and compile_max share the module's forward code, one graph per batch size
         torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-        options = {"mode": "max-autotune"} if provider == "compile_max" else {}
+        options = {"compile_max": {"mode": "max-autotune"},
+                   # an Inductor config patch for this compilation only, not a global setting
+                   "compile_freeze": {"options": {"freezing": True}}}.get(provider, {})
         fn = torch.compile(module, dynamic=False, **options)
     return Prepared(provider, fn, False, channels_last, module)
 

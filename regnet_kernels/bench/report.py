@@ -6,7 +6,8 @@ Columns of a row (CSV and table):
                 --repeat
   images_per_s  batch / median time
   speedup       best baseline's median / this median, in the same (case, mode, dtype, batch)
-                group; baselines are eager, eager_cl, compile, compile_max
+                group; baselines are eager, eager_cl, compile, compile_freeze,
+                compile_max
   gbps, tflops  the bytes / FLOP the call must move / do (see traffic) over the median time
   floor_ms      roofline floor max(bytes / peak bandwidth, FLOP / peak FLOP/s); x_floor is
                 measured / floor (1.0 = at the roofline)

@@ -1,8 +1,9 @@
 """Fused RegNets: the reference builder given fused stem and blocks.
 
 Eval mode: BN folded to per-channel scale/shift on every forward (`fold_block`, a few
-foreach launches: nothing to go stale), then a Y block is 4 kernel launches and an X
-block 3 (`block_forward_eval`). Training mode: BN batch statistics computed in
+foreach launches: nothing to go stale; `freeze` keeps one), then a Y block is 4 kernel
+launches and an X block 3 (`block_forward_eval`); the C++ CPU backend takes a kept folding
+packed for oneDNN instead (the BN scale in the weights: `pack_block`, run by its `PackedBlock`). Training mode: BN batch statistics computed in
 the conv epilogues, differentiable (`block_forward_train`).
 """
 from __future__ import annotations
@@ -206,14 +207,20 @@ class _FusedModule:
         return not (torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def _folded(self, dtype: Optional[torch.dtype], device: torch.device):
-        """This module's folded weights: folded now, or the folding `freeze` keeps."""
+    def _folded(self, dtype: Optional[torch.dtype], x: torch.Tensor, fused_ops):
+        """This module's eval weights for x: folded now, or the folding `freeze` keeps. A
+        kept folding is handed to the backend's packer where it has one (`pack_block` /
+        `pack_conv`: the BN scale folded into the weights, reordered once into the layout
+        its convolutions want), so a frozen model packs once; packing every forward would
+        cost more than it saves."""
         frozen = self.__dict__.get("_frozen")
         if frozen is None:
             return self._fold(dtype)
-        if (dtype, device) not in frozen:
-            frozen[(dtype, device)] = self._fold(dtype)
-        return frozen[(dtype, device)]
+        key = (dtype, x.device, fused_ops.__name__)
+        if key not in frozen:
+            pack = getattr(fused_ops, self._packer, None)
+            frozen[key] = self._fold(dtype) if pack is None else pack(self._fold(dtype), x)
+        return frozen[key]
 
     def train(self, mode: bool = True):
         if mode:  # a model that trains changes its weights: it is no longer frozen
@@ -241,6 +248,8 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
     """ResBottleneckBlock through the fused ops: eval = BN folded from running
     statistics (3 or 4 launches), train = batch statistics with autograd."""
 
+    _packer = "pack_block"  # the backend function that packs its eval weights, where one does
+
     def _norm_slots(self) -> dict:
         f = self.f
         slots = {"f.a.1": f.a[1], "f.b.1": f.b[1], "f.c.1": f.c[1]}
@@ -255,12 +264,17 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
         return fold_block(self, dtype)
 
     def _eval_forward(self, x, fused_ops, dtype):
-        return block_forward_eval(x, self._folded(dtype, x.device), fused_ops)
+        weights = self._folded(dtype, x, fused_ops)
+        if isinstance(weights, FoldedBlock):
+            return block_forward_eval(x, weights, fused_ops)
+        return weights(x)  # packed by the backend, which runs them
 
 
 class FusedStem(_FusedModule, Stem):
     """The stem (3x3 stride-2 conv, BN, ReLU) as one conv_bn_act in eval; in training
     conv_bn_train plus one pass that writes relu(BN(y)) (the blocks read a real input)."""
+
+    _packer = "pack_conv"  # the backend function that packs its eval weights, where one does
 
     def _check_input(self, x: torch.Tensor) -> None:
         channels = self[0].in_channels
@@ -279,9 +293,11 @@ class FusedStem(_FusedModule, Stem):
         return FoldedConv.of(self[0], self[1], dtype)
 
     def _eval_forward(self, x, fused_ops, dtype):
-        folded = self._folded(dtype, x.device)
-        return fused_ops.conv_bn_act(x, folded.weight, folded.scale, folded.shift,
-                                     stride=folded.stride)
+        weights = self._folded(dtype, x, fused_ops)
+        if not isinstance(weights, FoldedConv):
+            return weights(x)  # packed by the backend, which runs them
+        return fused_ops.conv_bn_act(x, weights.weight, weights.scale, weights.shift,
+                                     stride=weights.stride)
 
 
 _FUSED = {Stem: FusedStem, ResBottleneckBlock: FusedBlock}

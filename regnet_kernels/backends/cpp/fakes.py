@@ -52,6 +52,19 @@ def register() -> None:
           proj_stride):
         return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
 
+    @torch.library.register_fake("regnet_kernels::conv_bn_act.folded")
+    def _(x, weight, bias, stride, groups, relu):
+        return _conv_out(x, weight, stride)
+
+    @torch.library.register_fake("regnet_kernels::conv_bn_act_squeeze.folded")
+    def _(x, weight, bias, stride, groups, relu):
+        return (_conv_out(x, weight, stride),
+                x.new_empty((x.shape[0], 1, weight.shape[0]), dtype=torch.float32))
+
+    @torch.library.register_fake("regnet_kernels::conv1x1_gate_residual.folded")
+    def _(x, weight, bias, gate, shortcut, proj_weight, proj_bias, proj_stride):
+        return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
+
     @torch.library.register_fake("regnet_kernels::conv_bn_train")
     def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps,
           frozen_stats):

@@ -6,7 +6,12 @@ Same Python signatures, argument checks and results as the Triton functions in
 output). The extension is built on the first call (see `build.py`; the CUDA
 kernels on the first call with CUDA tensors); importing this module builds nothing.
 
-Eval (BN folded): conv_bn_act, se_excite, conv1x1_gate_residual.
+Eval (BN folded): conv_bn_act, se_excite, conv1x1_gate_residual. The fused models' eval
+forward on CPU tensors (float32, bfloat16) of a frozen model (`regnet_kernels.freeze`) runs
+`pack_block` / `pack_conv`'s weights instead: each BN's scale folded into its conv weight,
+prepacked in oneDNN's layout once per kept fold,
+and conv, bias, ReLU and the residual add as one oneDNN primitive (`PackedBlock`, through
+the ops' .folded overloads).
 Training (BN from batch statistics, differentiable, deterministic):
 conv_bn_train, se_squeeze, se_excite, bn_add_relu; with these,
 `regnet_kernels.models.fused.block_forward_train(x, block, block_ops=cpp)` trains
@@ -22,6 +27,7 @@ training ops' autograd is in C++ (csrc/autograd.cpp).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -137,6 +143,98 @@ def conv1x1_gate_residual(
     return _ops().conv1x1_gate_residual(x, weight, scale, shift, gate, shortcut, proj_weight,
                                         proj_scale, proj_shift,
                                         proj_stride if proj_weight is not None else 1)
+
+
+# ---------------------------------------------------------------------------
+# Eval with prepacked weights (the fused models' eval forward on the CPU)
+# ---------------------------------------------------------------------------
+
+#: The activation dtypes of the oneDNN path; float16 runs the ops above.
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class PackedConv:
+    """A conv with its eval BN folded into it: weight * scale, and the shift as a bias (in the
+    activations' dtype, as oneDNN takes it). The weight is prepacked: in oneDNN's preferred
+    layout for the input shape and thread count it was packed for (another shape still runs:
+    oneDNN then reorders it on every call)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: int
+    groups: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(conv(x) + bias): the stem."""
+        return _ops().conv_bn_act.folded(x, self.weight, self.bias, self.stride, self.groups,
+                                         True)
+
+
+@dataclass(frozen=True)
+class PackedBlock:
+    """A block's packed convs a, b, c, the optional projection and the SE weights."""
+
+    a: PackedConv
+    b: PackedConv
+    c: PackedConv
+    proj: Optional[PackedConv]
+    se: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval block: 3 oneDNN primitives (4 with a projection); with SE, the squeeze
+        pass over b and the gate's pass over c's input."""
+        ops = _ops()
+        a = ops.conv_bn_act.folded(x, self.a.weight, self.a.bias, 1, 1, True)
+        b_args = (self.b.weight, self.b.bias, self.b.stride, self.b.groups, True)
+        gate = None
+        if self.se is None:
+            b = ops.conv_bn_act.folded(a, *b_args)
+        else:
+            b, sums = ops.conv_bn_act_squeeze.folded(a, *b_args)
+            gate = ops.se_excite(sums, b.shape[2] * b.shape[3], *self.se)
+        proj = self.proj
+        return ops.conv1x1_gate_residual.folded(
+            b, self.c.weight, self.c.bias, gate, x, None if proj is None else proj.weight,
+            None if proj is None else proj.bias, 1 if proj is None else proj.stride)
+
+
+def _packs(x: torch.Tensor) -> bool:
+    """Whether the oneDNN path runs x: CPU float32 / bfloat16 tensors, outside torch.compile's
+    trace (which cannot hold a oneDNN tensor; its graph runs the folded-scale ops)."""
+    return (x.device.type == "cpu" and x.dtype in PACKED_DTYPES
+            and not torch.compiler.is_compiling())
+
+
+def _pack(folded, input_shape: list[int]) -> PackedConv:
+    """A FoldedConv's weight * scale (rounded once to the weight's dtype), prepacked."""
+    scale = folded.scale.view(-1, 1, 1, 1)
+    weight = (folded.weight.float() * scale).to(folded.weight.dtype)
+    pad = weight.shape[-1] // 2
+    weight = torch.ops.mkldnn._reorder_convolution_weight(
+        weight, [pad, pad], [folded.stride] * 2, [1, 1], folded.groups, input_shape)
+    return PackedConv(weight, folded.shift.to(weight.dtype), folded.stride, folded.groups)
+
+
+def pack_conv(folded, x: torch.Tensor):
+    """A FoldedConv (the stem's) prepacked for input x (`PackedConv`), or `folded` itself
+    where the oneDNN path does not run x (`_packs`)."""
+    return _pack(folded, list(x.shape)) if _packs(x) else folded
+
+
+def pack_block(folded, x: torch.Tensor):
+    """A FoldedBlock prepacked for input x (`PackedBlock`), or `folded` itself where the
+    oneDNN path does not run x (`_packs`)."""
+    if not _packs(x):
+        return folded
+    n, _, h, w = x.shape
+    w_b, stride = folded.a.weight.shape[0], folded.b.stride
+    h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+    return PackedBlock(
+        a=_pack(folded.a, list(x.shape)), b=_pack(folded.b, [n, w_b, h, w]),
+        c=_pack(folded.c, [n, w_b, h_out, w_out]),
+        proj=None if folded.proj is None else _pack(folded.proj, list(x.shape)),
+        se=folded.se)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""The C++ CPU backend's eval path with prepacked oneDNN weights (`pack_block` /
+`pack_conv`: each BN's scale folded into its conv weight, reordered once into oneDNN's
+layout, conv + bias + ReLU (+ residual add) as one oneDNN primitive): against float64
+references, packed once per fold in a frozen model, and under torch.compile."""
+import copy
+
+import pytest
+import torch
+
+import regnet_kernels as rk
+from blocks import BLOCKS, make_block
+from numerics import activation, check_close, randomize_bn, rel_err
+from regnet_kernels.backends.cpp import ops as cpp
+from regnet_kernels.models.fused import FoldedBlock, FusedBlock, fold_block
+
+pytestmark = pytest.mark.skipif(not cpp.available()[0], reason="the C++ extension cannot build")
+
+TINY = rk.RegNetParams(depth=4, w0=24, wa=24, wm=2.0, group_width=8, se_ratio=0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_packed_block_against_float64(name, dtype):
+    block, h = make_block(name, dtype)
+    x = activation(3, BLOCKS[name][0], h, h, dtype, torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        packed = cpp.pack_block(fold_block(block), x)
+        y = packed(x)
+        ref = copy.deepcopy(block).double()(x.double())
+    convs = [packed.a, packed.b, packed.c] + ([packed.proj] if packed.proj else [])
+    assert all(conv.weight.is_mkldnn for conv in convs)  # reordered once, here
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    check_close(y, ref, dtype)
+
+
+def test_float16_and_cuda_keep_the_folded_weights():
+    block, h = make_block("Y-identity", torch.float16)
+    folded = fold_block(block)
+    x = activation(2, BLOCKS["Y-identity"][0], h, h, torch.float16)
+    assert cpp.pack_block(folded, x) is folded
+    assert cpp.pack_block(folded, x.to("meta")) is folded
+
+
+def frozen_pair():
+    torch.manual_seed(0)
+    ref = rk.reference_model(TINY, num_classes=10)
+    randomize_bn(ref, torch.Generator().manual_seed(0))
+    fused = rk.fused_model(TINY, num_classes=10, backend="cpu")
+    fused.load_state_dict(ref.state_dict())
+    return ref.eval(), rk.freeze(fused.eval())
+
+
+def test_frozen_model_packs_once(monkeypatch):
+    ref, fused = frozen_pair()
+    packed = []
+    pack = cpp._pack
+    monkeypatch.setattr(cpp, "_pack", lambda *args: packed.append(1) or pack(*args))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first, second = fused(x), fused(x)
+        expected = copy.deepcopy(ref).double()(x.double())
+    blocks = [m for m in fused.modules() if isinstance(m, FusedBlock)]
+    assert len(packed) == 1 + sum(4 if b.proj is not None else 3 for b in blocks)
+    assert torch.equal(first, second)
+    assert rel_err(first, expected) < 1e-5
+    assert [k for k in fused.state_dict()] == [k for k in ref.state_dict()]
+    fused.train().eval()  # training unfreezes: the next forward packs the new weights
+    with torch.no_grad():
+        fused(x)
+    assert not any(isinstance(w, cpp.PackedBlock) for b in blocks
+                   for w in b.__dict__.get("_frozen", {}).values())
+
+
+def test_unfrozen_model_refolds_every_forward():
+    """Without freeze, each forward folds for the ops without packing (a reorder every forward
+    would cost more than it saves), and a change of the weights is seen by the next one."""
+    ref, fused = frozen_pair()
+    rk.unfreeze(fused)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused(x)
+        block = fused.trunk_output[0][0]
+        assert isinstance(block._folded(None, fused.stem(x), cpp), FoldedBlock)
+        for model in (ref, fused):
+            model.trunk_output[0][0].f.b[1].running_var.mul_(4.0)
+        assert rel_err(fused(x), ref(x)) < 1e-5
+
+
+def test_torch_compile_fullgraph_with_packed_weights():
+    """A frozen model whose forward packed its weights (oneDNN tensors in the fold cache)
+    compiles with fullgraph, and so does one compiled before any forward (the trace, which
+    cannot make oneDNN tensors, folds for the ops without packing); both compute the
+    reference."""
+    ref, fused = frozen_pair()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fused(x)  # packs
+        expected = ref(x)
+        assert rel_err(torch.compile(fused, fullgraph=True)(x), expected) < 1e-5
+        _, fresh = frozen_pair()
+        assert rel_err(torch.compile(fresh, fullgraph=True)(x), expected) < 1e-5
