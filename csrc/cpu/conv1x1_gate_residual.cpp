@@ -162,11 +162,12 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-void check_bias(const at::Tensor& bias, int64_t c, const at::Tensor& x, const char* name) {
-  check_cpu(bias, name);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == c && bias.scalar_type() == x.scalar_type(),
-              "regnet_kernels: ", name, " must be (", c, ",) of x's dtype, got ", bias.scalar_type(),
-              " ", bias.sizes());
+void check_bias(const char* op, const at::Tensor& bias, int64_t c, const at::Tensor& x,
+                const char* name) {
+  check_cpu(op, bias, name);
+  RK_CHECK_CPU(op, bias.dim() == 1 && bias.size(0) == c && bias.scalar_type() == x.scalar_type(),
+               name, " must be (", c, ",) of x's dtype, got ", bias.scalar_type(),
+               " ", bias.sizes());
 }
 
 at::Tensor conv1x1_bias_gate_residual(const at::Tensor& x, const at::Tensor& weight,
@@ -175,39 +176,40 @@ at::Tensor conv1x1_bias_gate_residual(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& proj_weight,
                                       const std::optional<at::Tensor>& proj_bias,
                                       int64_t proj_stride) {
-  const int64_t c_out = check_conv(x, weight, 1, 1);
-  TORCH_CHECK(weight.size(2) == 1, "regnet_kernels: weight must be 1x1, got ", weight.sizes());
-  check_bias(bias, c_out, x, "bias");
-  check_cpu(shortcut, "shortcut");
+  constexpr char op[] = "conv1x1_gate_residual";
+  const int64_t c_out = check_conv(op, x, weight, 1, 1);
+  RK_CHECK_CPU(op, weight.size(2) == 1, "weight must be 1x1, got ", weight.sizes());
+  check_bias(op, bias, c_out, x, "bias");
+  check_cpu(op, shortcut, "shortcut");
   const int64_t n = x.size(0), c_b = x.size(1), ho = x.size(2), wo = x.size(3);
   at::Tensor input = nhwc(x);
   if (gate) {
-    check_cpu(*gate, "gate");
-    TORCH_CHECK(gate->dim() == 2 && gate->size(0) == n && gate->size(1) == c_b &&
-                    gate->scalar_type() == at::kFloat,
-                "regnet_kernels: gate must be float32 (", n, ", ", c_b, "), got ", gate->sizes());
+    check_cpu(op, *gate, "gate");
+    RK_CHECK_CPU(op, gate->dim() == 2 && gate->size(0) == n && gate->size(1) == c_b &&
+                     gate->scalar_type() == at::kFloat,
+                 "gate must be float32 (", n, ", ", c_b, "), got ", gate->sizes());
     const at::Tensor x3 = input.permute({0, 2, 3, 1}).reshape({n, ho * wo, c_b});
     input = gate_input(x3, *gate).view({n, ho, wo, c_b}).permute({0, 3, 1, 2});
   }
   at::Tensor residual;
   if (proj_weight) {
-    TORCH_CHECK(proj_bias, "regnet_kernels: a projection needs proj_bias");
-    TORCH_CHECK(check_conv(shortcut, *proj_weight, proj_stride, 1) == c_out &&
-                    proj_weight->size(2) == 1,
-                "regnet_kernels: proj_weight must be (", c_out, ", C_in, 1, 1), got ",
-                proj_weight->sizes());
-    check_bias(*proj_bias, c_out, x, "proj_bias");
+    RK_CHECK_CPU(op, proj_bias, "a projection needs proj_bias");
+    RK_CHECK_CPU(op, check_conv(op, shortcut, *proj_weight, proj_stride, 1) == c_out &&
+                     proj_weight->size(2) == 1,
+                 "proj_weight must be (", c_out, ", C_in, 1, 1), got ",
+                 proj_weight->sizes());
+    check_bias(op, *proj_bias, c_out, x, "proj_bias");
     residual = onednn_conv(nhwc(shortcut), *proj_weight, proj_bias->contiguous(), proj_stride, 1,
                            /*relu=*/false);
   } else {
-    TORCH_CHECK(!proj_bias, "regnet_kernels: proj_bias without proj_weight");
+    RK_CHECK_CPU(op, !proj_bias, "proj_bias without proj_weight");
     residual = nhwc(shortcut);
   }
-  TORCH_CHECK(residual.sizes() == at::IntArrayRef({n, c_out, ho, wo}) &&
-                  residual.scalar_type() == x.scalar_type(),
-              "regnet_kernels: the shortcut branch gives ", residual.sizes(), " ",
-              residual.scalar_type(), ", the conv (", n, ", ", c_out, ", ", ho, ", ", wo, ") ",
-              x.scalar_type());
+  RK_CHECK_CPU(op, residual.sizes() == at::IntArrayRef({n, c_out, ho, wo}) &&
+                   residual.scalar_type() == x.scalar_type(),
+               "the shortcut branch gives ", residual.sizes(), " ",
+               residual.scalar_type(), ", the conv (", n, ", ", c_out, ", ", ho, ", ", wo, ") ",
+               x.scalar_type());
   return nhwc(onednn_conv1x1_add_relu(input, weight, bias.contiguous(), residual));
 }
 

@@ -92,11 +92,13 @@ at::Tensor channel_sums(const at::Tensor& y) {
 std::tuple<at::Tensor, at::Tensor> conv_bias_act_impl(const at::Tensor& x, const at::Tensor& weight,
                                                       const at::Tensor& bias, int64_t stride,
                                                       int64_t groups, bool relu, bool squeeze) {
-  const int64_t c_out = check_conv(x, weight, stride, groups);
-  check_cpu(bias, "bias");
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == c_out && bias.scalar_type() == x.scalar_type(),
-              "regnet_kernels: bias must be (", c_out, ",) of x's dtype, got ", bias.scalar_type(),
-              " ", bias.sizes());
+  constexpr char op[] = "conv_bn_act";
+  const int64_t c_out = check_conv(op, x, weight, stride, groups);
+  check_cpu(op, bias, "bias");
+  RK_CHECK_CPU(op, bias.dim() == 1 && bias.size(0) == c_out &&
+                   bias.scalar_type() == x.scalar_type(),
+               "bias must be (", c_out, ",) of x's dtype, got ", bias.scalar_type(),
+               " ", bias.sizes());
   at::Tensor y = nhwc(onednn_conv(nhwc(x), weight, bias.contiguous(), stride, groups, relu));
   if (!squeeze) return {y, at::zeros({0, 1, c_out}, x.options().dtype(at::kFloat))};
   return {y, channel_sums(y)};

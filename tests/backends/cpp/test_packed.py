@@ -13,8 +13,6 @@ from numerics import activation, check_close, randomize_bn, rel_err
 from regnet_kernels.backends.cpp import ops as cpp
 from regnet_kernels.models.fused import FoldedBlock, FusedBlock, fold_block
 
-pytestmark = pytest.mark.skipif(not cpp.available()[0], reason="the C++ extension cannot build")
-
 TINY = rk.RegNetParams(depth=4, w0=24, wa=24, wm=2.0, group_width=8, se_ratio=0.25)
 
 
