@@ -69,6 +69,27 @@ def test_frozen_model_packs_once(monkeypatch):
                    for w in b.__dict__.get("_frozen", {}).values())
 
 
+def test_a_new_input_shape_repacks_once_and_replaces(monkeypatch):
+    """oneDNN's layout is picked for an input shape: a frozen model packs again for a new
+    batch size (once), keeps one packing per module, and stays right for both shapes."""
+    ref, fused = frozen_pair()
+    packed = []
+    pack = cpp._pack
+    monkeypatch.setattr(cpp, "_pack", lambda *args: packed.append(args[1]) or pack(*args))
+    gen = torch.Generator().manual_seed(6)
+    x2, x3 = torch.randn(2, 3, 32, 32, generator=gen), torch.randn(3, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        fused(x2)
+        per_shape = len(packed)
+        y3, y3_again, y2 = fused(x3), fused(x3), fused(x2)
+        assert len(packed) == 3 * per_shape  # x2, x3, x2 again: one packing each
+        assert {shape[0] for shape in packed[per_shape:2 * per_shape]} == {3}
+        for y, x in ((y3, x3), (y3_again, x3), (y2, x2)):
+            assert rel_err(y, copy.deepcopy(ref).double()(x.double())) < 1e-5
+    for module in fused.modules():
+        assert len(module.__dict__.get("_frozen", {})) <= 1
+
+
 def test_unfrozen_model_refolds_every_forward():
     """Without freeze, each forward folds for the ops without packing (a reorder every forward
     would cost more than it saves), and a change of the weights is seen by the next one."""
