@@ -19,8 +19,9 @@ a block on the CPU or a CUDA device. Their autograd follows the Triton ops' lazy
 convention (see `regnet_kernels.ops.conv_bn_train`): the raw conv output y
 stands for v = y * scale + shift, and its gradient is dL/dv.
 
-One difference: the SE squeeze sums (of `conv_bn_act(..., squeeze=True)` and of
-`se_squeeze`) have one row tile per image, shape (N, 1, C).
+The SE squeeze sums of `conv_bn_act(..., squeeze=True)` are (N, T, C) partial sums over row
+tiles, as the Triton op's: T = 1 on the CPU, the row tiles of the CUDA kernels' tile choice
+(`cuda_tiles.squeeze_row_tiles`) on CUDA; `se_squeeze`'s are (N, 1, C) on both.
 
 Their fake implementations and se_excite's autograd formula are in `fakes.py`; the other
 training ops' autograd is in C++ (csrc/autograd.cpp).
@@ -158,7 +159,7 @@ class PackedConv:
     """A conv with its eval BN folded into it: weight * scale, and the shift as a bias (in the
     activations' dtype, as oneDNN takes it). The weight is prepacked: in oneDNN's preferred
     layout for the input shape and thread count it was packed for (another shape still runs:
-    oneDNN then reorders it on every call)."""
+    oneDNN then reorders it on every call, so the fused models repack for a new shape)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
