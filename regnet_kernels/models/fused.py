@@ -3,8 +3,9 @@
 Eval mode: BN folded to per-channel scale/shift on every forward (`fold_block`, a few
 foreach launches: nothing to go stale; `freeze` keeps one), then a Y block is 4 kernel
 launches and an X block 3 (`block_forward_eval`); the C++ CPU backend takes a kept folding
-packed for oneDNN instead (the BN scale in the weights: `pack_block`, run by its `PackedBlock`). Training mode: BN batch statistics computed in
-the conv epilogues, differentiable (`block_forward_train`).
+packed for oneDNN instead (the BN scale in the weights: `pack_block`, run by its
+`PackedBlock`). Training mode: BN batch statistics computed in the conv epilogues,
+differentiable (`block_forward_train`).
 """
 from __future__ import annotations
 

@@ -50,8 +50,9 @@ def register() -> None:
     @torch.library.register_fake("regnet_kernels::conv1x1_gate_residual")
     def _(x, weight, scale, shift, gate, shortcut, proj_weight, proj_scale, proj_shift,
           proj_stride):
-        return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
+        return _conv_out(x, weight, 1)
 
+    # The oneDNN overloads (CPU only: their squeeze sums have one row per image).
     @torch.library.register_fake("regnet_kernels::conv_bn_act.folded")
     def _(x, weight, bias, stride, groups, relu):
         return _conv_out(x, weight, stride)
@@ -63,7 +64,7 @@ def register() -> None:
 
     @torch.library.register_fake("regnet_kernels::conv1x1_gate_residual.folded")
     def _(x, weight, bias, gate, shortcut, proj_weight, proj_bias, proj_stride):
-        return new_activation(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], x)
+        return _conv_out(x, weight, 1)
 
     @torch.library.register_fake("regnet_kernels::conv_bn_train")
     def _(x, weight, stride, groups, in_scale, in_shift, in_relu, gate, bn_weight, bn_bias, eps,
