@@ -24,8 +24,8 @@ seeds avoid.
 
 fast_mode: under the Triton interpreter a full Jacobian (one backward per output
 element, two forwards per input element) takes minutes per case. Fast mode checks
-v^T J u for random u and v, input by input, which a wrong gradient of any element
-fails as well.
+v^T J u for random u and v, which a wrong gradient of any element fails as well; the
+inputs go in as one flat tensor (two forwards in all rather than two per input).
 """
 import pytest
 import torch
@@ -78,8 +78,54 @@ def train_bn(gamma, beta) -> BatchNormArgs:
 def gradcheck(fn, inputs, fast_mode=True):
     """gradcheck with tolerances 1000x tighter than its defaults (atol 1e-5, rtol 1e-3):
     in float64 throughout, central differences (eps 1e-6) are good to ~1e-9, and a
-    gradient off by 1e-4 relative must fail."""
-    assert torch.autograd.gradcheck(fn, inputs, atol=1e-8, rtol=1e-6, fast_mode=fast_mode)
+    gradient off by 1e-4 relative must fail.
+
+    In fast mode the inputs go in as one flat tensor, as in test_block: fast mode takes two
+    forwards per input tensor, so 8 inputs cost 16 forwards under the Triton interpreter
+    where one flat tensor costs 2; a wrong gradient of any element of any input still moves
+    v^T J u for the random u over all of them (test_flat_gradcheck_catches_one_wrong_input
+    checks that it fails for a 1e-4 error in an 8-element input beside 200 others)."""
+    if not (fast_mode and len(inputs) > 1):
+        assert torch.autograd.gradcheck(fn, inputs, atol=1e-8, rtol=1e-6, fast_mode=fast_mode)
+        return
+    layouts = [(t.shape, t.dim() == 4 and not t.is_contiguous()
+                and t.is_contiguous(memory_format=torch.channels_last)) for t in inputs]
+
+    def flat_fn(flat):
+        views = flat.split([t.numel() for t in inputs])
+        return fn(*(v.view(shape).contiguous(memory_format=torch.channels_last) if nhwc
+                    else v.view(shape) for v, (shape, nhwc) in zip(views, layouts)))
+
+    flat = leaf(torch.cat([t.detach().flatten() for t in inputs]))
+    assert torch.autograd.gradcheck(flat_fn, (flat,), atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+class _GradientOffBy1e4(torch.autograd.Function):
+    """The identity, whose backward is 1e-4 too large: a wrong gradient to be caught."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1 + 1e-4)
+
+
+def test_flat_gradcheck_catches_one_wrong_input():
+    """The flattened fast-mode gradcheck fails when only the 8-element input's gradient is
+    wrong, by 1e-4 relative, beside a 200-element input with a correct one."""
+    gen = torch.Generator().manual_seed(0)
+    x = leaf(torch.randn(2, 4, 5, 5, generator=gen, dtype=F64).to(
+        memory_format=torch.channels_last))
+    gamma = leaf(torch.rand(8, generator=gen, dtype=F64) + 0.5)
+
+    def f(x, gamma):
+        return x.sin().flatten(1)[:, :8] * gamma.exp()
+
+    gradcheck(f, (x, gamma))
+    with pytest.raises(RuntimeError, match="Jacobian mismatch"):
+        gradcheck(lambda x, gamma: f(x, _GradientOffBy1e4.apply(gamma)), (x, gamma))
 
 
 def bn_relu(out: ops.TrainOutput) -> torch.Tensor:
