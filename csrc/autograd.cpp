@@ -6,9 +6,9 @@
 //
 // In C++ rather than through torch.library.register_autograd because a training step
 // runs ~100 of these ops, and the Python wrapper cost ~170 us per op (forward and
-// backward) on the CPU: ~10% of a regnety_400mf step at batch 8, 96 px. se_excite keeps
-// its Python autograd (regnet_kernels/ops/se_autograd.py): its backward is a few torch matmuls
-// shared with the Triton op.
+// backward) on the CPU: ~10% of a regnety_400mf step at batch 8, 96 px. se_excite's
+// backward is a few small ATen matmuls here (in Python, as the Triton op has it, they
+// cost ~5% of that step).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -138,6 +138,42 @@ class BnAddRelu : public torch::autograd::Function<BnAddRelu> {
   }
 };
 
+// gate = sigmoid(W2 relu(W1 mean + b1) + b2), mean = sums.sum(1) / hw: an MLP on (N, C)
+// vectors, so its backward is a few ATen matmuls (the Triton op's Python formula, in C++).
+class SeExcite : public torch::autograd::Function<SeExcite> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& sums, c10::SymInt hw,
+                        const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+    static const auto op =
+        find_op<Tensor(const Tensor&, c10::SymInt, const Tensor&, const Tensor&, const Tensor&,
+                       const Tensor&)>("regnet_kernels::se_excite");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor gate = op.call(sums, hw, w1, b1, w2, b2);
+    ctx->save_for_backward({sums, w1, b1, w2, b2, gate});
+    ctx->saved_data["hw"] = hw;
+    return gate;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &sums = saved[0], &w1 = saved[1], &b1 = saved[2], &w2 = saved[3],
+                 &b2 = saved[4], &gate = saved[5];
+    const c10::Scalar hw(ctx->saved_data["hw"].toSymInt());
+    const auto dtype = gate.scalar_type();
+    const Tensor mean = sums.sum(1).div(hw);
+    const Tensor w1m = w1.to(dtype).flatten(1), w2m = w2.to(dtype).flatten(1);
+    const Tensor hidden_pre = b1.to(dtype).addmm(mean, w1m.t());
+    const Tensor hidden = hidden_pre.clamp_min(0.0);
+    const Tensor dz = grads[0].mul(gate).mul(gate.neg().add(1.0));
+    const Tensor dhidden = dz.mm(w2m).mul(hidden_pre.gt(0.0));
+    const Tensor dsums = dhidden.mm(w1m).div(hw).unsqueeze(1).expand_as(sums).contiguous();
+    return {dsums, Tensor(), dhidden.t().mm(mean).reshape(w1.sizes()).to(w1.scalar_type()),
+            dhidden.sum(0).to(b1.scalar_type()),
+            dz.t().mm(hidden).reshape(w2.sizes()).to(w2.scalar_type()),
+            dz.sum(0).to(b2.scalar_type())};
+  }
+};
+
 std::tuple<Tensor, Tensor> conv_bn_train(const Tensor& x, const Tensor& weight, int64_t stride,
                                          int64_t groups, const OptTensor& in_scale,
                                          const OptTensor& in_shift, bool in_relu,
@@ -154,6 +190,11 @@ Tensor se_squeeze(const Tensor& y, const Tensor& scale, const Tensor& shift) {
   return SeSqueeze::apply(y, scale, shift);
 }
 
+Tensor se_excite(const Tensor& sums, c10::SymInt hw, const Tensor& w1, const Tensor& b1,
+                 const Tensor& w2, const Tensor& b2) {
+  return SeExcite::apply(sums, std::move(hw), w1, b1, w2, b2);
+}
+
 Tensor bn_add_relu(const Tensor& y, const Tensor& scale, const Tensor& shift,
                    const OptTensor& shortcut, const OptTensor& sc_scale,
                    const OptTensor& sc_shift) {
@@ -165,6 +206,7 @@ Tensor bn_add_relu(const Tensor& y, const Tensor& scale, const Tensor& shift,
 TORCH_LIBRARY_IMPL(regnet_kernels, Autograd, m) {
   m.impl("conv_bn_train", &conv_bn_train);
   m.impl("se_squeeze", &se_squeeze);
+  m.impl("se_excite", &se_excite);
   m.impl("bn_add_relu", &bn_add_relu);
 }
 

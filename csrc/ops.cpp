@@ -1,8 +1,7 @@
 // The regnet_kernels C++ extension: the op schemas, declared once.
 //
 // Eval ops first, then the training ops with their backward ops (autograd is
-// registered from these functional pieces: in C++, csrc/autograd.cpp, for all but
-// se_excite, whose formula is Python: regnet_kernels/ops/se_autograd.py).
+// registered from these functional pieces in C++: csrc/autograd.cpp).
 //
 // Same arguments and semantics as the Triton ops (regnet_triton::*), in their
 // own namespace (see docs/backends.md, "One op namespace per backend"). Each device

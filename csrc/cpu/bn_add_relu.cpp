@@ -76,6 +76,22 @@ at::Tensor bn_add_relu(const at::Tensor& y, const at::Tensor& scale, const at::T
   return out;
 }
 
+// d = g * (o > 0) over n elements. The pointers are restrict-qualified locals: read
+// through the parallel lambda's captures, every store could alias them, and the loop
+// stayed scalar, reloading them (20x slower than ATen's threshold_backward).
+template <typename scalar_t>
+void relu_mask(const scalar_t* __restrict g, const scalar_t* __restrict o,
+               scalar_t* __restrict d, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vec zero(0.f);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec::blendv(zero, Vec::loadu(g + i), Vec::loadu(o + i) > zero).store(d + i);
+    }
+  }
+  for (; i < n; ++i) d[i] = o[i] > scalar_t(0) ? g[i] : scalar_t(0);
+}
+
 // grad * (out > 0): the gradient of the pre-ReLU sum, for y and the shortcut alike.
 at::Tensor bn_add_relu_backward(const at::Tensor& grad, const at::Tensor& out) {
   constexpr char op[] = "bn_add_relu_backward";
@@ -91,9 +107,8 @@ at::Tensor bn_add_relu_backward(const at::Tensor& grad, const at::Tensor& out) {
   REGNET_DISPATCH(out.scalar_type(), "bn_add_relu_backward", [&] {
     const scalar_t *pg = g.data_ptr<scalar_t>(), *po = o.data_ptr<scalar_t>();
     scalar_t* pd = dz.data_ptr<scalar_t>();
-    const scalar_t zero(0);
     at::parallel_for(0, dz.numel(), rows_grain(c) * c, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) pd[i] = po[i] > zero ? pg[i] : zero;
+      relu_mask(pg + begin, po + begin, pd + begin, end - begin);
     });
   });
   return dz;

@@ -48,7 +48,9 @@ at::Tensor se_excite(const at::Tensor& sums, int64_t hw, const at::Tensor& w1, c
       for (int64_t k = 0; k < c; ++k) m[k] += src[t * c + k];
     for (int64_t k = 0; k < c; ++k) m[k] *= inv_hw;
   }
-  const auto grain = [&](int64_t inner) { return std::max<int64_t>(1, 16384 / (n * inner)); };
+  // Units per thread: a layer under ~64K multiply-adds runs on one thread (waking the
+  // others costs more than it saves at batch 1).
+  const auto grain = [&](int64_t inner) { return std::max<int64_t>(1, 65536 / (n * inner)); };
   at::parallel_for(0, s, grain(c), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j)
       for (int64_t img = 0; img < n; ++img)

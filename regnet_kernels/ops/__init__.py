@@ -3,7 +3,6 @@ backends (regnet_kernels.backends.triton and .cpp) build on. Imports only torch.
 
     checks.py       argument checks (each backend passes its device check and dtypes)
     types.py        TrainOutput, BatchNormArgs, the BN statistics rows, output shapes
-    se_autograd.py  the SE excitation's backward, which both backends register
     sync_batchnorm.py  the cross-rank BN statistics (SyncBatchNorm) over either backend
     dispatch.py     the backend table: which backend runs where, and why not
 

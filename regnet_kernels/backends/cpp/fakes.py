@@ -1,16 +1,14 @@
-"""The C++ extension's fake implementations (shapes only, for torch.compile and opcheck),
-and se_excite's autograd formula (shared with the Triton op: `regnet_kernels.ops.se_autograd`).
+"""The C++ extension's fake implementations (shapes only, for torch.compile and opcheck).
 
 They are registered once the library is loaded (`register`, called by `ops.py` after it
 loads the extension); the C++ library names this module (`set_python_module` in
-csrc/ops.cpp), so torch imports it when it needs them. The other training ops' autograd
-is in C++ (csrc/autograd.cpp).
+csrc/ops.cpp), so torch imports it when it needs them. The ops' autograd is in C++
+(csrc/autograd.cpp).
 """
 from __future__ import annotations
 
 import torch
 
-from ...ops.se_autograd import se_excite_backward, se_excite_setup_context
 from ...ops.types import STAT_ROWS, conv_output_size, new_activation
 from .cuda_tiles import squeeze_row_tiles
 
@@ -101,11 +99,6 @@ def register() -> None:
     @torch.library.register_fake("regnet_kernels::bn_add_relu_backward")
     def _(grad, out):
         return new_activation(*out.shape, out)
-
-    # The SE MLP's backward is shared with the Triton op (ops/se_autograd.py); the other
-    # training ops have their autograd in C++ (csrc/autograd.cpp).
-    torch.library.register_autograd("regnet_kernels::se_excite", se_excite_backward,
-                                    setup_context=se_excite_setup_context)
     registered = True
 
 

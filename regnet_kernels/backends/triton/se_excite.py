@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from ...ops.checks import check_se_excite_args, check_se_squeeze_args, op_errors
-from ...ops.se_autograd import se_excite_backward, se_excite_setup_context
 from ...ops.types import acc_dtype
 from .bn_act_backward import bn_act_backward
 from .igemm import TRITON_CHECKS, acc_constexpr, nhwc_strides, output_rows
@@ -90,7 +89,32 @@ def _(sums, hw, w1, b1, w2, b2):
     return sums.new_empty((sums.shape[0], sums.shape[2]))
 
 
-_se_excite_op.register_autograd(se_excite_backward, setup_context=se_excite_setup_context)
+def _se_excite_setup_context(ctx, inputs, output) -> None:
+    sums, hw, w1, b1, w2, b2 = inputs
+    ctx.save_for_backward(sums, w1, b1, w2, b2, output)
+    ctx.hw = hw
+
+
+def _se_excite_backward(ctx, grad_gate: torch.Tensor):
+    """Gradients of gate = sigmoid(W2 relu(W1 mean + b1) + b2), mean = sums.sum(1) / hw,
+    with respect to (sums, hw, w1, b1, w2, b2). The MLP runs on (N, C) vectors, so a few
+    small torch matmuls are as fast as a kernel (the C++ op: the same formula in
+    csrc/autograd.cpp)."""
+    sums, w1, b1, w2, b2, gate = ctx.saved_tensors
+    mean = sums.sum(1) / ctx.hw
+    w1m, w2m = w1.to(gate.dtype).flatten(1), w2.to(gate.dtype).flatten(1)
+    hidden_pre = mean @ w1m.T + b1.to(gate.dtype)
+    hidden = hidden_pre.clamp_min(0.0)
+    dz = grad_gate * gate * (1.0 - gate)
+    dhidden = (dz @ w2m) * (hidden_pre > 0)
+    dmean = dhidden @ w1m
+    dsums = (dmean / ctx.hw).unsqueeze(1).expand_as(sums).contiguous()
+    return (dsums, None, (dhidden.T @ mean).reshape(w1.shape).to(w1.dtype),
+            dhidden.sum(0).to(b1.dtype), (dz.T @ hidden).reshape(w2.shape).to(w2.dtype),
+            dz.sum(0).to(b2.dtype))
+
+
+_se_excite_op.register_autograd(_se_excite_backward, setup_context=_se_excite_setup_context)
 
 
 @op_errors("se_excite", "triton")
