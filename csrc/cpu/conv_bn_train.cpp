@@ -6,13 +6,15 @@
 //
 // Forward
 //   u = relu?(x * in_scale + in_shift) * gate      one vectorized pass, only with a prologue
-//   y = conv(u, weight)                             ATen (oneDNN for channels_last)
+//   y = conv(u, weight)                             ATen (oneDNN for channels_last); a 1x1
+//                                                   stride-1 dense conv is one GEMM (at::mm)
 //   mean, var of y per channel                      per-chunk mean and M2, Chan-merged
 // Backward (M = N * Ho * Wo, everything per channel c)
 //   d_beta = sum dv,  d_gamma = inv_std * sum dv * (y - mean)       one pass over (dv, y)
 //   dy = scale * dv - scale * inv_std / M * d_gamma * (y - mean) - scale / M * d_beta
 //                                                   one pass: BN's backward, written once
-//   du, dw = conv_backward(dy, u, weight)           ATen (oneDNN); u recomputed from x
+//   du, dw = conv_backward(dy, u, weight)           ATen (oneDNN), or two GEMMs for a 1x1;
+//                                                   u recomputed from x
 //   dv_prev = du * gate * relu'(x * in_scale + in_shift),  dgate = sum_hw du * relu?(...)
 //                                                   one pass, in place over du
 // Autograd saves the inputs, y and the statistics: no transformed or normalized tensor.
@@ -25,10 +27,12 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 
 namespace regnet_kernels::cpu {
 namespace {
@@ -184,6 +188,31 @@ void batch_mean_var(const scalar_t* y, int64_t rows, int64_t c, float* mean, flo
   for (int64_t i = 0; i < c; ++i) var[i] = m2[i] / static_cast<float>(rows);
 }
 
+// A 1x1 stride-1 dense conv of NHWC tensors is a GEMM over their (N * H * W, C) row
+// matrices. MKL's GEMM (at::mm) ran RegNet's 1x1 shapes (M = 72..4608 rows, 32..440
+// channels) 1.5-2.5x faster than oneDNN's conv forward and 1.6-3.5x faster backward
+// (dgrad + wgrad) on a 2-core AVX-512 machine: oneDNN reorders the weights every call,
+// and in training they change every step.
+bool is_gemm_conv(const at::Tensor& weight, int64_t stride, int64_t groups) {
+  return weight.size(2) == 1 && stride == 1 && groups == 1;
+}
+
+// The (N * H * W, C) row matrix of an NHWC-dense (N, C, H, W) tensor (a view).
+at::Tensor rows_of(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({t.size(0) * t.size(2) * t.size(3), t.size(1)});
+}
+
+// (N * H * W, C) rows as the NHWC-dense (N, C, H, W) tensor they are (a view); `like`
+// gives N, H and W.
+at::Tensor nhwc_of_rows(const at::Tensor& rows, const at::Tensor& like) {
+  return rows.view({like.size(0), like.size(2), like.size(3), rows.size(1)})
+      .permute({0, 3, 1, 2});
+}
+
+at::Tensor weight_matrix(const at::Tensor& weight) {
+  return weight.reshape({weight.size(0), weight.size(1)});
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t groups,
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
@@ -204,8 +233,11 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_train(
                  (*t)->scalar_type(), " ", (*t)->sizes());
   }
   const int64_t pad = weight.size(2) / 2;
-  at::Tensor y = nhwc(at::convolution(conv_input(x, prologue), weight, std::nullopt,
-                                      {stride, stride}, {pad, pad}, {1, 1}, false, {0, 0}, groups));
+  const at::Tensor u = conv_input(x, prologue);
+  at::Tensor y = is_gemm_conv(weight, stride, groups)
+                     ? nhwc_of_rows(at::mm(rows_of(u), weight_matrix(weight).t()), u)
+                     : nhwc(at::convolution(u, weight, std::nullopt, {stride, stride},
+                                            {pad, pad}, {1, 1}, false, {0, 0}, groups));
   if (frozen_stats) {  // an eval-mode BN: the running statistics, given as (5, C) rows
     check_cpu(op, *frozen_stats, "frozen_stats");
     RK_CHECK_CPU(op, frozen_stats->sizes() == at::IntArrayRef({int64_t{RK_STAT_ROWS}, c_out}) &&
@@ -361,18 +393,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     });
   });
 
-  // dgrad and wgrad through oneDNN; wgrad reads the recomputed conv input u.
+  // dgrad and wgrad: two GEMMs for a 1x1 conv, else oneDNN; wgrad reads the recomputed
+  // conv input u.
   const at::Tensor u = output_mask[1] ? conv_input(x, prologue) : nhwc(x);
-  const auto grads = at::convolution_backward(
-      dy, u, weight, std::nullopt, {stride, stride}, {pad, pad}, {1, 1}, false, {0, 0}, groups,
-      {output_mask[0], output_mask[1], false});
+  at::Tensor du, dw;
+  if (is_gemm_conv(weight, stride, groups)) {
+    const at::Tensor dy_rows = rows_of(dy);
+    if (output_mask[0]) du = nhwc_of_rows(at::mm(dy_rows, weight_matrix(weight)), x);
+    if (output_mask[1]) dw = at::mm(dy_rows.t(), rows_of(u)).view(weight.sizes());
+  } else {
+    std::tie(du, dw, std::ignore) = at::convolution_backward(
+        dy, u, weight, std::nullopt, {stride, stride}, {pad, pad}, {1, 1}, false, {0, 0},
+        groups, {output_mask[0], output_mask[1], false});
+  }
   // In the weight's own strides: the layout contract DDP's gradient buckets expect (a 1x1
   // weight's contiguous() keeps oneDNN's strides on its size-1 dims).
   at::Tensor grad_w = empty(weight);
-  if (output_mask[1]) grad_w = at::empty_like(weight).copy_(std::get<1>(grads));
+  if (output_mask[1]) grad_w = at::empty_like(weight).copy_(dw);
   if (!output_mask[0]) return {empty(x), grad_w, empty(stats), d_gamma, d_beta};
 
-  at::Tensor grad_x = nhwc(std::get<0>(grads));
+  at::Tensor grad_x = nhwc(du);
   at::Tensor grad_gate = prologue.gate.defined()
                              ? at::empty({x.size(0), x.size(1)}, stats.options())
                              : empty(stats);
