@@ -76,18 +76,18 @@ at::Tensor bn_add_relu(const at::Tensor& y, const at::Tensor& scale, const at::T
   return out;
 }
 
-// d = g * (o > 0) over n elements. The pointers are restrict-qualified locals: read
-// through the parallel lambda's captures, every store could alias them, and the loop
-// stayed scalar, reloading them (20x slower than ATen's threshold_backward).
+// d = g * (o > 0) over n elements, in the activations' dtype (a select: no rounding).
+// The pointers are restrict-qualified locals: read through the parallel lambda's
+// captures, every store could alias them, and the loop stayed scalar, reloading them
+// (20x slower than ATen's threshold_backward).
 template <typename scalar_t>
 void relu_mask(const scalar_t* __restrict g, const scalar_t* __restrict o,
                scalar_t* __restrict d, int64_t n) {
+  using V = at::vec::Vectorized<scalar_t>;
+  const V zero(scalar_t(0));
   int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const Vec zero(0.f);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec::blendv(zero, Vec::loadu(g + i), Vec::loadu(o + i) > zero).store(d + i);
-    }
+  for (; i + V::size() <= n; i += V::size()) {
+    V::blendv(zero, V::loadu(g + i), V::loadu(o + i) > zero).store(d + i);
   }
   for (; i < n; ++i) d[i] = o[i] > scalar_t(0) ? g[i] : scalar_t(0);
 }

@@ -10,6 +10,7 @@
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include "../op_error.h"
@@ -66,9 +67,16 @@ template <typename S>
 inline auto row_as_float(S* row, int64_t c, std::vector<float>& buf) {
   if constexpr (std::is_same_v<std::remove_const_t<S>, float>) {
     return row;
-  } else {
+  } else {  // 16 values a step (two fp32 vectors); the scalar loop was a third of a bf16 pass
+    using V16 = at::vec::Vectorized<std::remove_const_t<S>>;
     buf.resize(c);
-    for (int64_t i = 0; i < c; ++i) buf[i] = static_cast<float>(row[i]);
+    int64_t i = 0;
+    for (; i + V16::size() <= c; i += V16::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<std::remove_const_t<S>>(V16::loadu(row + i));
+      lo.store(buf.data() + i);
+      hi.store(buf.data() + i + Vec::size());
+    }
+    for (; i < c; ++i) buf[i] = static_cast<float>(row[i]);
     return buf.data();
   }
 }
@@ -80,7 +88,13 @@ inline void store_row(scalar_t* row, const float* src, int64_t c) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (row != src) std::copy(src, src + c, row);
   } else {
-    for (int64_t i = 0; i < c; ++i) row[i] = static_cast<scalar_t>(src[i]);
+    using V16 = at::vec::Vectorized<scalar_t>;
+    int64_t i = 0;
+    for (; i + V16::size() <= c; i += V16::size()) {
+      at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()))
+          .store(row + i);
+    }
+    for (; i < c; ++i) row[i] = static_cast<scalar_t>(src[i]);
   }
 }
 
