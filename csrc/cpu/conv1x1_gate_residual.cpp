@@ -99,7 +99,7 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
     at::Tensor s = shortcut;
     if (proj_stride > 1) s = s.slice(2, 0, h, proj_stride).slice(3, 0, w, proj_stride);
     sc = nhwc(s);  // the strided pixels, gathered once (a view for stride 1 NHWC)
-    pw2 = proj_weight->reshape({c_out, c_in});
+    pw2 = weight_matrix(*proj_weight);
     ps = f32(*proj_scale);
     pt = f32(*proj_shift);
   } else {
@@ -112,7 +112,7 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
 
   // Main GEMM: acc (N * HW, C_out), row-major = the NHWC output.
   const at::Tensor x3 = nhwc(x).permute({0, 2, 3, 1}).reshape({n, hw, c_b});
-  const at::Tensor w2 = weight.reshape({c_out, c_b});
+  const at::Tensor w2 = weight_matrix(weight);
   at::Tensor acc;
   if (n * hw == 0 || c_out == 0) {
     acc = at::empty({n, hw, c_out}, x.options());
@@ -125,14 +125,14 @@ at::Tensor conv1x1_gate_residual(const at::Tensor& x, const at::Tensor& weight,
     acc = at::mm(gate_input(x3, *gate).reshape({n * hw, c_b}), w2.t());
   }
   acc = acc.reshape({n * hw, c_out});
-  at::Tensor out = acc.view({n, ho, wo, c_out}).permute({0, 3, 1, 2});
+  at::Tensor out = nhwc_of_rows(acc, x);
   if (acc.numel() == 0) return out;
 
   at::Tensor p;  // projection GEMM output (N * HW, C_out), or the identity shortcut's NHWC rows
   if (project) {
-    p = at::mm(sc.permute({0, 2, 3, 1}).reshape({n * hw, sc.size(1)}), pw2.t());
+    p = at::mm(rows_of(sc), pw2.t());
   } else {
-    p = sc.permute({0, 2, 3, 1}).reshape({n * hw, c_out});
+    p = rows_of(sc);
   }
   p = p.contiguous();  // a no-op: both are dense row-major (N * HW, C_out)
   TORCH_INTERNAL_ASSERT(acc.is_contiguous());

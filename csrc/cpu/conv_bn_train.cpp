@@ -188,31 +188,6 @@ void batch_mean_var(const scalar_t* y, int64_t rows, int64_t c, float* mean, flo
   for (int64_t i = 0; i < c; ++i) var[i] = m2[i] / static_cast<float>(rows);
 }
 
-// A 1x1 stride-1 dense conv of NHWC tensors is a GEMM over their (N * H * W, C) row
-// matrices. MKL's GEMM (at::mm) ran RegNet's 1x1 shapes (M = 72..4608 rows, 32..440
-// channels) 1.5-2.5x faster than oneDNN's conv forward and 1.6-3.5x faster backward
-// (dgrad + wgrad) on a 2-core AVX-512 machine: oneDNN reorders the weights every call,
-// and in training they change every step.
-bool is_gemm_conv(const at::Tensor& weight, int64_t stride, int64_t groups) {
-  return weight.size(2) == 1 && stride == 1 && groups == 1;
-}
-
-// The (N * H * W, C) row matrix of an NHWC-dense (N, C, H, W) tensor (a view).
-at::Tensor rows_of(const at::Tensor& t) {
-  return t.permute({0, 2, 3, 1}).reshape({t.size(0) * t.size(2) * t.size(3), t.size(1)});
-}
-
-// (N * H * W, C) rows as the NHWC-dense (N, C, H, W) tensor they are (a view); `like`
-// gives N, H and W.
-at::Tensor nhwc_of_rows(const at::Tensor& rows, const at::Tensor& like) {
-  return rows.view({like.size(0), like.size(2), like.size(3), rows.size(1)})
-      .permute({0, 3, 1, 2});
-}
-
-at::Tensor weight_matrix(const at::Tensor& weight) {
-  return weight.reshape({weight.size(0), weight.size(1)});
-}
-
 std::tuple<at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t groups,
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
