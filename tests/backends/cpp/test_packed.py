@@ -31,6 +31,48 @@ def test_packed_block_against_float64(name, dtype):
     check_close(y, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_packed_block_in_chunks_against_float64(name, dtype, monkeypatch):
+    """A batch larger than the chunk budget runs in balanced chunks (5 images: 2, 2, 1),
+    each a separate oneDNN call on a slice; the concatenated output is the float64 block's."""
+    block, h = make_block(name, dtype)
+    x = activation(5, BLOCKS[name][0], h, h, dtype, torch.Generator().manual_seed(9))
+    folded = fold_block(block)
+    with torch.no_grad():
+        whole = cpp.pack_block(folded, x)
+        b_shape = [5, folded.a.weight.shape[0], (h - 1) // folded.b.stride + 1,
+                   (h - 1) // folded.b.stride + 1]
+        per_image = b_shape[1] * b_shape[2] * b_shape[3] * x.element_size()
+        monkeypatch.setattr(cpp, "chunk_budget_bytes", lambda: 2 * per_image + 1)
+        chunked = cpp.pack_block(folded, x)
+        calls = []
+        run = cpp.PackedBlock._run
+        monkeypatch.setattr(cpp.PackedBlock, "_run",
+                            lambda self, part: calls.append(part.shape[0]) or run(self, part))
+        x_poisoned = x.clone()
+        y = chunked(x_poisoned)
+        ref = copy.deepcopy(block).double()(x.double())
+    assert whole.images_per_chunk == 5 and chunked.images_per_chunk == 2
+    assert calls == [2, 2, 1]
+    assert torch.equal(x_poisoned, x)  # the input is read, not written
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert not y.isnan().any()
+    check_close(y, ref, dtype)
+
+
+def test_choose_images_per_chunk(monkeypatch):
+    """Conv b's output per chunk within the budget, at least one image, at most the batch."""
+    monkeypatch.setattr(cpp, "chunk_budget_bytes", lambda: 1000)
+    assert cpp.choose_images_per_chunk(32, [32, 2, 5, 5], torch.float32) == 5  # 200 B per image
+    assert cpp.choose_images_per_chunk(32, [32, 2, 5, 5], torch.bfloat16) == 10
+    assert cpp.choose_images_per_chunk(4, [4, 2, 5, 5], torch.float32) == 4
+    assert cpp.choose_images_per_chunk(32, [32, 20, 5, 5], torch.float32) == 1
+    assert cpp.l2_cache_bytes() > 0
+    monkeypatch.undo()
+    assert cpp.chunk_budget_bytes() == cpp.l2_cache_bytes() * torch.get_num_threads()
+
+
 def test_float16_and_cuda_keep_the_folded_weights():
     block, h = make_block("Y-identity", torch.float16)
     folded = fold_block(block)
