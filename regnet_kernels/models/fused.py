@@ -199,11 +199,12 @@ class _FusedModule:
         on_cuda = dispatch.resolve("auto", "cuda")
         return f"backend='auto' (CPU tensors: 'cpu', CUDA tensors: {on_cuda!r})"
 
-    def _eval_fusion(self, x: torch.Tensor) -> bool:
-        """The eval fusion (BN folded, no autograd) when every BN is in eval mode and no
-        gradient is needed; otherwise the differentiable path, in which each BN follows
-        its own mode (frozen BN in a training model, or gradients through eval BN)."""
-        if any(m.training for m in self.modules() if isinstance(m, SUPPORTED_NORMS)):
+    def _eval_fusion(self, x: torch.Tensor, norms) -> bool:
+        """The eval fusion (BN folded, no autograd) when every BN (`norms`, the
+        `_norm_slots` values) is in eval mode and no gradient is needed; otherwise the
+        differentiable path, in which each BN follows its own mode (frozen BN in a training
+        model, or gradients through eval BN)."""
+        if any(norm.training for norm in norms):
             return False
         return not (torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())))
@@ -236,11 +237,12 @@ class _FusedModule:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if any(type(norm) not in SUPPORTED_NORMS for norm in self._norm_slots().values()):
+        norms = self._norm_slots().values()
+        if any(type(norm) not in SUPPORTED_NORMS for norm in norms):
             check_norms(self)  # raises, naming them
         dtype = _autocast_dtype(x)
         x = _cast(x, dtype)
-        if self._eval_fusion(x):
+        if self._eval_fusion(x, norms):
             return self._eval_forward(x, self._ops(x), dtype)
         return self._train_forward(x, self._ops(x), dtype)
 
@@ -258,10 +260,12 @@ class FusedBlock(_FusedModule, ResBottleneckBlock):
     _packer = "pack_block"  # the backend function that packs its eval weights, where one does
 
     def _norm_slots(self) -> dict:
-        f = self.f
-        slots = {"f.a.1": f.a[1], "f.b.1": f.b[1], "f.c.1": f.c[1]}
-        if self.proj is not None:
-            slots["proj.1"] = self.proj[1]
+        # Through _modules: every forward runs this, and nn.Sequential's indexing is slow.
+        f = self._modules["f"]._modules
+        slots = {f"f.{conv}.1": f[conv]._modules["1"] for conv in "abc"}
+        proj = self._modules.get("proj")
+        if proj is not None:
+            slots["proj.1"] = proj._modules["1"]
         return slots
 
     def _train_forward(self, x, fused_ops, dtype):
