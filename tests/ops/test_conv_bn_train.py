@@ -251,6 +251,26 @@ def test_running_stats_two_steps(backend, momentum):
         assert bn.num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == step
 
 
+@pytest.mark.parametrize("buffer_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_running_stats_in_the_buffers_dtype(backend, buffer_dtype):
+    """Running statistics kept in another dtype than float32 (a model cast with .to(dtype))
+    are updated in fp32 and rounded once into their dtype, as nn.BatchNorm2d's are."""
+    gen = torch.Generator().manual_seed(13)
+    bn = random_bn(24, gen, backend.device)
+    bn.running_mean = bn.running_mean.to(buffer_dtype)
+    bn.running_var = bn.running_var.to(buffer_dtype)
+    ref_bn = copy.deepcopy(bn).double().train()
+    w = conv_weight(24, 16, 1, torch.float32, gen, device=backend.device)
+    x = activation(3, 16, 5, 6, torch.float32, gen, device=backend.device) + 1.0
+    with nan_filled_empty():
+        backend.ops.conv_bn_train(x, w, bn)
+    ref_bn(F.conv2d(x.double(), w.double()))
+    tol = {torch.float64: TOL[torch.float32]}.get(buffer_dtype, TOL[buffer_dtype])
+    for buf, ref in ((bn.running_mean, ref_bn.running_mean), (bn.running_var, ref_bn.running_var)):
+        assert buf.dtype == buffer_dtype
+        close(buf, ref, tol)
+
+
 def test_bn_without_affine_or_running_stats(backend):
     gen = torch.Generator().manual_seed(13)
     dev = backend.device
