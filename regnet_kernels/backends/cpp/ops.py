@@ -283,7 +283,7 @@ def pack_block(folded, x: torch.Tensor):
     w_b, stride = folded.a.weight.shape[0], folded.b.stride
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     chunk = choose_images_per_chunk(n, [n, w_b, h_out, w_out], x.dtype)
-    chunks = -(-n // chunk)
+    chunks = max(1, -(-n // chunk))  # one for an empty batch
     m = -(-n // chunks)  # the largest chunk of tensor_split's balanced sizes
     x_shape = [m, c_in, h, w]
     return PackedBlock(

@@ -160,3 +160,14 @@ def test_torch_compile_fullgraph_with_packed_weights():
         assert rel_err(torch.compile(fused, fullgraph=True)(x), expected) < 1e-5
         _, fresh = frozen_pair()
         assert rel_err(torch.compile(fresh, fullgraph=True)(x), expected) < 1e-5
+
+
+def test_frozen_model_takes_an_empty_batch():
+    ref, fused = frozen_pair()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        empty = fused(x[:0])
+        y = fused(x)
+        expected = copy.deepcopy(ref).double()(x.double())
+    assert empty.shape == (0, 10)
+    assert rel_err(y, expected) < 1e-5
