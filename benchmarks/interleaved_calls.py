@@ -1,10 +1,11 @@
 """Whole-model providers (eval forward, or training step) timed call by call in one process:
-every round calls each provider once (the order rotated each round), so a load change on a shared machine hits all
-of them alike; prints each provider's median and minimum over the rounds, its median count of
-page faults per call (minor faults: first touches of freshly mapped memory) and the fused
-``cpu`` provider's speedup over it. The providers are the harness's (`bench.providers`), plus
-``cpu_whole_batch``: the fused model with its packed blocks running the whole batch at once
-(no chunking, see `backends.cpp.ops.choose_images_per_chunk`).
+every round calls each provider once (the order rotated each round), so a load change on a
+shared machine hits all of them alike; prints each provider's median and minimum over the
+rounds, its median count of page faults per call (minor faults: first touches of freshly
+mapped memory) and the fused ``cpu`` provider's speedup over it. The providers are the
+harness's (`bench.providers`), plus ``cpu_whole_batch``: the fused model with its packed
+blocks running the whole batch at once (no chunks, see
+`backends.cpp.ops.choose_images_per_chunk`).
 
     python benchmarks/interleaved_calls.py regnety_400mf 4 20 eager_cl,compile_freeze,cpu [bf16]
     python benchmarks/interleaved_calls.py regnety_400mf 8 20 eager_cl,cpu bf16 train 96
@@ -61,9 +62,9 @@ def main(model: str, batch: int, rounds: int, providers: list[str], dtype: str =
     medians = {p: statistics.median(t) for p, t in times.items()}
     for p in providers:
         speedup = f", cpu {medians[p] / medians['cpu']:.2f}x faster" if "cpu" in medians else ""
-        print(f"{model} {mode} {resolution}px b{batch} {dtype} {threads} threads {p}: median {medians[p]:.1f} ms, "
-              f"min {min(times[p]):.1f} ms, {statistics.median(faults[p]):.0f} page faults "
-              f"per call{speedup}")
+        print(f"{model} {mode} {resolution}px b{batch} {dtype} {threads} threads {p}: "
+              f"median {medians[p]:.1f} ms, min {min(times[p]):.1f} ms, "
+              f"{statistics.median(faults[p]):.0f} page faults per call{speedup}")
 
 
 if __name__ == "__main__":
