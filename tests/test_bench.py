@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from regnet_kernels.bench import cli, report, traffic
 from regnet_kernels.bench.cases import block_cases, op_cases
 from regnet_kernels.bench.providers import make_step, prepare
 from regnet_kernels.bench.shapes import BlockShape, block_shapes
-from regnet_kernels.bench.timing import Timing
+from regnet_kernels.bench.timing import Timing, time_cpu_per_call
 from regnet_kernels.complexity import complexity
 from regnet_kernels.design import BlockSpec
 
@@ -243,3 +244,53 @@ def test_ddp_training_step_on_two_cpu_ranks(capsys, tmp_path):
     assert rows.keys() == {"eager_cl", "fused"} and all(ms > 0 for ms in rows.values())
     with pytest.raises(SystemExit, match="use it with --mode train"):
         main(["bench", "--mode", "eval", "--ddp", "2", "--device", "cpu"])
+
+
+def test_per_call_rounds_rotate_the_providers(monkeypatch):
+    """--per-call: a warm-up call each, then every round calls each provider once, the order
+    rotated by one each round; each row is the median of its calls, with their quartiles."""
+    order = []
+    real_make_step = cli.make_step
+
+    def tagged_make_step(prepared, *args):
+        step = real_make_step(prepared, *args)
+        return lambda: order.append(prepared.provider) or step()
+
+    monkeypatch.setattr(cli, "make_step", tagged_make_step)
+    argv = ["bench", "--cpu-smoke", "--level", "block", "--model", "regnetx_200mf",
+            "--resolution", "32", "--op-batch", "2", "--mode", "eval", "--threads", "1",
+            "--provider", "eager,eager_cl,cpu", "--repeat", "4", "--per-call"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    per_case = ["eager", "eager_cl", "cpu",  # warm-up
+                "eager", "eager_cl", "cpu", "eager_cl", "cpu", "eager",
+                "cpu", "eager", "eager_cl", "eager", "eager_cl", "cpu"]
+    assert order == per_case * len(block_cases("regnetx_200mf", 32))
+    assert "--per-call" in printed.getvalue() and "| ok |" in printed.getvalue()
+
+
+def test_per_call_timing_medians_and_failures():
+    calls = {"slow": 0, "broken": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.002)
+
+    def broken():
+        calls["broken"] += 1
+        if calls["broken"] > 2:  # the warm-up and the first round pass
+            raise RuntimeError("boom")
+
+    out = time_cpu_per_call({"slow": slow, "broken": broken}, rounds=5)
+    assert calls == {"slow": 6, "broken": 3}
+    assert isinstance(out["broken"], RuntimeError)
+    assert 2.0 <= out["slow"].low_ms <= out["slow"].median_ms <= out["slow"].high_ms
+
+
+def test_per_call_needs_the_cpu_and_a_round(monkeypatch):
+    monkeypatch.setattr(cli, "_resolve_device", lambda args: "cuda")
+    with pytest.raises(SystemExit, match="--per-call"):
+        main(["bench", "--per-call", "--repeat", "5"])
+    with pytest.raises(SystemExit, match="--repeat must be at least 1"):
+        main(["bench", "--cpu-smoke", "--repeat", "0"])

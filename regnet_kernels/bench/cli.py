@@ -23,7 +23,7 @@ from .machine import machine_info
 from .providers import DTYPES, PROVIDERS, Unavailable, make_step, prepare
 from .report import (add_speedups, append_csv, machine_header, markdown_table, plot,
                      require_matplotlib)
-from .timing import Timing, time_cpu, time_cuda
+from .timing import Timing, time_cpu, time_cpu_per_call, time_cuda
 from .traffic import DTYPE_BYTES, H200_PEAKS, Cost, model_traffic, roofline_floor_s
 
 LEVELS = ("op", "block", "model")
@@ -50,6 +50,7 @@ class Config:
     repeat: int
     threads: int
     cpu_time: bool
+    per_call: bool
     warmup_ms: float
     rep_ms: float
 
@@ -122,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, help="CPU threads for torch (default: torch's, the core count)")
     add("--cpu-time", action="store_true", help="CPU: time the process's CPU time, not the wall "
         "clock (needs --threads 1; robust to other jobs sharing the cores)")
+    add("--per-call", action="store_true", help="CPU: each of the --repeat rounds calls every "
+        "provider once (order rotated), each call timed alone; each row is the median over the "
+        "rounds (for a machine whose speed drifts within seconds; use --repeat 10 or more)")
     add("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench warm-up (ms)")
     add("--rep-ms", type=float, default=100.0, help="CUDA: do_bench measuring time (ms)")
     add("--peak-gbps", type=float, help="peak bandwidth for the roofline, GB/s (default: "
@@ -172,11 +176,16 @@ def make_config(args: argparse.Namespace) -> Config:
     models = tuple(dict.fromkeys(values["models"] + ((args.model,) if args.model else ())))
     config = Config(device=device, models=models, ops=tuple(args.ops), repeat=args.repeat,
                     threads=args.threads or torch.get_num_threads(), cpu_time=args.cpu_time,
-                    warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                    per_call=args.per_call, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                     **{k: v for k, v in values.items() if k != "models"})
     if config.cpu_time and (config.device != "cpu" or config.threads != 1):
         raise SystemExit("error: --cpu-time needs --device cpu and --threads 1 (with more threads "
                          "the CPU time adds up every thread, spin-waits included)")
+    if config.repeat < 1:
+        raise SystemExit(f"error: --repeat must be at least 1, got {config.repeat}")
+    if config.per_call and config.device != "cpu":
+        raise SystemExit("error: --per-call times CPU calls one by one (a GPU call returns before "
+                         "its kernels finish; do_bench times CUDA)")
     for name, given, known in (("level", config.levels, LEVELS), ("mode", config.modes, MODES),
                                ("dtype", config.dtypes, tuple(DTYPES)),
                                ("provider", config.providers, PROVIDERS)):
@@ -265,7 +274,8 @@ def _time_batch(case, mode: str, dtype: str, batch: int, prepared: dict,
                 config: Config) -> dict:
     """Time every prepared provider at one batch size: a Timing, or (status, reason) per
     provider. Providers take turns for ``config.repeat`` rounds, so a machine whose load
-    changes (other jobs on a shared CPU) slows every provider alike."""
+    changes (other jobs on a shared CPU) slows every provider alike; with ``per_call``, one
+    call each per round."""
     results, steps = {}, {}
     with torch.set_grad_enabled(mode == "train"):
         for provider, ready in prepared.items():
@@ -277,14 +287,22 @@ def _time_batch(case, mode: str, dtype: str, batch: int, prepared: dict,
             except Exception as e:  # noqa: BLE001 - a failing provider is a result
                 results[provider] = _failure(e)
         timings = {provider: [] for provider in steps}
-        for _ in range(config.repeat):
-            for provider, step in steps.items():
-                if provider in results:  # failed in an earlier round
-                    continue
-                try:
-                    timings[provider].append(_measure(step, config))
-                except Exception as e:  # noqa: BLE001
-                    results[provider] = _failure(e)
+        if config.per_call:
+            for provider, timed in time_cpu_per_call(steps, config.repeat,
+                                                     config.cpu_time).items():
+                if isinstance(timed, Exception):
+                    results[provider] = _failure(timed)
+                else:
+                    timings[provider].append(timed)
+        else:
+            for _ in range(config.repeat):
+                for provider, step in steps.items():
+                    if provider in results:  # failed in an earlier round
+                        continue
+                    try:
+                        timings[provider].append(_measure(step, config))
+                    except Exception as e:  # noqa: BLE001
+                        results[provider] = _failure(e)
     for provider in steps:
         results.setdefault(provider, _combine(timings[provider]))
     return results

@@ -9,7 +9,8 @@ weights and inputs, which stay allocated for every provider of a case at once).
 CPU: `torch.utils.benchmark.Timer.blocked_autorange` (median over blocks of calls, at least
 ``min_run_time`` seconds) on torch's thread count, after one warm-up call; wall clock, or the
 process's CPU time (one thread only: a measure that other jobs on a shared machine disturb far
-less).
+less). Or call by call (`time_cpu_per_call`): each round calls every provider once, so that a
+machine whose speed drifts within seconds slows every provider alike.
 """
 from __future__ import annotations
 
@@ -58,3 +59,40 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 1.0,
     m = timer.blocked_autorange(min_run_time=min_run_time)
     low, high = np.quantile(m.times, [0.25, 0.75])
     return Timing(1e3 * m.median, 1e3 * low, 1e3 * high, None)
+
+
+def time_cpu_per_call(fns: dict[str, Callable[[], object]], rounds: int,
+                      cpu_time: bool = False) -> dict[str, Timing | Exception]:
+    """Each function once as a warm-up, then `rounds` rounds that call every function once, the
+    order rotated by one each round, each call timed alone; per function the median over the
+    rounds and its quartiles. A function that raises is dropped from the later rounds: its
+    entry is the exception."""
+    clock = time.process_time if cpu_time else timeit.default_timer
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    failed: dict[str, Exception] = {}
+
+    def call(name: str, timed: bool) -> None:
+        if name in failed:
+            return
+        start = clock()
+        try:
+            fns[name]()
+        except Exception as e:  # noqa: BLE001 - one failing function does not stop the others
+            failed[name] = e
+            return
+        if timed:
+            samples[name].append(1e3 * (clock() - start))
+
+    for name in names:
+        call(name, timed=False)
+    for r in range(rounds):
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            call(name, timed=True)
+    out: dict[str, Timing | Exception] = dict(failed)
+    for name, times in samples.items():
+        if name not in failed and times:
+            low, median, high = np.quantile(times, [0.25, 0.5, 0.75])
+            out[name] = Timing(float(median), float(low), float(high), None)
+    return out
