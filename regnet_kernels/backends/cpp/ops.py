@@ -257,18 +257,22 @@ def l2_cache_bytes() -> int:
     return 1 << 20
 
 
+#: glibc's largest mmap threshold: a larger intermediate is a fresh mapping on every call.
+MMAP_THRESHOLD_MAX = 32 << 20
+
+
 def chunk_budget_bytes() -> int:
     """How much of conv b's output one chunk of a packed block may have: the L2 caches of the
-    threads that run it."""
-    return l2_cache_bytes() * torch.get_num_threads()
+    threads that run it, at most `MMAP_THRESHOLD_MAX`."""
+    return min(l2_cache_bytes() * torch.get_num_threads(), MMAP_THRESHOLD_MAX)
 
 
 def choose_images_per_chunk(n: int, b_shape: list[int], dtype: torch.dtype) -> int:
     """Images a packed block runs at a time: as many as keep conv b's output (the widest of
     the block's intermediates, read again by the squeeze, the gate and conv c) within
-    `chunk_budget_bytes`, at least one. A batch in chunks also keeps the intermediates
-    below glibc's mmap threshold: whole-batch ones are fresh mappings every forward, whose
-    page faults were ~20% of regnety_8gf's frozen forward at batch 32."""
+    `chunk_budget_bytes`, at least one. Chunks also keep the intermediates below glibc's
+    mmap threshold: whole-batch ones were fresh mappings every forward, whose page faults
+    were ~20% of regnety_8gf's frozen forward at batch 32 on 2 cores."""
     per_image = b_shape[1] * b_shape[2] * b_shape[3] * torch.empty((), dtype=dtype).element_size()
     return max(1, min(n, chunk_budget_bytes() // max(1, per_image)))
 

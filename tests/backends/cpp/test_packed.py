@@ -71,7 +71,10 @@ def test_choose_images_per_chunk(monkeypatch):
     assert cpp.choose_images_per_chunk(32, [32, 20, 5, 5], torch.float32) == 1
     assert cpp.l2_cache_bytes() > 0
     monkeypatch.undo()
-    assert cpp.chunk_budget_bytes() == cpp.l2_cache_bytes() * torch.get_num_threads()
+    assert cpp.chunk_budget_bytes() == min(cpp.l2_cache_bytes() * torch.get_num_threads(),
+                                           32 << 20)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1024)
+    assert cpp.chunk_budget_bytes() == 32 << 20  # many threads: below the mmap threshold
 
 
 def test_float16_and_cuda_keep_the_folded_weights():
