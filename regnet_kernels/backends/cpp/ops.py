@@ -267,13 +267,15 @@ def chunk_budget_bytes() -> int:
     return min(l2_cache_bytes() * torch.get_num_threads(), MMAP_THRESHOLD_MAX)
 
 
-def choose_images_per_chunk(n: int, b_shape: list[int], dtype: torch.dtype) -> int:
-    """Images a packed block runs at a time: as many as keep conv b's output (the widest of
-    the block's intermediates, read again by the squeeze, the gate and conv c) within
-    `chunk_budget_bytes`, at least one. Chunks also keep the intermediates below glibc's
-    mmap threshold: whole-batch ones were fresh mappings every forward, whose page faults
-    were ~20% of regnety_8gf's frozen forward at batch 32 on 2 cores."""
-    per_image = b_shape[1] * b_shape[2] * b_shape[3] * torch.empty((), dtype=dtype).element_size()
+def choose_images_per_chunk(b_shape: list[int], dtype: torch.dtype) -> int:
+    """Images a packed block runs at a time, for conv b's output shape (N, C, H, W): as many
+    as keep that output (the widest of the block's intermediates, read again by the squeeze,
+    the gate and conv c) within `chunk_budget_bytes`, at least one, at most N. Chunks also
+    keep the intermediates below glibc's mmap threshold: whole-batch ones were fresh mappings
+    every forward, whose page faults were ~20% of regnety_8gf's frozen forward at batch 32
+    on 2 cores."""
+    n, c, h, w = b_shape
+    per_image = c * h * w * dtype.itemsize
     return max(1, min(n, chunk_budget_bytes() // max(1, per_image)))
 
 
@@ -286,15 +288,15 @@ def pack_block(folded, x: torch.Tensor):
     n, c_in, h, w = x.shape
     w_b, stride = folded.a.weight.shape[0], folded.b.stride
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
-    chunk = choose_images_per_chunk(n, [n, w_b, h_out, w_out], x.dtype)
-    chunks = max(1, -(-n // chunk))  # one for an empty batch
-    m = -(-n // chunks)  # the largest chunk of tensor_split's balanced sizes
-    x_shape = [m, c_in, h, w]
+    per_chunk = choose_images_per_chunk([n, w_b, h_out, w_out], x.dtype)
+    chunks = max(1, -(-n // per_chunk))  # one for an empty batch
+    packed_n = -(-n // chunks)  # the largest of tensor_split's balanced chunks
+    x_shape = [packed_n, c_in, h, w]
     return PackedBlock(
-        a=_pack(folded.a, x_shape), b=_pack(folded.b, [m, w_b, h, w]),
-        c=_pack(folded.c, [m, w_b, h_out, w_out]),
+        a=_pack(folded.a, x_shape), b=_pack(folded.b, [packed_n, w_b, h, w]),
+        c=_pack(folded.c, [packed_n, w_b, h_out, w_out]),
         proj=None if folded.proj is None else _pack(folded.proj, x_shape),
-        se=folded.se, images_per_chunk=chunk)
+        se=folded.se, images_per_chunk=per_chunk)
 
 
 # ---------------------------------------------------------------------------

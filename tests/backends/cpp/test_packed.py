@@ -65,10 +65,10 @@ def test_packed_block_in_chunks_against_float64(name, dtype, monkeypatch):
 def test_choose_images_per_chunk(monkeypatch):
     """Conv b's output per chunk within the budget, at least one image, at most the batch."""
     monkeypatch.setattr(cpp, "chunk_budget_bytes", lambda: 1000)
-    assert cpp.choose_images_per_chunk(32, [32, 2, 5, 5], torch.float32) == 5  # 200 B per image
-    assert cpp.choose_images_per_chunk(32, [32, 2, 5, 5], torch.bfloat16) == 10
-    assert cpp.choose_images_per_chunk(4, [4, 2, 5, 5], torch.float32) == 4
-    assert cpp.choose_images_per_chunk(32, [32, 20, 5, 5], torch.float32) == 1
+    assert cpp.choose_images_per_chunk([32, 2, 5, 5], torch.float32) == 5  # 200 B per image
+    assert cpp.choose_images_per_chunk([32, 2, 5, 5], torch.bfloat16) == 10
+    assert cpp.choose_images_per_chunk([4, 2, 5, 5], torch.float32) == 4
+    assert cpp.choose_images_per_chunk([32, 20, 5, 5], torch.float32) == 1
     assert cpp.l2_cache_bytes() > 0
     monkeypatch.undo()
     assert cpp.chunk_budget_bytes() == min(cpp.l2_cache_bytes() * torch.get_num_threads(),
